@@ -1,0 +1,64 @@
+"""The ``cola`` command: one sub-command per job, each defined next to the code it runs.
+
+Every sub-command module exposes ``add_parser(subparsers)``, which registers its parser and
+sets ``func`` to the function that runs it. ``cola lm_eval ...`` is the stock lm-eval CLI
+with ``--model cola`` registered, for environments where ``.pth`` files are not processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EPILOG = """examples:
+  cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
+  cola lm_eval --model cola --model_args chain=0-11.11-29 --tasks arc_easy --limit 20
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lm_eval_cola import data_import
+
+    parser = argparse.ArgumentParser(
+        prog="cola",
+        description="Chains of layers (CoLa) for lm-evaluation-harness.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data = sub.add_parser(
+        "data", help="prepare data sets for offline runs", description="Prepare data sets."
+    )
+    data_import.add_parser(data.add_subparsers(dest="data_command", metavar="COMMAND", required=True))
+    sub.add_parser(
+        "lm_eval",
+        help="the stock lm-eval CLI with --model cola registered",
+        description="Runs lm-eval's own CLI; every argument after 'lm_eval' is passed to it.",
+        add_help=False,
+    )
+    return parser
+
+
+def run_lm_eval(argv: Sequence[str]) -> int:
+    """Run lm-eval's CLI in this process after registering the ``cola`` backend."""
+    from lm_eval_cola import _hook
+
+    _hook.register_now()
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm_eval"]:
+        return run_lm_eval(argv[1:])
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Packaging for lm-eval-cola.
+
+``search/`` and ``store/`` sit at the top of the repository but install as
+``lm_eval_cola.search`` and ``lm_eval_cola.store``, so nothing named ``search`` or ``store``
+lands in users' site-packages. ``lm_eval_cola.pth`` is copied to the root of site-packages
+(wheel and editable installs) so that the stock ``lm_eval`` CLI finds ``--model cola``.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+HERE = Path(__file__).parent
+PTH = "lm_eval_cola.pth"
+
+
+class build_py_with_pth(build_py):
+    """Also put the registration hook (a .pth file) at the root of the built tree."""
+
+    def run(self):
+        super().run()
+        self.copy_file(str(HERE / "lm_eval_cola" / PTH), str(Path(self.build_lib) / PTH))
+
+    def get_outputs(self, include_bytecode=True):
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / PTH)]
+
+
+class editable_wheel_with_pth(editable_wheel):
+    """Editable installs skip build_py's extra output, so add the hook to the wheel here."""
+
+    def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+        result = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+        self.copy_file(str(HERE / "lm_eval_cola" / PTH), str(Path(unpacked_wheel) / PTH))
+        return result
+
+
+setup(
+    name="lm-eval-cola",
+    version="0.1.0",
+    description="Chain-of-layers (CoLa) test-time depth adaptation as an lm-evaluation-harness backend",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["lm_eval_cola", "lm_eval_cola.search", "lm_eval_cola.store"],
+    package_dir={
+        "lm_eval_cola": "lm_eval_cola",
+        "lm_eval_cola.search": "search",
+        "lm_eval_cola.store": "store",
+    },
+    package_data={"lm_eval_cola": [PTH]},
+    install_requires=[
+        "lm-eval>=0.4.13",
+        "torch>=2.4",
+        "transformers>=4.57",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "optuna>=4.0",
+        "sqlalchemy>=2.0",
+        "gguf>=0.10",
+        "safetensors>=0.4",
+        "tqdm>=4.59",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "lint": ["ruff>=0.6"],
+    },
+    entry_points={
+        "console_scripts": ["cola = lm_eval_cola.cli:main"],
+        "lm_eval.models": ["cola = lm_eval_cola.lm:ColaLM"],
+    },
+    cmdclass={"build_py": build_py_with_pth, "editable_wheel": editable_wheel_with_pth},
+)

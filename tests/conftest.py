@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random models saved with a byte-level tokenizer, and local lm-eval tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from tests.tiny_models import tiny_model
+
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer with no merges: 3 specials + 256 bytes, built offline."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+VOCAB = len(SPECIALS) + 256
+
+
+def save_tiny(path: Path, model_type: str = "llama", **overrides) -> str:
+    model = tiny_model(model_type, vocab_size=VOCAB, **overrides)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+MC_DOCS = [
+    {"id": f"q{i}", "question": q, "choices": {"text": c, "label": ["A", "B", "C"]}, "answerKey": a}
+    for i, (q, c, a) in enumerate(
+        [
+            ("Which is a colour?", ["red", "dog", "run"], "A"),
+            ("Which animal barks?", ["cat", "dog", "fish"], "B"),
+            ("What do we drink?", ["sand", "rock", "water"], "C"),
+            ("Which is a number?", ["seven", "blue", "tree"], "A"),
+            ("Which is a fruit?", ["car", "apple", "shoe"], "B"),
+            ("Which one flies?", ["stone", "table", "bird"], "C"),
+        ]
+    )
+]
+GEN_DOCS = [{"question": f"{a} plus {b} is", "answer": str(a + b)} for a, b in [(1, 2), (2, 3), (4, 4)]]
+TEXT_DOCS = [{"text": t} for t in ["the cat sat on the mat", "a dog ran in the park today", "hello"]]
+
+TASK_YAML = {
+    "cola_mc": """
+task: cola_mc
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+metadata: {{version: 1.0}}
+""",
+    "cola_gen": """
+task: cola_gen
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 6, do_sample: false}}
+metric_list: [{{metric: exact_match}}]
+metadata: {{version: 1.0}}
+""",
+    "cola_text": """
+task: cola_text
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list: [{{metric: word_perplexity}}, {{metric: byte_perplexity}}, {{metric: bits_per_byte}}]
+metadata: {{version: 1.0}}
+""",
+}
+TASK_DOCS = {"cola_mc": MC_DOCS, "cola_gen": GEN_DOCS, "cola_text": TEXT_DOCS}
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> str:
+    """A folder of three local lm-eval tasks, one per output type, for ``--include_path``."""
+    root = tmp_path_factory.mktemp("tasks")
+    for name, template in TASK_YAML.items():
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in TASK_DOCS[name]))
+        (root / f"{name}.yaml").write_text(template.format(data=json.dumps(str(data))))
+    return str(root)
