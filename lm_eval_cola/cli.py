@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser(
         "data", help="prepare data sets for offline runs", description="Prepare data sets."
     )
-    data_import.add_parser(data.add_subparsers(dest="data_command", metavar="COMMAND", required=True))
+    data_import.add_parser(
+        data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    )
     sub.add_parser(
         "lm_eval",
         help="the stock lm-eval CLI with --model cola registered",

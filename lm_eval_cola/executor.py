@@ -42,7 +42,9 @@ class _ChainPosition(nn.Module):
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "executor", executor)
         self.position = position
-        self._indexed = [m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        self._indexed = [
+            m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)
+        ]
 
     def forward(self, *args, **kwargs):
         saved = [m.layer_idx for m in self._indexed]
@@ -151,7 +153,9 @@ def _swap_config(config, chain: Chain) -> dict:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         if len(layer_types) < max(chain) + 1:
-            raise ChainError(f"config.layer_types has {len(layer_types)} entries, chain '{chain}' needs more")
+            raise ChainError(
+                f"config.layer_types has {len(layer_types)} entries, chain '{chain}' needs more"
+            )
         saved["layer_types"] = layer_types
         config.layer_types = [layer_types[i] for i in chain]
     config.num_hidden_layers = len(chain)

@@ -39,5 +39,5 @@ def _sample_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
     if flat.numel() > SAMPLES_PER_TENSOR:
         step = flat.numel() // SAMPLES_PER_TENSOR
-        flat = flat[:: step][:SAMPLES_PER_TENSOR]
+        flat = flat[::step][:SAMPLES_PER_TENSOR]
     return flat.to("cpu").contiguous().view(torch.uint8).numpy().tobytes()

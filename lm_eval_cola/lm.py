@@ -105,7 +105,9 @@ class ColaLM(HFLM):
                 if not indices:
                     continue
                 with self.executor.apply(chains[indices[0]]):
-                    outputs = method(self, [requests[i] for i in indices], disable_tqdm=disable_tqdm)
+                    outputs = method(
+                        self, [requests[i] for i in indices], disable_tqdm=disable_tqdm
+                    )
                 for index, output in zip(indices, outputs, strict=True):
                     results[index] = output
         return results
@@ -139,8 +141,11 @@ class ColaLM(HFLM):
             )
         fallback = f"chain '{self.static_chain}'" if self.static_chain else "the full model"
         logger.warning(
-            "%s has no chain for %d of %d documents; they run %s", self.source, len(missing),
-            n_docs, fallback,
+            "%s has no chain for %d of %d documents; they run %s",
+            self.source,
+            len(missing),
+            n_docs,
+            fallback,
         )
 
     def _keys_on_all_ranks(self, groups: dict[str, list[int]]) -> list[str]:
@@ -182,7 +187,9 @@ class ColaLM(HFLM):
         dbdict = getattr(cache_hook, "dbdict", None)
         if dbdict is not None:
             table = f"cola_{self.cache_namespace()}"
-            dbdict.conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, value BLOB)')
+            dbdict.conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, value BLOB)'
+            )
             dbdict.conn.commit()
             dbdict.tablename = table
             logger.info("Request cache table for this model and chain set: %s", table)

@@ -54,8 +54,12 @@ MC_DOCS = [
         ]
     )
 ]
-GEN_DOCS = [{"question": f"{a} plus {b} is", "answer": str(a + b)} for a, b in [(1, 2), (2, 3), (4, 4)]]
-TEXT_DOCS = [{"text": t} for t in ["the cat sat on the mat", "a dog ran in the park today", "hello"]]
+GEN_DOCS = [
+    {"question": f"{a} plus {b} is", "answer": str(a + b)} for a, b in [(1, 2), (2, 3), (4, 4)]
+]
+TEXT_DOCS = [
+    {"text": t} for t in ["the cat sat on the mat", "a dog ran in the park today", "hello"]
+]
 
 TASK_YAML = {
     "cola_mc": """

@@ -25,14 +25,27 @@ FAMILIES: dict[str, dict] = {
     "mistral": {"sliding_window": 8},
     "qwen2": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},
     "qwen3": {"head_dim": 8},
-    "gemma2": {"head_dim": 8, "sliding_window": 8, "final_logit_softcapping": 30.0,
-               "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 8},
-    "gemma3_text": {"head_dim": 8, "sliding_window": 8, "sliding_window_pattern": 2,
-                    "query_pre_attn_scalar": 8},
+    "gemma2": {
+        "head_dim": 8,
+        "sliding_window": 8,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+        "query_pre_attn_scalar": 8,
+    },
+    "gemma3_text": {
+        "head_dim": 8,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 8,
+    },
     "phi3": {},
     "olmo2": {},
-    "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
-                "logits_scaling": 4.0, "attention_multiplier": 0.3},
+    "granite": {
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 4.0,
+        "attention_multiplier": 0.3,
+    },
 }
 
 

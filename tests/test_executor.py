@@ -1,0 +1,205 @@
+"""The chain executor on tiny random models of every supported family."""
+
+import pytest
+import torch
+import transformers
+
+from lm_eval_cola.chain import Chain, ChainError
+from lm_eval_cola.executor import ChainExecutor, UnsupportedModelError, _ChainPosition
+from tests.tiny_models import FAMILIES, tiny_model
+
+ATTENTION = ["eager", "sdpa"]
+#: Gemma 2's attention soft-capping has no SDPA kernel in transformers 5 (it refuses to load).
+NO_SDPA = {"gemma2"}
+#: Skips, repeats (single layers and blocks) and re-orderings of a 4-layer model.
+CHAINS = ["0.1.1.3.2.2", "3.2.1.0", "0.2-3x2", "1.3"]
+
+
+def padded_batch(seed: int = 0, length: int = 20):
+    """Two prompts, the second left-padded by 5 tokens: longer than the sliding window (8)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (2, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids[1, :5] = 0
+    return ids, mask
+
+
+EOS, PAD = 2, 0
+
+
+def greedy_without_cache(model, ids, mask, new_tokens: int):
+    """Reference decoding: the whole sequence re-run at every step, no KV cache at all.
+
+    Rows that emitted EOS continue with padding and decoding stops once all have, as in
+    ``generate``.
+    """
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool)
+    for _ in range(new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        token = logits[:, -1].argmax(-1).masked_fill(finished, PAD)
+        finished |= token == EOS
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token[:, None])], dim=1)
+        if finished.all():
+            break
+    return ids
+
+
+def greedy_with_cache(model, ids, mask, new_tokens: int):
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+
+
+@pytest.fixture(
+    params=[(f, a) for f in FAMILIES for a in ATTENTION if not (f in NO_SDPA and a == "sdpa")],
+    ids=lambda p: "-".join(p),
+)
+def model(request):
+    family, attention = request.param
+    return tiny_model(family, attn_implementation=attention)
+
+
+@torch.no_grad()
+def test_identity_chain_is_bit_identical(model):
+    executor = ChainExecutor(model)
+    ids, mask = padded_batch()
+    expected = model(ids, attention_mask=mask).logits
+    with executor.apply(Chain.identity(executor.n_layers)):
+        got = model(ids, attention_mask=mask).logits
+    assert torch.equal(got, expected)
+    assert torch.equal(model(ids).logits, _run(executor, Chain.identity(4), ids))
+
+
+def _run(executor, chain, ids):
+    with executor.apply(chain):
+        return executor.model(ids).logits
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chain", CHAINS)
+def test_cached_generation_equals_uncached_greedy(model, chain):
+    executor = ChainExecutor(model)
+    ids, mask = padded_batch()
+    with executor.apply(Chain.parse(chain)):
+        cached = greedy_with_cache(model, ids, mask, 10)
+        uncached = greedy_without_cache(model, ids, mask, 10)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_a_shared_cache_slot_would_be_caught(monkeypatch):
+    """The generation test has teeth: PoLar's bug (repeats share a KV slot) makes it fail."""
+    model = tiny_model("llama")
+    monkeypatch.setattr(_ChainPosition, "forward", lambda self, *a, **k: self.layer(*a, **k))
+    executor = ChainExecutor(model)
+    ids, mask = padded_batch()
+    with executor.apply(Chain.parse("0.1.1.1.2.3")):
+        uncached = greedy_without_cache(model, ids, mask, 10)
+        try:
+            cached = greedy_with_cache(model, ids, mask, 10)
+        except RuntimeError as err:  # some versions notice the doubled cache slot and fail
+            assert "size of tensor" in str(err)
+            return
+    assert not torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_chains_change_the_output_and_are_deterministic(model):
+    executor = ChainExecutor(model)
+    ids, _ = padded_batch()
+    base = model(ids).logits
+    for chain in CHAINS:
+        first = _run(executor, Chain.parse(chain), ids)
+        assert not torch.equal(first, base)
+        assert torch.equal(first, _run(executor, Chain.parse(chain), ids))
+
+
+@torch.no_grad()
+def test_base_model_is_unchanged_after_any_run(model):
+    executor = ChainExecutor(model)
+    layers = model.model.layers
+    config = model.config.to_dict()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    indices = [
+        m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+    ]
+    ids, mask = padded_batch()
+    with executor.apply(Chain.parse("3.3.0.1")):
+        greedy_with_cache(model, ids, mask, 4)
+    with pytest.raises(RuntimeError, match="boom"), executor.apply(Chain.parse("2.2")):
+        raise RuntimeError("boom")
+    assert model.model.layers is layers
+    assert model.config.to_dict() == config
+    assert [
+        m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)
+    ] == indices
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert list(model.state_dict()) == list(weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_identity_is_exact_in_half_precision(dtype):
+    model = tiny_model("llama").to(dtype)
+    executor = ChainExecutor(model)
+    ids, mask = padded_batch()
+    expected = model(ids, attention_mask=mask).logits
+    with executor.apply(Chain.identity(4)):
+        assert torch.equal(model(ids, attention_mask=mask).logits, expected)
+        assert greedy_with_cache(model, ids, mask, 3).shape[0] == 2
+
+
+@torch.no_grad()
+def test_counts_layer_applications():
+    executor = ChainExecutor(tiny_model("llama"))
+    ids, _ = padded_batch()
+    _run(executor, Chain.parse("0.1.1.1.3"), ids)
+    assert executor.layer_applications == 5 * 2
+
+
+def test_out_of_range_and_nested_chains_are_refused():
+    executor = ChainExecutor(tiny_model("llama"))
+    with (
+        pytest.raises(ChainError, match="layer 4 .* out of range"),
+        executor.apply(Chain.parse("0-4")),
+    ):
+        pass
+    with pytest.raises(RuntimeError, match="do not nest"), executor.apply(Chain.parse("0")):
+        with executor.apply(Chain.parse("1")):
+            pass
+
+
+def test_a_model_without_a_layer_list_is_refused():
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    with pytest.raises(UnsupportedModelError, match="model.model.layers"):
+        ChainExecutor(transformers.GPT2LMHeadModel(config))
+
+
+def test_a_model_that_ignores_the_layer_list_is_caught(monkeypatch):
+    model = tiny_model("llama")
+    executor = ChainExecutor(model)
+    layers = model.model.layers
+
+    def forward_over_own_layers(input_ids, **kwargs):
+        hidden = model.model.embed_tokens(input_ids)
+        rope = model.model.rotary_emb(hidden, torch.arange(input_ids.shape[1])[None])
+        for layer in layers:  # a model that iterates a list of its own, not decoder.layers
+            layer(hidden, position_embeddings=rope)
+
+    monkeypatch.setattr(model, "forward", forward_over_own_layers)
+    with pytest.raises(UnsupportedModelError, match="does not run its layers"):
+        executor.check()
+
+
+def test_check_passes_on_every_family():
+    for family in FAMILIES:
+        ChainExecutor(tiny_model(family)).check()
