@@ -39,7 +39,7 @@ class editable_wheel_with_pth(editable_wheel):
 setup(
     name="lm-eval-cola",
     version="0.1.0",
-    description="Chain-of-layers (CoLa) test-time depth adaptation as an lm-evaluation-harness backend",
+    description="Chain-of-layers (CoLa) test-time depth adaptation for lm-evaluation-harness",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

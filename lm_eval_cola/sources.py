@@ -38,19 +38,19 @@ class ChainSource(ABC):
         """The stored chain, or ``None`` when the source has none for this document."""
 
     @abstractmethod
-    def chains(self) -> Iterator[Chain]:
-        """Every chain the source can return, so all are validated before any compute."""
+    def chains(self) -> Iterator[tuple[str, Chain]]:
+        """Every chain the source can return, with where it comes from, for validation."""
 
     @abstractmethod
     def fingerprint(self) -> str:
         """Changes whenever any answer of :meth:`lookup` could change (keys result caches)."""
 
     def validate(self, n_layers: int, max_length: int | None = None) -> None:
-        for chain in self.chains():
+        for where, chain in self.chains():
             try:
                 chain.validate(n_layers, max_length)
             except ChainError as err:
-                raise ChainSourceError(f"{self}: {err}") from None
+                raise ChainSourceError(f"{where}: {err}") from None
 
 
 _SOURCES: dict[str, Callable[[str], ChainSource]] = {}
@@ -93,6 +93,7 @@ class JsonlChains(ChainSource):
             raise ChainSourceError(f"chains file '{path}' does not exist")
         raw = self.path.read_bytes()
         self._fingerprint = hashlib.sha256(raw).hexdigest()
+        self._first_line: dict[Chain, int] = {}
         self._chains = self._read(raw.decode("utf-8").splitlines())
 
     def _read(self, lines: list[str]) -> dict[tuple[str, str], Chain]:
@@ -119,13 +120,15 @@ class JsonlChains(ChainSource):
                     f"chain '{table[key]}'; keep one chain per document"
                 )
             table[key] = chain
+            self._first_line.setdefault(chain, number)
         return table
 
     def lookup(self, task: str, doc_hash: str) -> Chain | None:
         return self._chains.get((task, doc_hash))
 
-    def chains(self) -> Iterator[Chain]:
-        return iter(set(self._chains.values()))
+    def chains(self) -> Iterator[tuple[str, Chain]]:
+        for chain, number in self._first_line.items():
+            yield f"{self.path}:{number}", chain
 
     def fingerprint(self) -> str:
         return f"jsonl:{self._fingerprint}"

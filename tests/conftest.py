@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models saved with a byte-level tokenizer, and local lm-eval tasks."""
+"""Shared fixtures: tiny random models with a byte-level tokenizer, and local lm-eval tasks."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ MC_DOCS = [
             ("Which is a number?", ["seven", "blue", "tree"], "A"),
             ("Which is a fruit?", ["car", "apple", "shoe"], "B"),
             ("Which one flies?", ["stone", "table", "bird"], "C"),
+            ("Which is a colour?", ["red", "dog", "run"], "A"),  # same prompt as q0, own doc
         ]
     )
 ]

@@ -169,18 +169,21 @@ def test_counts_layer_applications():
 def test_out_of_range_and_nested_chains_are_refused():
     executor = ChainExecutor(tiny_model("llama"))
     with (
-        pytest.raises(ChainError, match="layer 4 .* out of range"),
+        pytest.raises(ChainError, match=r"layer 4 .* out of range"),
         executor.apply(Chain.parse("0-4")),
     ):
         pass
-    with pytest.raises(RuntimeError, match="do not nest"), executor.apply(Chain.parse("0")):
-        with executor.apply(Chain.parse("1")):
-            pass
+    with (
+        pytest.raises(RuntimeError, match="do not nest"),
+        executor.apply(Chain.parse("0")),
+        executor.apply(Chain.parse("1")),
+    ):
+        pass
 
 
 def test_a_model_without_a_layer_list_is_refused():
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
-    with pytest.raises(UnsupportedModelError, match="model.model.layers"):
+    with pytest.raises(UnsupportedModelError, match=r"model\.model\.layers"):
         ChainExecutor(transformers.GPT2LMHeadModel(config))
 
 

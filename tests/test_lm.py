@@ -1,0 +1,170 @@
+"""The ``cola`` lm-eval backend on a tiny model and three local tasks (one per output type)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import lm_eval
+import pytest
+from lm_eval.models.huggingface import HFLM
+from lm_eval.tasks import TaskManager
+
+from lm_eval_cola.chain import ChainError
+from lm_eval_cola.lm import ColaLM, MissingChainError
+from lm_eval_cola.sources import ChainSourceError, doc_hash
+from tests.conftest import TASK_DOCS
+
+TASKS = ["cola_mc", "cola_gen", "cola_text"]
+
+
+@functools.cache
+def task_manager(task_dir: str) -> TaskManager:
+    """Indexing lm-eval's task tree takes seconds; do it once per task folder."""
+    return TaskManager(include_path=task_dir)
+
+
+def evaluate(model: str, model_args: str, task_dir: str, tasks=TASKS, **kwargs) -> dict:
+    """Per-document responses of one run: {task: {doc_id: (resps, doc)}}."""
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=tasks,
+        task_manager=task_manager(task_dir),
+        device="cpu",
+        batch_size=kwargs.pop("batch_size", 3),
+        log_samples=True,
+        **kwargs,
+    )
+    return {
+        task: {s["doc_id"]: (s["resps"], s["doc"]) for s in samples}
+        for task, samples in out["samples"].items()
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_run(tiny_llama_dir, task_dir):
+    return evaluate("hf", f"pretrained={tiny_llama_dir}", task_dir)
+
+
+def test_no_chain_equals_hf_exactly(hf_run, tiny_llama_dir, task_dir):
+    assert evaluate("cola", f"pretrained={tiny_llama_dir}", task_dir) == hf_run
+
+
+def test_identity_chain_equals_hf_exactly(hf_run, tiny_llama_dir, task_dir):
+    assert evaluate("cola", f"pretrained={tiny_llama_dir},chain=0-3", task_dir) == hf_run
+
+
+def test_a_chain_changes_every_task(hf_run, tiny_llama_dir, task_dir):
+    run = evaluate("cola", f"pretrained={tiny_llama_dir},chain=0.1.1.3", task_dir)
+    for task in TASKS:
+        assert run[task] != hf_run[task]
+
+
+def write_chains(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_per_document_chains_apply_only_to_their_own_document(
+    hf_run, tiny_llama_dir, task_dir, tmp_path
+):
+    """Each task gets chain A on doc 0 and chain B on doc 2; q6 repeats q0's prompt exactly."""
+    plan = {0: "0.1.1.3", 2: "3.2.1.0"}
+    rows = [
+        {"task": task, "doc_hash": doc_hash(TASK_DOCS[task][doc_id]), "chain": chain}
+        for task in TASKS
+        for doc_id, chain in plan.items()
+    ]
+    chains = write_chains(tmp_path / "chains.jsonl", rows)
+    run = evaluate("cola", f"pretrained={tiny_llama_dir},chains={chains}", task_dir)
+    uniform = {
+        chain: evaluate("cola", f"pretrained={tiny_llama_dir},chain={chain}", task_dir)
+        for chain in plan.values()
+    }
+    for task in TASKS:
+        for doc_id, result in run[task].items():
+            expected = uniform[plan[doc_id]] if doc_id in plan else hf_run
+            assert result == expected[task][doc_id], (task, doc_id)
+    # The duplicate prompt (doc 6) shares doc 0's tokens but not its chain: never merged.
+    assert run["cola_mc"][6] == hf_run["cola_mc"][6] != run["cola_mc"][0]
+
+
+def test_documents_missing_from_the_source(tiny_llama_dir, task_dir, tmp_path, caplog):
+    row = {"task": "cola_mc", "doc_hash": doc_hash(TASK_DOCS["cola_mc"][1]), "chain": "0.2"}
+    chains = write_chains(tmp_path / "one.jsonl", [row])
+    args = f"pretrained={tiny_llama_dir},chains={chains}"
+    with caplog.at_level(logging.WARNING, logger="lm_eval.cola"):
+        evaluate("cola", args, task_dir, tasks=["cola_mc"])
+    assert "has no chain for 6 of 7 documents; they run the full model" in caplog.text
+    with pytest.raises(MissingChainError, match="no chain for 6 of 7 documents"):
+        evaluate("cola", args + ",strict_chains=True", task_dir, tasks=["cola_mc"])
+
+
+def test_use_cache_never_returns_another_chains_results(hf_run, tiny_llama_dir, task_dir, tmp_path):
+    cache = str(tmp_path / "lmcache")
+    first = evaluate(
+        "cola", f"pretrained={tiny_llama_dir},chain=0.1.1.3", task_dir, use_cache=cache
+    )
+    second = evaluate("cola", f"pretrained={tiny_llama_dir},chain=3.2.1", task_dir, use_cache=cache)
+    fresh = evaluate("cola", f"pretrained={tiny_llama_dir},chain=3.2.1", task_dir)
+    assert second == fresh != first
+    assert evaluate("hf", f"pretrained={tiny_llama_dir}", task_dir, use_cache=cache) == hf_run
+    again = evaluate(
+        "cola", f"pretrained={tiny_llama_dir},chain=0.1.1.3", task_dir, use_cache=cache
+    )
+    assert again == first
+
+
+def test_per_document_chains_with_auto_batch_size(tiny_llama_dir, task_dir, tmp_path):
+    rows = [
+        {"task": "cola_mc", "doc_hash": doc_hash(doc), "chain": chain}
+        for doc, chain in zip(TASK_DOCS["cola_mc"], ["0.1", "2-3", "1x3", "0-3"], strict=False)
+    ]
+    chains = write_chains(tmp_path / "auto.jsonl", rows)
+    args = f"pretrained={tiny_llama_dir},chains={chains}"
+    auto = evaluate("cola", args, task_dir, tasks=["cola_mc"], batch_size="auto")
+    fixed = evaluate("cola", args, task_dir, tasks=["cola_mc"], batch_size=1)
+    assert auto.keys() == fixed.keys()
+    for doc_id, (resps, _) in auto["cola_mc"].items():
+        got = [float(r[0][0]) for r in resps]
+        want = [float(r[0][0]) for r in fixed["cola_mc"][doc_id][0]]
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ("chain=0-4", ChainError, r"layer 4 in chain '0-4' is out of range"),
+        ("chain=0-2.q", ChainError, "bad token 'q'"),
+        ("chain=3.10", ChainError, "quote it"),
+        ("chain=0-3x2,max_chain_length=6", ChainError, "more than the cap of 6"),
+        ("chains=missing.jsonl", ChainSourceError, "does not exist"),
+        ("chains=nope:thing", ChainSourceError, "unknown chain source"),
+    ],
+)
+def test_bad_chains_fail_before_the_model_loads(tiny_llama_dir, monkeypatch, args, error, message):
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the chain was checked")
+
+    monkeypatch.setattr(HFLM, "__init__", no_loading)
+    with pytest.raises(error, match=message):
+        ColaLM.create_from_arg_string(f"pretrained={tiny_llama_dir},{args}", {"device": "cpu"})
+
+
+def test_bad_chains_file_names_the_line(tiny_llama_dir, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = {"task": "t", "doc_hash": "a", "chain": "0-3"}
+    for line, message in [
+        (
+            {"task": "t", "doc_hash": "b", "chain": "0-9"},
+            r"bad\.jsonl:2: layer 4 in chain '0-9' is out of range",
+        ),
+        ({"task": "t", "doc_hash": "b", "chain": "x"}, r"bad\.jsonl:2: bad token 'x'"),
+        ({"task": "t", "chain": "0"}, r"bad\.jsonl:2: each line needs"),
+        ({"task": "t", "doc_hash": "a", "chain": "1"}, r"bad\.jsonl:2: .*already has chain"),
+    ]:
+        write_chains(path, [good, line])
+        with pytest.raises(ChainSourceError, match=message):
+            ColaLM.create_from_arg_string(f"pretrained={tiny_llama_dir},chains={path}")
