@@ -20,6 +20,7 @@ import transformers
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import ChainExecutor
@@ -97,17 +98,19 @@ class ColaLM(HFLM):
         if len(keys) <= 1:  # one chain: exactly HFLM's own path, collectives included
             with self.executor.apply(chains[0] if chains else None):
                 return method(self, requests, disable_tqdm=disable_tqdm)
-        logger.info("Running %d requests as %d chain groups", len(requests), len(keys))
         results: list = [None] * len(requests)
+        progress = tqdm(
+            keys,
+            desc=f"Running {method.__name__} requests by chain",
+            disable=disable_tqdm or self.rank != 0,
+        )
         with self._independent_groups():
-            for key in keys:
+            for key in progress:
                 indices = groups.get(key, [])
                 if not indices:
                     continue
                 with self.executor.apply(chains[indices[0]]):
-                    outputs = method(
-                        self, [requests[i] for i in indices], disable_tqdm=disable_tqdm
-                    )
+                    outputs = method(self, [requests[i] for i in indices], disable_tqdm=True)
                 for index, output in zip(indices, outputs, strict=True):
                     results[index] = output
         return results
