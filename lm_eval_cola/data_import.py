@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -22,6 +23,10 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 EPILOG = """example (on a machine without hub access):
   cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
@@ -65,13 +70,20 @@ class SplitDigest:
     sha256: str
 
 
+@functools.cache
+def task_manager(include_path: str | None = None) -> TaskManager:
+    """lm-eval's task index (kept: it parses every task YAML, about 10 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def task_dataset(task: str, include_path: str | None = None) -> DatasetRef:
     """The data set a task loads, read from lm-eval's task index: building the task would try to
     download its data, which is what this command exists to avoid."""
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._index import Kind
 
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     entry = manager.task_index.get(task)
     if entry is None:
         close = difflib.get_close_matches(task, manager.all_subtasks, n=5, cutoff=0.6)
@@ -92,11 +104,9 @@ def dataset_of(task: str, cfg: dict) -> DatasetRef:
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
     path = cfg.get("dataset_path")
-    local = path in _PACKAGED_DATASETS_MODULES or Path(str(path)).exists()
-    if not isinstance(path, str) or path.count("/") > 1 or local:
-        raise DataImportError(
-            f"Task {task!r} does not load a hub data set (dataset_path={path!r})."
-        )
+    hub_id = isinstance(path, str) and path.count("/") <= 1
+    if not hub_id or path in _PACKAGED_DATASETS_MODULES or Path(path).exists():
+        raise DataImportError(f"Task {task!r} does not load a hub data set ({path=}).")
     extra = set(cfg.get("dataset_kwargs") or {}) - IGNORED_KWARGS
     if extra:
         raise DataImportError(
@@ -147,6 +157,7 @@ def import_dataset(ref: DatasetRef, splits: dict[str, Path], cache_dir: Path) ->
     config folder is replaced: datasets reloads the newest ``<version>/<hash>`` it finds, so an
     older import left next to the new one could still be picked up by its mtime.
     """
+    from datasets.exceptions import DatasetGenerationError
     from datasets.packaged_modules.json.json import Json
 
     root = dataset_root(ref, cache_dir)
@@ -159,7 +170,13 @@ def import_dataset(ref: DatasetRef, splits: dict[str, Path], cache_dir: Path) ->
             data_files={split: str(path) for split, path in splits.items()},
             hash=files_hash(splits),
         )
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except DatasetGenerationError as err:
+            raise DataImportError(
+                f"datasets could not read {sorted(map(str, splits.values()))}: "
+                f"{err.__cause__ or err}. Each line must be one JSON object."
+            ) from err
         built = Path(builder.cache_dir)
         staged = Path(tmp, "staged")
         (staged / VERSION).mkdir(parents=True)
@@ -242,7 +259,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "import",
         help="build the datasets cache for a stock lm-eval task from local JSONL files",
         description=(
-            "Build the Hugging Face datasets cache that a stock lm-eval task loads, from local "
+            "Build the Hugging Face datasets cache that a stock lm-eval task loads, from local\n"
             "JSONL files, so that the unchanged task runs offline on exactly those rows."
         ),
         epilog=EPILOG,

@@ -1,0 +1,117 @@
+"""The real thing: SmolLM2-135M-Instruct on ARC-Easy, through the stock ``lm_eval`` CLI.
+
+ARC-Easy comes from ``../shared/data`` (or ``$COLA_SHARED_DATA``) through ``cola data import``
+into a private datasets cache, exactly as an air-gapped user would do it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SHARED_DATA = Path(
+    os.environ.get("COLA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+LIMIT = 50
+
+
+@pytest.fixture(scope="module")
+def offline_env(tmp_path_factory) -> dict[str, str]:
+    """An environment whose datasets cache holds ARC-Easy, imported by ``cola data import``."""
+    if not (SHARED_DATA / "arc_easy" / "test.jsonl").is_file():
+        pytest.fail(f"ARC-Easy JSONL files not found under {SHARED_DATA}; set COLA_SHARED_DATA")
+    home = tmp_path_factory.mktemp("hf_home")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("HF_DATASETS_CACHE", None)
+    subprocess.run(
+        ["cola", "data", "import", "--tasks", "arc_easy", "--data_dir", SHARED_DATA / "arc_easy"],
+        env=env,
+        check=True,
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def default_model() -> str:
+    from lm_eval_cola.default_model import default_model_path
+
+    return default_model_path()
+
+
+def lm_eval(
+    env, out: Path, model: str, model_args: str, limit: int = LIMIT, batch_size: int = 8
+) -> dict[int, dict]:
+    """Run the stock CLI; return its logged samples by doc_id."""
+    command = [
+        "lm_eval", "--model", model, "--model_args", f"{model_args},dtype=float32",
+        "--tasks", "arc_easy", "--limit", str(limit), "--device", "cpu",
+        "--batch_size", str(batch_size),
+        "--output_path", str(out), "--log_samples",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (samples,) = out.rglob("samples_arc_easy_*.jsonl")
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    return {row["doc_id"]: row for row in rows}
+
+
+def scores(samples: dict[int, dict]) -> dict[int, tuple]:
+    """Per document: accuracy, normalised accuracy, and every choice's log-likelihood."""
+    return {
+        doc_id: (row["acc"], row["acc_norm"], [r[0][0] for r in row["resps"]])
+        for doc_id, row in samples.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def hf_samples(offline_env, default_model, tmp_path_factory):
+    return lm_eval(offline_env, tmp_path_factory.mktemp("hf"), "hf", f"pretrained={default_model}")
+
+
+def test_data_import_gives_the_stock_task_the_local_documents(hf_samples):
+    rows = (SHARED_DATA / "arc_easy" / "test.jsonl").read_text().splitlines()[:LIMIT]
+    expected = [json.loads(row)["id"] for row in rows]
+    assert [hf_samples[i]["doc"]["id"] for i in range(LIMIT)] == expected
+
+
+def test_cola_without_chain_equals_hf(offline_env, hf_samples, tmp_path):
+    cola = lm_eval(offline_env, tmp_path, "cola", "")  # the embedded default model
+    assert scores(cola) == scores(hf_samples)
+
+
+def test_a_chain_changes_the_results(offline_env, hf_samples, tmp_path):
+    cola = lm_eval(offline_env, tmp_path, "cola", "chain=0-9.14-29")
+    assert scores(cola) != scores(hf_samples)
+    changed = sum(scores(cola)[i][2] != scores(hf_samples)[i][2] for i in range(LIMIT))
+    assert changed == LIMIT
+
+
+def test_per_document_chains_apply_to_their_own_document(
+    offline_env, default_model, hf_samples, tmp_path
+):
+    """Batch size 1: grouping by chain changes which requests share a batch, and on CPU a
+    different batch shape can move a log-likelihood in its 6th digit. One request a batch makes
+    every run compute each request alone, so results must match exactly."""
+    plan = {3: "0-9.14-29", 7: "0-15.15-29", 8: "0-9.14-29"}
+    rows = [
+        {"task": "arc_easy", "doc_hash": hf_samples[i]["doc_hash"], "chain": c}
+        for i, c in plan.items()
+    ]
+    chains = tmp_path / "chains.jsonl"
+    chains.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def run(name: str, model: str, model_args: str) -> dict[int, tuple]:
+        return scores(lm_eval(offline_env, tmp_path / name, model, model_args, 10, 1))
+
+    mixed = run("mixed", "cola", f"chains={chains}")
+    uniform = {chain: run(chain, "cola", f"chain={chain}") for chain in set(plan.values())}
+    baseline = run("hf", "hf", f"pretrained={default_model}")
+    for doc_id, result in mixed.items():
+        expected = uniform[plan[doc_id]] if doc_id in plan else baseline
+        assert result == expected[doc_id], doc_id
