@@ -58,9 +58,9 @@ def gguf_path() -> Path:
 
 def model_dir(gguf: Path) -> Path:
     """Where the converted model lives. The name changes with the GGUF file (package version and
-    size) and with the major version of transformers: GGUF conversion differs between 4.x and 5.x
-    (4.57 adds a BOS token and sets EOS to ``<|im_start|>``) and 4.x cannot read the tokenizer
-    that 5.x saves, so two environments sharing one cache must not share one folder."""
+    size) and with the major version of transformers: 4.x cannot read the tokenizer class that
+    5.x saves, so two environments sharing one cache must not share one folder. (Both hold the
+    same weights and tokenizer: the same prompt gets the same logits in either.)"""
     import transformers
 
     try:
@@ -110,7 +110,11 @@ def build(gguf: Path, target: Path) -> None:
     try:
         tmp.mkdir()  # not mkdtemp: its 0700 mode would keep a shared cache from other users
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = as_published(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:  # transformers 5 keeps it; the weights are already float32
             quantizer.remove_quantization_config(model)
@@ -122,6 +126,25 @@ def build(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("Built the default model into %s", target)
+
+
+def as_published(tokenizer):
+    """The tokenizer as SmolLM2-135M-Instruct is published: no BOS added, ``<|im_end|>`` ends
+    and pads. GGUF conversion guesses these, and transformers 4.57 guesses wrong (it adds
+    ``<|im_start|>`` as BOS and makes it EOS), so both versions are told."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer.backend_tokenizer
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=tokenizer.chat_template,
+    )
 
 
 def share_like_folder(folder: Path) -> None:
