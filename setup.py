@@ -50,7 +50,10 @@ setup(
         "lm_eval_cola.search": "search",
         "lm_eval_cola.store": "store",
     },
-    package_data={"lm_eval_cola": [PTH]},
+    package_data={
+        "lm_eval_cola": [PTH],
+        "lm_eval_cola.store": ["migrations/*.py", "migrations/versions/*.py"],
+    },
     install_requires=[
         "lm-eval>=0.4.13",
         "torch>=2.4",
@@ -59,6 +62,8 @@ setup(
         "datasets>=3.0",
         "optuna>=4.0",
         "sqlalchemy>=2.0",
+        "alembic>=1.13",
+        "pandas>=2.0",
         "gguf>=0.10",
         "safetensors>=0.4",
         "tqdm>=4.59",

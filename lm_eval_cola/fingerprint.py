@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +19,30 @@ from torch import nn
 SAMPLES_PER_TENSOR = 4096
 #: Config fields that name where or how a model was loaded, not what it computes.
 _LOAD_FIELDS = ("_name_or_path", "_commit_hash", "transformers_version", "_attn_implementation")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a stored chain is valid for: these weights, under this name."""
+
+    name: str
+    revision: str | None
+    architecture: str
+    n_layers: int
+    dtype: str
+    fingerprint: str
+
+
+def identify(model: nn.Module, name: str, revision: str | None, n_layers: int) -> ModelIdentity:
+    config = model.config
+    return ModelIdentity(
+        name=name,
+        revision=revision,
+        architecture=getattr(config.get_text_config(), "model_type", config.model_type),
+        n_layers=n_layers,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        fingerprint=model_fingerprint(model),
+    )
 
 
 def model_fingerprint(model: nn.Module) -> str:

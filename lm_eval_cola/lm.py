@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import ChainExecutor
-from lm_eval_cola.fingerprint import model_fingerprint
+from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.sources import ChainSource, ChainSourceError, doc_hash, open_source
 
 logger = logging.getLogger("lm_eval.cola")
@@ -66,9 +66,12 @@ class ColaLM(HFLM):
             self._validate_chains(_depth_from_config(pretrained, kwargs))
         super().__init__(pretrained=pretrained, **kwargs)
         self.executor = ChainExecutor(self.model)
-        self._validate_chains(self.executor.n_layers)
         self.executor.check()
-        self.model_fingerprint = model_fingerprint(self.model)
+        name = pretrained if isinstance(pretrained, str) else self.model.name_or_path
+        self.identity = identify(self.model, name, kwargs.get("revision"), self.executor.n_layers)
+        if self.source is not None:
+            self.source.bind(self.identity)
+        self._validate_chains(self.executor.n_layers)
 
     def _validate_chains(self, n_layers: int) -> None:
         """Every chain this run can use fits the model; raised before any compute."""
@@ -200,7 +203,7 @@ class ColaLM(HFLM):
 
     def cache_namespace(self) -> str:
         identity = {
-            "model": self.model_fingerprint,
+            "model": self.identity.fingerprint,
             "chain": str(self.static_chain) if self.static_chain else None,
             "chains": self.source.fingerprint() if self.source else None,
             "strict": self.strict_chains,

@@ -10,12 +10,14 @@ bare path ending in ``.jsonl`` opens a :class:`JsonlChains`.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from lm_eval_cola.chain import Chain, ChainError
+from lm_eval_cola.fingerprint import ModelIdentity
 
 
 def doc_hash(doc: Mapping) -> str:
@@ -45,6 +47,9 @@ class ChainSource(ABC):
     def fingerprint(self) -> str:
         """Changes whenever any answer of :meth:`lookup` could change (keys result caches)."""
 
+    def bind(self, model: ModelIdentity) -> None:
+        """Called once the model has loaded, before any compute: refuse chains of other models."""
+
     def validate(self, n_layers: int, max_length: int | None = None) -> None:
         for where, chain in self.chains():
             try:
@@ -53,7 +58,10 @@ class ChainSource(ABC):
                 raise ChainSourceError(f"{where}: {err}") from None
 
 
-_SOURCES: dict[str, Callable[[str], ChainSource]] = {}
+#: Source name -> class, or "module:Class" for sources imported only when used.
+_SOURCES: dict[str, Callable[[str], ChainSource] | str] = {
+    "store": "lm_eval_cola.store.source:StoreChains",
+}
 
 
 def register_source(name: str):
@@ -70,7 +78,11 @@ def open_source(spec: str) -> ChainSource:
     """Open the source named by a ``chains=`` value, before any model is loaded."""
     kind, sep, argument = spec.partition(":")
     if sep and kind in _SOURCES:
-        return _SOURCES[kind](argument)
+        source = _SOURCES[kind]
+        if isinstance(source, str):
+            module, _, name = source.partition(":")
+            source = getattr(importlib.import_module(module), name)
+        return source(argument)
     if spec.endswith(".jsonl"):
         return JsonlChains(spec)
     known = ", ".join(f"'{name}:...'" for name in sorted(_SOURCES))

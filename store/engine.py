@@ -1,0 +1,206 @@
+"""Opening a store: URLs, SQLite settings, schema versions, and errors people can act on.
+
+A store is any SQLAlchemy URL; a plain path means an SQLite file. SQLite runs in WAL mode with
+foreign keys on and a busy timeout, so readers never block the writer and two writers wait for
+each other instead of failing. The schema is versioned with Alembic (``store/migrations``): a
+new store is created at the newest version, an older one is refused with the command that
+upgrades it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+#: Seconds a writer waits for another writer's lock before giving up.
+BUSY_TIMEOUT_S = 60
+
+
+class StoreError(RuntimeError):
+    """Something about the store prevents the operation; the message says what to do."""
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+class StoreCorrupt(StoreError):
+    pass
+
+
+class StoreReadOnly(StoreError):
+    pass
+
+
+class StoreOutdated(StoreError):
+    pass
+
+
+def normalise_url(store: str) -> str:
+    """A SQLAlchemy URL for ``store``; a plain path becomes an SQLite file URL."""
+    if "://" in store:
+        try:
+            make_url(store)
+        except ArgumentError as err:
+            raise StoreError(f"'{store}' is not a database URL: {err}") from None
+        return store
+    return f"sqlite:///{Path(store).expanduser().resolve()}"
+
+
+def display(url: str) -> str:
+    """The URL without its password, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def create(url: str, read_only: bool = False) -> Engine:
+    """An engine for ``url``; ``read_only`` connections refuse every write."""
+    url = normalise_url(url)
+    if make_url(url).get_backend_name() != "sqlite":
+        options = "-c default_transaction_read_only=on" if read_only else ""
+        args = {"options": options} if read_only else {}
+        return create_engine(url, pool_pre_ping=True, connect_args=args)
+    path = make_url(url).database
+    if read_only:
+        if not path or not Path(path).is_file():
+            raise StoreError(f"store '{path}' does not exist")
+        engine = create_engine(
+            f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"timeout": BUSY_TIMEOUT_S}
+        )
+    else:
+        if path and not Path(path).parent.is_dir():
+            raise StoreError(f"folder of store '{path}' does not exist")
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+    event.listen(engine, "connect", _sqlite_pragmas(read_only))
+    return engine
+
+
+def _sqlite_pragmas(read_only: bool):
+    def on_connect(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        if read_only:
+            cursor.execute("PRAGMA query_only = ON")
+        else:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    return on_connect
+
+
+@contextlib.contextmanager
+def translated(url: str) -> Iterator[None]:
+    """Turn driver errors into :class:`StoreError` s that name the store and the fix."""
+    where = display(normalise_url(url))
+    try:
+        yield
+    except IntegrityError:  # a constraint: the caller's business, not the store's health
+        raise
+    except (OperationalError, DatabaseError) as err:
+        raise _translate(where, str(err.orig or err)) from err
+
+
+_ERRORS: list[tuple[str, type[StoreError], str]] = [
+    (
+        r"database is locked|database table is locked",
+        StoreLocked,
+        "is locked by another process for over {timeout} s; wait for it or stop it",
+    ),
+    (
+        r"file is not a database|disk image is malformed|not a database",
+        StoreCorrupt,
+        "is not a readable lm-eval-cola store (corrupt, or another kind of file); restore it "
+        "from a copy or point --store at another file",
+    ),
+    (
+        r"readonly database|read-only|read only",
+        StoreReadOnly,
+        "is read-only; writing needs write access to the file and its folder",
+    ),
+    (
+        r"unable to open database file",
+        StoreError,
+        "cannot be opened; check that the path exists and is readable",
+    ),
+]
+
+
+def _translate(where: str, message: str) -> StoreError:
+    for pattern, kind, advice in _ERRORS:
+        if re.search(pattern, message, re.IGNORECASE):
+            return kind(f"store {where} {advice.format(timeout=BUSY_TIMEOUT_S)} ({message})")
+    return StoreError(f"store {where}: {message}")
+
+
+# -- schema versions -------------------------------------------------------------------------
+
+
+def _alembic_config(connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(engine: Engine) -> tuple[str | None, str]:
+    """Migrate to the newest schema; returns (old revision, new revision)."""
+    from alembic import command
+
+    before = current_revision(engine)
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), "head")
+    return before, head_revision()
+
+
+def ensure_schema(engine: Engine, url: str, create_missing: bool) -> None:
+    """Create an empty store, accept a current one, refuse an outdated or foreign one."""
+    tables = set(inspect(engine).get_table_names())
+    head = head_revision()
+    if not tables and create_missing:
+        upgrade(engine)
+        return
+    if "alembic_version" not in tables:
+        raise StoreError(
+            f"{display(normalise_url(url))} is not an lm-eval-cola store "
+            f"(tables: {', '.join(sorted(tables)) or 'none'})"
+        )
+    revision = current_revision(engine)
+    if revision == head:
+        return
+    from alembic.script import ScriptDirectory
+
+    known = {
+        s.revision for s in ScriptDirectory.from_config(_alembic_config(None)).walk_revisions()
+    }
+    if revision in known:
+        raise StoreOutdated(
+            f"store {display(normalise_url(url))} has schema {revision}, this release needs "
+            f"{head}: upgrade it with\n    cola db upgrade --store {url}"
+        )
+    raise StoreError(
+        f"store {display(normalise_url(url))} has schema {revision}, which this release does "
+        "not know: it was written by a newer lm-eval-cola; upgrade the package"
+    )

@@ -1,0 +1,131 @@
+"""``chains=store:...``: oracle chains picked from a store, one per document.
+
+The value is the store (SQLite path or SQLAlchemy URL) followed by ``;``-separated options,
+since lm-eval splits ``--model_args`` on commas::
+
+    chains=store:cola.db                          every run of the loaded model, pick=best
+    chains=store:cola.db;run=3+4;pick=shortest-correct
+    chains=store:postgresql://host/cola;run=arc-mcts;on_mismatch=skip
+
+``run`` takes run ids or names joined by ``+`` (default: all runs of the loaded model);
+``pick`` is one of :data:`queries.PICKS`; ``on_mismatch`` says what to do with a named run that
+was searched on other weights: ``error`` (default) or ``skip`` it. The pick is made in SQL
+when the model has loaded and its fingerprint is known; documents are matched by content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.engine import StoreError
+from lm_eval_cola.store.schema import Model, Run
+from lm_eval_cola.store.store import Store
+from sqlalchemy import select
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.sources import ChainSource, ChainSourceError
+
+logger = logging.getLogger("lm_eval.cola")
+OPTIONS = {"run", "pick", "on_mismatch"}
+
+
+class StoreChains(ChainSource):
+    def __init__(self, argument: str) -> None:
+        location, *options = argument.split(";")
+        self.options = _parse_options(options)
+        self.policy = self.options.get("pick", "best")
+        if self.policy not in queries.PICKS:
+            raise ChainSourceError(f"pick={self.policy}: choose one of {', '.join(queries.PICKS)}")
+        self.on_mismatch = self.options.get("on_mismatch", "error")
+        if self.on_mismatch not in ("error", "skip"):
+            raise ChainSourceError(f"on_mismatch={self.on_mismatch}: choose error or skip")
+        try:
+            self.store = Store(location, read_only=True)
+            self.runs = self._named_runs(self.options.get("run"))
+        except StoreError as err:
+            raise ChainSourceError(str(err)) from None
+        self._chains: dict[tuple[str, str], Chain] = {}
+        self._fingerprint = ""
+
+    def _named_runs(self, spec: str | None) -> list[Run]:
+        """The runs named by ``run=``, all of which must exist (checked before the model loads)."""
+        if spec is None:
+            return []
+        runs = []
+        with self.store.session() as session:
+            for token in spec.split("+"):
+                column = Run.id if token.isdigit() else Run.name
+                value = int(token) if token.isdigit() else token
+                run = session.scalar(select(Run).where(column == value))
+                if run is None:
+                    raise ChainSourceError(f"{self.store} has no run '{token}'")
+                runs.append(run)
+        return runs
+
+    def bind(self, model: ModelIdentity) -> None:
+        with self.store.session() as session:
+            runs = self.runs or list(
+                session.scalars(
+                    select(Run).join(Model).where(Model.fingerprint == model.fingerprint)
+                )
+            )
+            run_ids = [run.id for run in runs if self._matches(session, run, model)]
+            if not run_ids:
+                raise ChainSourceError(
+                    f"{self.store} has no run of this model ({model.name}, fingerprint "
+                    f"{model.fingerprint[:12]}); search it first, or load the model it holds"
+                )
+            picks = queries.pick(session, run_ids, self.policy)
+        self._chains = {(p.task, p.doc_hash): Chain.parse(p.chain) for p in picks}
+        self._fingerprint = hashlib.sha256(
+            json.dumps(sorted((*k, str(c)) for k, c in self._chains.items())).encode()
+        ).hexdigest()
+        logger.info(
+            "%s: picked %d chains (%s) from runs %s", self.store, len(picks), self.policy, run_ids
+        )
+
+    def _matches(self, session, run: Run, model: ModelIdentity) -> bool:
+        stored = session.get(Model, run.model_id)
+        if stored.fingerprint == model.fingerprint:
+            return True
+        problem = (
+            f"run {run.id} ({run.name or run.method}) of {self.store} was searched on "
+            f"{stored.name} ({stored.n_layers} layers, fingerprint {stored.fingerprint[:12]}), "
+            f"not on the loaded {model.name} ({model.n_layers} layers, fingerprint "
+            f"{model.fingerprint[:12]})"
+        )
+        if self.on_mismatch == "error":
+            raise ChainSourceError(f"{problem}; its chains are never applied to other weights")
+        logger.warning("%s; skipping it (on_mismatch=skip)", problem)
+        return False
+
+    def lookup(self, task: str, doc_hash: str) -> Chain | None:
+        return self._chains.get((task, doc_hash))
+
+    def chains(self) -> Iterator[tuple[str, Chain]]:
+        for (task, doc_hash), chain in self._chains.items():
+            yield f"{self.store}, task {task}, document {doc_hash[:12]}", chain
+
+    def fingerprint(self) -> str:
+        return f"store:{self._fingerprint}"
+
+    def __str__(self) -> str:
+        return str(self.store)
+
+
+def _parse_options(options: list[str]) -> dict[str, str]:
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in OPTIONS:
+            raise ChainSourceError(
+                f"bad store option '{option}': use {', '.join(sorted(OPTIONS))} as key=value, "
+                "joined by ';' (e.g. chains=store:cola.db;run=3;pick=best)"
+            )
+        parsed[key] = value
+    return parsed
