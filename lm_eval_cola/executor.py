@@ -104,15 +104,19 @@ class ChainExecutor:
             _restore_config(self.config, saved)
             self._active = False
 
-    def check(self) -> None:
-        """Prove on a 2-token input that the model's forward really walks the swapped list."""
+    def check(self, device: torch.device | str | None = None) -> None:
+        """Prove on a 2-token input that the model's forward really walks the swapped list.
+
+        ``device`` is where inputs go (the model's own device by default; with accelerate's
+        offloading, parameters may sit on the meta device while inputs must not).
+        """
         probe = Chain((self.n_layers - 1, 0, 0))
         seen: list[int] = []
         hooks = [
             layer.register_forward_pre_hook(lambda _m, _a, i=i: seen.append(i))
             for i, layer in enumerate(self.layers)
         ]
-        device = next(self.model.parameters()).device
+        device = device or getattr(self.model, "device", "cpu")
         try:
             with torch.no_grad(), self.apply(probe):
                 self.model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))

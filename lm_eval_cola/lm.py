@@ -66,7 +66,7 @@ class ColaLM(HFLM):
             self._validate_chains(_depth_from_config(pretrained, kwargs))
         super().__init__(pretrained=pretrained, **kwargs)
         self.executor = ChainExecutor(self.model)
-        self.executor.check()
+        self.executor.check(self.device)
         name = pretrained if isinstance(pretrained, str) else self.model.name_or_path
         self.identity = identify(self.model, name, kwargs.get("revision"), self.executor.n_layers)
         if self.source is not None:

@@ -115,3 +115,15 @@ def test_per_document_chains_apply_to_their_own_document(
     for doc_id, result in mixed.items():
         expected = uniform[plan[doc_id]] if doc_id in plan else baseline
         assert result == expected[doc_id], doc_id
+
+
+def test_gguf_file_loads_through_hflm(offline_env, tmp_path):
+    """HFLM's ``gguf_file`` option: the package's GGUF file, dequantised at load, with a chain."""
+    from lm_eval_cola.default_model import gguf_path
+
+    gguf = gguf_path()
+    args = f"pretrained={gguf.parent},gguf_file={gguf.name}"
+    hf = scores(lm_eval(offline_env, tmp_path / "hf", "hf", args, limit=5))
+    assert scores(lm_eval(offline_env, tmp_path / "cola", "cola", args, limit=5)) == hf
+    chained = lm_eval(offline_env, tmp_path / "chain", "cola", f"{args},chain=0-9.14-29", limit=5)
+    assert scores(chained) != hf

@@ -217,3 +217,25 @@ def test_data_parallel_ranks_with_different_chain_groups(tiny_llama_dir, task_di
 
 def _floats(resps) -> list[float]:
     return [float(r[0][0] if isinstance(r[0], (list, tuple)) else r[0]) for r in resps]
+
+
+@pytest.mark.parametrize("extra", ["parallelize=True", "peft={adapter}", "dtype=bfloat16"])
+def test_hflm_options_keep_working(tiny_llama_dir, task_dir, tmp_path, extra):
+    """HFLM's own options pass through: no chain equals ``hf``, and a chain still applies."""
+    if extra.startswith("peft"):
+        extra = extra.format(adapter=lora_adapter(tiny_llama_dir, tmp_path / "lora"))
+    args = f"pretrained={tiny_llama_dir},{extra}"
+    hf = evaluate("hf", args, task_dir, tasks=["cola_mc"])
+    assert evaluate("cola", args, task_dir, tasks=["cola_mc"]) == hf
+    assert evaluate("cola", f"{args},chain=0.2.2.3", task_dir, tasks=["cola_mc"]) != hf
+
+
+def lora_adapter(base: str, path: Path) -> str:
+    """A LoRA adapter with random (not zero) weights, so it changes the model."""
+    import peft
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    peft.get_peft_model(model, config).save_pretrained(path)
+    return str(path)
