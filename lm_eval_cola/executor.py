@@ -15,6 +15,8 @@ never reads or overwrites the keys and values of another pass through the same w
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import torch
@@ -33,20 +35,77 @@ class UnsupportedModelError(ValueError):
     """The model's layout is not one the executor can re-sequence without changing its output."""
 
 
+class PrefixCache:
+    """Layer outputs by (input batch, chain prefix), least recently used first out, in bytes.
+
+    Chains explored by a search share prefixes: a child differs from its parent from the edit
+    onwards. For the same input batch, the output of position ``p`` depends only on the chain's
+    first ``p + 1`` layers, so it can be looked up instead of computed. Only for scoring: a
+    generating model also needs every layer's KV cache, which a looked-up output does not fill.
+    """
+
+    def __init__(self, max_mb: float) -> None:
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+
+    def get(self, key: tuple):
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: tuple, output) -> None:
+        size = sum(t.numel() * t.element_size() for t in _tensors(output))
+        if size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = (output, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    return [t for t in (output if isinstance(output, tuple) else (output,)) if t is not None]
+
+
 class _ChainPosition(nn.Module):
     """One chain position: calls a shared decoder layer under this position's cache index."""
 
-    def __init__(self, layer: nn.Module, position: int, executor: ChainExecutor) -> None:
+    def __init__(
+        self, layer: nn.Module, position: int, prefix: tuple[int, ...], executor: ChainExecutor
+    ) -> None:
         super().__init__()
         # Plain attributes, not submodules: the wrapper must not own or re-register weights.
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "executor", executor)
         self.position = position
+        self.prefix = prefix
         self._indexed = [
             m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)
         ]
 
     def forward(self, *args, **kwargs):
+        cache, batch = self.executor.prefix_cache, self.executor.batch_key
+        if cache is not None:
+            output = cache.get((batch, self.prefix))
+            if output is not None:
+                return output
+        output = self._run(*args, **kwargs)
+        if cache is not None:
+            cache.put((batch, self.prefix), output)
+        return output
+
+    def _run(self, *args, **kwargs):
         saved = [m.layer_idx for m in self._indexed]
         for module in self._indexed:
             module.layer_idx = self.position
@@ -77,14 +136,20 @@ class ChainExecutor:
         self.layers: nn.ModuleList = self.decoder.layers
         self.n_layers = len(self.layers)
         self.layer_applications = 0
+        self.prefix_cache: PrefixCache | None = None
+        self.batch_key: str | None = None
         self._active = False
 
     def validate(self, chain: Chain, max_length: int | None = None) -> Chain:
         return chain.validate(self.n_layers, max_length)
 
     @contextlib.contextmanager
-    def apply(self, chain: Chain | None) -> Iterator[None]:
-        """Within the block, the model runs ``chain``; ``None`` leaves it untouched."""
+    def apply(self, chain: Chain | None, prefix_cache: PrefixCache | None = None) -> Iterator[None]:
+        """Within the block, the model runs ``chain``; ``None`` leaves it untouched.
+
+        With a ``prefix_cache``, layer outputs for a chain prefix already computed on the same
+        input batch are looked up instead of computed (scoring only; see :class:`PrefixCache`).
+        """
         if chain is None:
             yield
             return
@@ -92,17 +157,36 @@ class ChainExecutor:
             raise RuntimeError("a chain is already applied to this model; chains do not nest")
         chain.check_range(self.n_layers)
         positions = nn.ModuleList(
-            _ChainPosition(self.layers[layer], pos, self) for pos, layer in enumerate(chain)
+            _ChainPosition(self.layers[layer], pos, chain.layers[: pos + 1], self)
+            for pos, layer in enumerate(chain)
         )
         saved = _swap_config(self.config, chain)
         self.decoder._modules["layers"] = positions
-        self._active = True
+        hook = None
+        if prefix_cache is not None:
+            hook = self.decoder.register_forward_pre_hook(self._key_batch, with_kwargs=True)
+        self.prefix_cache, self._active = prefix_cache, True
         try:
             yield
         finally:
             self.decoder._modules["layers"] = self.layers
             _restore_config(self.config, saved)
-            self._active = False
+            if hook is not None:
+                hook.remove()
+            self.prefix_cache, self.batch_key, self._active = None, None, False
+
+    def _key_batch(self, _module, args, kwargs) -> None:
+        """Identify the decoder's input batch: cached layer outputs are only valid for it."""
+        digest = hashlib.blake2b(digest_size=16)
+        inputs = [args[0] if args else kwargs.get("input_ids")]
+        inputs += [kwargs.get(name) for name in ("attention_mask", "position_ids", "inputs_embeds")]
+        for tensor in inputs:
+            if tensor is None:
+                digest.update(b"-")
+            else:
+                digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        self.batch_key = digest.hexdigest()
 
     def check(self, device: torch.device | str | None = None) -> None:
         """Prove on a 2-token input that the model's forward really walks the swapped list.

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from lm_eval_cola.chain import Chain, ChainError
-from lm_eval_cola.executor import ChainExecutor, UnsupportedModelError, _ChainPosition
+from lm_eval_cola.executor import ChainExecutor, PrefixCache, UnsupportedModelError, _ChainPosition
 from tests.tiny_models import FAMILIES, tiny_model
 
 ATTENTION = ["eager", "sdpa"]
@@ -257,3 +257,41 @@ def test_a_model_that_ignores_the_layer_list_is_caught(monkeypatch):
 def test_check_passes_on_every_family():
     for family in FAMILIES:
         ChainExecutor(build(family)).check()
+
+
+#: Chains as a search explores them: each shares a prefix with an earlier one.
+SEARCH_ORDER = ["0-3", "0-2", "0.1.1.2.3", "0.1.1.3", "0.1.2.2.3", "0-3.3", "0.2.3"]
+
+
+@torch.no_grad()
+def test_prefix_cache_gives_identical_logits_with_fewer_layer_applications(model):
+    ids, mask = padded_batch()
+    plain, cached = ChainExecutor(model), ChainExecutor(model)
+    cache = PrefixCache(max_mb=64)
+    for chain in map(Chain.parse, SEARCH_ORDER):
+        with plain.apply(chain):
+            expected = model(ids, attention_mask=mask).logits
+        with cached.apply(chain, prefix_cache=cache):
+            got = model(ids, attention_mask=mask).logits
+        assert torch.equal(got, expected), chain
+    assert cache.hits > 0
+    assert cached.layer_applications < plain.layer_applications
+
+
+@torch.no_grad()
+def test_prefix_cache_is_keyed_by_the_input_batch_and_bounded():
+    model = build("llama")
+    executor = ChainExecutor(model)
+    ids, mask = padded_batch(seed=1)
+    other, _ = padded_batch(seed=2)
+    one_output = (
+        ids.numel() * model.config.hidden_size * torch.tensor([], dtype=DTYPE).element_size()
+    )
+    cache = PrefixCache(max_mb=2.5 * one_output / 2**20)  # room for two layer outputs
+    with executor.apply(Chain.parse("0-3"), prefix_cache=cache):
+        first = model(ids, attention_mask=mask).logits
+        assert cache.bytes <= cache.max_bytes and cache.hits == 0
+        assert not torch.equal(model(other, attention_mask=mask).logits, first)
+        assert cache.hits == 0  # another batch never reuses these states
+    with executor.apply(Chain.parse("0-3"), prefix_cache=cache):
+        assert torch.equal(model(ids, attention_mask=mask).logits, first)
