@@ -61,6 +61,8 @@ setup(
         "accelerate>=1.0",
         "datasets>=3.0",
         "optuna>=4.0",
+        "cmaes>=0.10",
+        "scipy>=1.10",
         "sqlalchemy>=2.0",
         "alembic>=1.13",
         "pandas>=2.0",
@@ -69,7 +71,7 @@ setup(
         "tqdm>=4.59",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.10", "psycopg[binary]>=3.1"],
         "lint": ["ruff>=0.6"],
     },
     entry_points={

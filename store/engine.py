@@ -4,23 +4,32 @@ A store is any SQLAlchemy URL; a plain path means an SQLite file. SQLite runs in
 foreign keys on and a busy timeout, so readers never block the writer and two writers wait for
 each other instead of failing. The schema is versioned with Alembic (``store/migrations``): a
 new store is created at the newest version, an older one is refused with the command that
-upgrades it.
+upgrades it. Creating or upgrading the schema is one transaction under a lock, so processes
+that open a new store at once create it once, and a writer killed meanwhile leaves no half
+schema.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: Alembic's revision table, named so that Optuna's own (``alembic_version``) can share the
+#: database: search baselines keep their studies in the store's database.
+VERSION_TABLE = "cola_schema_version"
 #: Seconds a writer waits for another writer's lock before giving up.
 BUSY_TIMEOUT_S = 60
+#: PostgreSQL advisory lock held while a schema is created or upgraded (any fixed number).
+SCHEMA_LOCK = 0x636F6C61
 
 
 class StoreError(RuntimeError):
@@ -63,8 +72,7 @@ def create(url: str, read_only: bool = False) -> Engine:
     """An engine for ``url``; ``read_only`` connections refuse every write."""
     url = normalise_url(url)
     if make_url(url).get_backend_name() != "sqlite":
-        options = "-c default_transaction_read_only=on" if read_only else ""
-        args = {"options": options} if read_only else {}
+        args = {"options": _read_only_options(url)} if read_only else {}
         return create_engine(url, pool_pre_ping=True, connect_args=args)
     path = make_url(url).database
     if read_only:
@@ -78,22 +86,58 @@ def create(url: str, read_only: bool = False) -> Engine:
             raise StoreError(f"folder of store '{path}' does not exist")
         engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
     event.listen(engine, "connect", _sqlite_pragmas(read_only))
+    event.listen(engine, "begin", _sqlite_begin(read_only))
     return engine
+
+
+def _read_only_options(url: str) -> str:
+    """libpq ``options`` that make every transaction read-only, keeping the URL's own
+    (``connect_args`` replace the URL's, and a ``search_path`` there picks the store)."""
+    own = make_url(url).query.get("options", "")
+    return " ".join(filter(None, [own, "-c default_transaction_read_only=on"]))
+
+
+def _sqlite_begin(read_only: bool):
+    """Emit BEGIN ourselves: Python's sqlite3 commits DDL statement by statement (a killed
+    migration would leave half a schema) and starts no transaction for SELECTs. A writer's
+    transactions take the write lock at BEGIN (IMMEDIATE), so one that reads and then writes
+    waits for another writer under the busy timeout instead of failing on a stale snapshot."""
+    statement = "BEGIN" if read_only else "BEGIN IMMEDIATE"
+
+    def on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql(statement)
+
+    return on_begin
 
 
 def _sqlite_pragmas(read_only: bool):
     def on_connect(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # transactions are ours: see _sqlite_begin
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA foreign_keys = ON")
         if read_only:
             cursor.execute("PRAGMA query_only = ON")
         else:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
     return on_connect
+
+
+def _use_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch to WAL, waiting out a process that is creating the same new store: SQLite
+    answers "locked" at once there (it skips the busy timeout to avoid a deadlock)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -159,35 +203,67 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        return _revision(connection)
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Migrate to the newest schema; returns (old revision, new revision)."""
+    with engine.begin() as connection:
+        _lock_schema(connection)
+        before = _revision(connection)
+        _upgrade(connection)
+    return before, head_revision()
+
+
+def _upgrade(connection: Connection) -> None:
+    """All migrations in the caller's transaction: they commit together or not at all."""
     from alembic import command
 
-    before = current_revision(engine)
-    with engine.begin() as connection:
-        command.upgrade(_alembic_config(connection), "head")
-    return before, head_revision()
+    command.upgrade(_alembic_config(connection), "head")
+
+
+def _revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(
+        connection, opts={"version_table": VERSION_TABLE}
+    ).get_current_revision()
+
+
+def _lock_schema(connection: Connection) -> None:
+    """Hold the lock under which schemas change until the transaction ends. SQLite writers
+    hold the database's write lock from BEGIN IMMEDIATE on; PostgreSQL needs one of its own."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
 
 
 def ensure_schema(engine: Engine, url: str, create_missing: bool) -> None:
     """Create an empty store, accept a current one, refuse an outdated or foreign one."""
-    tables = set(inspect(engine).get_table_names())
+    with engine.begin() as connection:
+        tables = set(inspect(connection).get_table_names())
+        if not tables and create_missing:
+            _lock_schema(connection)  # then look again: another process may have created it
+            tables = set(inspect(connection).get_table_names())
+            if not tables:
+                _upgrade(connection)
+                return
+        revision = _revision(connection) if VERSION_TABLE in tables else None
+    _check_revision(url, tables, revision)
+
+
+def _as_given(url: str) -> str:
+    """A store as the user wrote it, a URL's password hidden, for commands to copy."""
+    return display(url) if "://" in url else url
+
+
+def _check_revision(url: str, tables: set[str], revision: str | None) -> None:
     head = head_revision()
-    if not tables and create_missing:
-        upgrade(engine)
-        return
-    if "alembic_version" not in tables:
+    if VERSION_TABLE not in tables:
         raise StoreError(
             f"{display(normalise_url(url))} is not an lm-eval-cola store "
             f"(tables: {', '.join(sorted(tables)) or 'none'})"
         )
-    revision = current_revision(engine)
     if revision == head:
         return
     from alembic.script import ScriptDirectory
@@ -198,7 +274,7 @@ def ensure_schema(engine: Engine, url: str, create_missing: bool) -> None:
     if revision in known:
         raise StoreOutdated(
             f"store {display(normalise_url(url))} has schema {revision}, this release needs "
-            f"{head}: upgrade it with\n    cola db upgrade --store {url}"
+            f"{head}: upgrade it with\n    cola db upgrade --store {_as_given(url)}"
         )
     raise StoreError(
         f"store {display(normalise_url(url))} has schema {revision}, which this release does "

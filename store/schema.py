@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, ForeignKey, Index, MetaData, String, UniqueConstraint
+from sqlalchemy import JSON, Float, ForeignKey, Index, MetaData, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: Run status values.
@@ -36,7 +36,8 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON}
+    # Float, not SQLAlchemy 2.1's default Double, so migration 0001 matches on 2.0 and 2.1.
+    type_annotation_map: ClassVar = {dict[str, Any]: JSON, list[Any]: JSON, float: Float}
 
 
 class Model(Base):

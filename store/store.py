@@ -152,17 +152,26 @@ class Store:
     def start_run(self, model_id: int, task_id: int, info: RunInfo) -> int:
         """A new run, or the unfinished run of the same name and settings (to resume it)."""
         values = {**asdict(info), "model_id": model_id, "task_id": task_id}
-        if info.name is not None:
-            with self.session() as session:
-                run = session.scalar(select(Run).where(Run.name == info.name))
-                if run is not None:
-                    self._check_resumable(run, values)
-                    run.status, run.finished_at = RUNNING, None
-                    return run.id
+        for _ in range(2):  # a process starting the same named run may insert it before us
+            resumed = None if info.name is None else self._resume(info.name, values)
+            if resumed is not None:
+                return resumed
+            with contextlib.suppress(IntegrityError), self.session() as session:
+                run = Run(**values, versions=software_versions(), status=RUNNING)
+                session.add(run)
+                session.flush()
+                return run.id
+        raise engines.StoreError(
+            f"{self}: could not start run {info.name or ''} of model {model_id}, task {task_id}"
+        )
+
+    def _resume(self, name: str, values: dict) -> int | None:
         with self.session() as session:
-            run = Run(**values, versions=software_versions(), status=RUNNING)
-            session.add(run)
-            session.flush()
+            run = session.scalar(select(Run).where(Run.name == name))
+            if run is None:
+                return None
+            self._check_resumable(run, values)
+            run.status, run.finished_at = RUNNING, None
             return run.id
 
     def _check_resumable(self, run: Run, values: dict) -> None:
