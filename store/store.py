@@ -104,6 +104,12 @@ class Store:
     def __str__(self) -> str:
         return f"store {engines.display(engines.normalise_url(self.url))}"
 
+    def url_for_studies(self) -> str:
+        """Where search methods that keep Optuna studies keep them: this store's own database
+        (Optuna's tables and version table do not collide with ours), so one URL serves both
+        ``cola db`` and ``optuna-dashboard``."""
+        return engines.normalise_url(self.url)
+
     # -- registration (get or create) -------------------------------------------------------
 
     def model(self, info: ModelIdentity) -> int:

@@ -1,0 +1,151 @@
+"""``cola search``: search chains per document of lm-eval tasks and record them in a store.
+
+Flags follow lm-eval's where the meaning is the same (``--model_args``, ``--tasks``,
+``--limit``, ``--device``, ``--num_fewshot``, ``--include_path``). Everything that can be
+checked without the model (method, budget, tasks, metric, store) is checked before it loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lm_eval_cola.search.base import SEARCHERS
+from lm_eval_cola.search.space import MODES
+
+EPILOG = """examples:
+  cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
+  cola search --model_args pretrained=Qwen/Qwen3-0.6B,dtype=bfloat16 --device cuda \\
+      --tasks gsm8k --method tpe --budget 50 --max_gen_toks 64 --store cola.db
+  cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
+  (the same command again continues a killed run with the documents not yet done)
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="search chains per document and record every one in a store",
+        description=__doc__.split("\n\n")[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model = parser.add_argument_group("model and task (as in lm_eval)")
+    model.add_argument("--model_args", default="", help="cola/hf model args (default: SmolLM2)")
+    model.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    model.add_argument("--limit", type=int, help="documents per task (first N)")
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    model.add_argument("--num_fewshot", type=int)
+    model.add_argument("--include_path", help="extra folder of task YAMLs")
+    search = parser.add_argument_group("search")
+    search.add_argument("--method", default="mcts", choices=sorted(SEARCHERS))
+    search.add_argument("--budget", type=int, default=200, help="chains evaluated per document")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--method_args", default="", help="e.g. c=1.4,explore=0.1 (mcts)")
+    search.add_argument("--space", default="both", choices=MODES, help="actions allowed")
+    search.add_argument("--max_block", type=int, default=4, help="k: layers per action")
+    search.add_argument("--max_times", type=int, default=4, help="r: repeats per action")
+    search.add_argument("--min_length", type=int, help="default: half the depth")
+    search.add_argument("--max_length", type=int, help="default: 1.25 x the depth")
+    search.add_argument("--metric", help="default: acc, exact_match or word_perplexity")
+    search.add_argument("--filter", dest="filter_name", help="default: the task's first")
+    search.add_argument("--max_gen_toks", type=int, help="cap on generated tokens")
+    search.add_argument("--prefix_cache_mb", type=float, default=512, help="0 turns it off")
+    where = parser.add_argument_group("where results go")
+    where.add_argument("--store", default="cola.db", help="SQLite path or SQLAlchemy URL")
+    where.add_argument("--run_name", help="default: task, method and a hash of all settings")
+    where.add_argument("--shard", help="i/n: search every n-th document from the i-th")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_from_env
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        settings = SearchSettings(
+            method=args.method,
+            budget=args.budget,
+            seed=args.seed,
+            space=_space(args),
+            method_options=_parse_pairs(args.method_args),
+            metric=args.metric,
+            filter_name=args.filter_name,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            max_gen_toks=args.max_gen_toks,
+        )
+        shard = _parse_shard(args.shard) if args.shard else shard_from_env()
+        tasks = _load_tasks(args)
+        store = _open_store(args.store)
+        lm = _load_model(args)
+    except (ValueError, RuntimeError, KeyError) as err:
+        print(f"cola search: error: {err}", file=sys.stderr)
+        return 2
+    for task in tasks.values():
+        run_id = SearchRun(lm, task, store, settings, args.prefix_cache_mb, args.run_name).run(
+            shard
+        )
+        print(f"{task.config.task}: run {run_id} in {store}; see cola db stats --run {run_id}")
+    return 0
+
+
+def _space(args: argparse.Namespace) -> dict:
+    return {
+        "mode": args.space,
+        "max_block": args.max_block,
+        "max_times": args.max_times,
+        "min_length": args.min_length,
+        "max_length": args.max_length,
+    }
+
+
+def _parse_pairs(text: str) -> dict:
+    from lm_eval.utils import simple_parse_args_string
+
+    return simple_parse_args_string(text)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"--shard {text}: write i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(index), int(count)
+
+
+def _load_tasks(args: argparse.Namespace) -> dict:
+    """lm-eval's tasks, configured as ``lm_eval`` would configure them."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval_cola.search.objective import check_task
+
+    manager = TaskManager(include_path=args.include_path)
+    names = [name for name in args.tasks.split(",") if name]
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks`")
+    tasks = get_task_dict(names, manager)
+    for task in tasks.values():
+        check_task(task, args.metric, args.filter_name)
+        if args.num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=args.num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
+        if args.max_gen_toks and task.get_config("output_type") == "generate_until":
+            task.set_config("generation_kwargs", {"max_gen_toks": args.max_gen_toks}, update=True)
+    return tasks
+
+
+def _open_store(location: str):
+    from lm_eval_cola.store.store import Store
+
+    return Store(location)
+
+
+def _load_model(args: argparse.Namespace):
+    from lm_eval_cola.lm import ColaLM
+
+    extra = {"device": args.device} if args.device else {}
+    return ColaLM.create_from_arg_string(args.model_args, extra)

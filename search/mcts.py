@@ -1,0 +1,91 @@
+"""The CoLa paper's Monte Carlo Tree Search over chains (Section 3, Algorithm 1, Appendix B).
+
+The root is the full model; a child applies one action of the :class:`ChainSpace`. Each
+simulation descends from the root by
+
+    UCB(P) = Q(P) / v(P) + c * sqrt(ln V / v(P)) - lambda * |P| / N
+
+over the children already visited, and evaluates one new child: at a node none of whose
+children has been visited, or, with probability ``explore`` (0.1), at any node on the way down,
+a random *unvisited* child is chosen instead. The reward is the task's score; it is added to
+every node on the path. Unlike the public PoLar code, where unvisited children score -inf and
+are only reached one level below a visited one, every unvisited child of every node on the path
+can be drawn, so the search widens at the root as well as deepening along good branches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from lm_eval_cola.search.base import Searcher, Trial, register_searcher
+from lm_eval_cola.search.space import ChainSpace
+
+from lm_eval_cola.chain import Chain
+
+
+class Node:
+    __slots__ = ("_children", "chain", "parent", "total", "visits")
+
+    def __init__(self, chain: Chain, parent: Node | None) -> None:
+        self.chain, self.parent = chain, parent
+        self.visits, self.total = 0, 0.0
+        self._children: list[Node] | None = None
+
+    def children(self, space: ChainSpace) -> list[Node]:
+        """Created on first use: a node has hundreds of children, most never evaluated."""
+        if self._children is None:
+            self._children = [Node(chain, self) for chain in space.children(self.chain)]
+        return self._children
+
+    def depth(self) -> int:
+        return 0 if self.parent is None else 1 + self.parent.depth()
+
+
+@register_searcher
+class MCTS(Searcher):
+    name = "mcts"
+
+    def __init__(
+        self,
+        space: ChainSpace,
+        budget: int,
+        seed: int,
+        c: float = math.sqrt(2),
+        length_penalty: float = 5.0,
+        explore: float = 0.1,
+        **where: str | None,
+    ) -> None:
+        super().__init__(space, budget, seed, **where)
+        self.c, self.length_penalty, self.explore = c, length_penalty, explore
+        self.rng = random.Random(seed)
+        self.root = Node(space.root, None)
+        self._leaf: Node | None = None
+
+    def ask(self) -> Chain:
+        self._leaf = self._select() if self.root.visits else self.root
+        return self._leaf.chain
+
+    def _select(self) -> Node:
+        node = self.root
+        while True:
+            children = node.children(self.space)
+            visited = [child for child in children if child.visits]
+            unvisited = [child for child in children if not child.visits]
+            if unvisited and (not visited or self.rng.random() < self.explore):
+                return self.rng.choice(unvisited)
+            if not visited:  # no action left: a complete chain, evaluated again from the memo
+                return node
+            node = max(visited, key=lambda child: self.ucb(child, node.visits))
+
+    def ucb(self, node: Node, parent_visits: int) -> float:
+        exploit = node.total / node.visits
+        explore = self.c * math.sqrt(math.log(parent_visits) / node.visits)
+        return exploit + explore - self.length_penalty * len(node.chain) / self.space.n_layers
+
+    def tell(self, trial: Trial) -> None:
+        node = self._leaf
+        while node is not None:
+            node.visits += 1
+            node.total += trial.score
+            node = node.parent

@@ -1,0 +1,172 @@
+"""The search objective: one document of an lm-eval task, scored under a candidate chain.
+
+Documents and their requests are built by lm-eval's own task API, exactly as
+``lm_eval --tasks NAME`` builds them (same data, prompts, few-shot examples and generation
+settings). For a chain, the document's requests run through the model as one batch, the
+task's own filters and ``process_results`` turn the responses into metrics, and the chosen
+metric becomes the score. So a chain found here scores the same when the task is re-evaluated
+through ``lm_eval --model cola``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.task import Task
+from lm_eval.models.huggingface import HFLM
+from lm_eval_cola.search.base import Trial
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.executor import PrefixCache
+from lm_eval_cola.sources import doc_hash
+
+#: The metric scored by default, per output type.
+DEFAULT_METRICS = {
+    "multiple_choice": "acc",
+    "loglikelihood": "acc",
+    "generate_until": "exact_match",
+    "loglikelihood_rolling": "word_perplexity",
+}
+#: Metrics whose per-document value is 1 for a right answer and 0 for a wrong one.
+BINARY_PREFIXES = ("acc", "exact_match", "em")
+
+
+class ObjectiveError(ValueError):
+    """The task cannot be searched as asked; the message says why and what to change."""
+
+
+@dataclass
+class Document:
+    """One document of the task, with the requests lm-eval built for it."""
+
+    doc_id: int
+    doc: dict[str, Any]
+    doc_hash: str
+    instances: list[Instance]
+
+
+def task_documents(task: Task, limit: int | None) -> list[Document]:
+    """The task's evaluation documents and their requests, built by lm-eval itself."""
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    by_doc: dict[int, list[Instance]] = defaultdict(list)
+    for instance in task.instances:
+        by_doc[instance.doc_id].append(instance)
+    documents = []
+    for doc_id, instances in sorted(by_doc.items()):
+        instances.sort(key=lambda instance: instance.idx)
+        doc = instances[0].doc
+        documents.append(Document(doc_id, doc, doc_hash(doc), instances))
+    return documents
+
+
+def check_task(task: Task, metric: str | None, filter_name: str | None) -> tuple[str, str]:
+    """The metric and filter to score with; raises before any compute if the task can't be
+    searched (unknown metric or filter, or no gold answer to score against)."""
+    name, output_type = task.config.task, task.get_config("output_type")
+    metric = metric or DEFAULT_METRICS.get(output_type)
+    metrics = list(task.higher_is_better())
+    if metric not in metrics:
+        raise ObjectiveError(
+            f"task '{name}' has no metric '{metric}'; it reports {', '.join(metrics)}"
+        )
+    filters = [f.name for f in task._filters]
+    filter_name = filter_name or filters[0]
+    if filter_name not in filters:
+        raise ObjectiveError(
+            f"task '{name}' has no filter '{filter_name}'; it has {', '.join(filters)}"
+        )
+    if task.config.doc_to_target is None and output_type != "loglikelihood_rolling":
+        raise ObjectiveError(
+            f"task '{name}' has no gold answer (doc_to_target), so no chain can be scored"
+        )
+    return metric, filter_name
+
+
+class Objective:
+    """Scores chains on the documents of one task with one model (a ``cola`` backend)."""
+
+    def __init__(
+        self,
+        lm,
+        task: Task,
+        metric: str | None = None,
+        filter_name: str | None = None,
+        prefix_cache_mb: float = 0.0,
+    ) -> None:
+        self.lm, self.task = lm, task
+        self.output_type = task.get_config("output_type")
+        self.metric, self.filter_name = check_task(task, metric, filter_name)
+        self.higher_is_better = task.higher_is_better().get(self.metric, True)
+        self.binary = self.metric.startswith(BINARY_PREFIXES)
+        self.cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
+
+    def score(self, document: Document, chain: Chain, reference: float | None = None) -> Trial:
+        """Run ``chain`` on the document; ``reference`` is the full model's score, for metrics
+        that are not right/wrong (a chain is then "correct" when it scores at least as well)."""
+        start, applications = time.perf_counter(), self.lm.executor.layer_applications
+        metrics = self._metrics(document, chain)
+        value = metrics[self.metric]
+        score = _as_score(value, self.higher_is_better)
+        # Without a reference (the full model itself, scored first) a graded metric counts as
+        # correct; after that, a chain is correct when it does at least as well.
+        correct = score >= 1.0 if self.binary else reference is None or score >= reference
+        return Trial(
+            chain=chain,
+            score=score,
+            correct=correct,
+            metrics={k: _jsonable(v) for k, v in metrics.items()},
+            layer_applications=self.lm.executor.layer_applications - applications,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _metrics(self, document: Document, chain: Chain) -> dict[str, Any]:
+        by_type: dict[str, list[Instance]] = defaultdict(list)
+        for instance in document.instances:
+            instance.resps, instance.filtered_resps = [], {}
+            by_type[instance.request_type].append(instance)
+        for request_type, instances in by_type.items():
+            cache = self.cache if request_type == "loglikelihood" else None
+            requests = [i for i in instances for _ in range(i.repeats)]
+            with self.lm.executor.apply(chain, prefix_cache=cache), self._one_batch(requests):
+                responses = getattr(HFLM, request_type)(self.lm, requests, disable_tqdm=True)
+            for instance, response in zip(requests, responses, strict=True):
+                instance.resps.append(response)
+        for ensemble in self.task._filters:
+            ensemble.apply(document.instances)
+        results = [i.filtered_resps[self.filter_name] for i in document.instances]
+        return self.task.process_results(document.doc, results)
+
+    @contextlib.contextmanager
+    def _one_batch(self, requests: list[Instance]) -> Iterator[None]:
+        """All of a document's requests in one batch, so every chain sees the same batches."""
+        saved = self.lm.batch_size_per_gpu
+        self.lm.batch_size_per_gpu = max(len(requests), 1)
+        try:
+            yield
+        finally:
+            self.lm.batch_size_per_gpu = saved
+
+
+def _as_score(value: Any, higher_is_better: bool) -> float:
+    """A per-document metric as a number where higher is better.
+
+    Corpus-level metrics such as perplexity report (log-likelihood, weight) per document; the
+    score is then the log-likelihood per unit of weight.
+    """
+    if isinstance(value, tuple | list) and len(value) == 2:
+        return float(value[0]) / max(float(value[1]), 1e-12)
+    return float(value) if higher_is_better else -float(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    return float(value)

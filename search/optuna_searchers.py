@@ -1,0 +1,130 @@
+"""Optuna's samplers as baselines, on the same chain space, objective and budget as MCTS.
+
+A chain is encoded as ``max_edits`` edit slots of integers, each ``(op, start, size, times)``:
+``op`` is none, skip or repeat (only the kinds the space's mode allows), and slots are applied in
+order to the full model, exactly like a path of MCTS actions; an edit that would leave the
+space's length bounds is ignored. Integers suit every sampler, CMA-ES included. The first trial
+is enqueued as the full model, so every method starts from the root.
+
+Single-objective samplers maximise ``score - length_weight * length / depth`` (a small weight:
+a correct chain always beats a wrong one, and of two equal scores the shorter wins); NSGA-II
+optimises (score, length) as two objectives. Studies go to ``storage`` (an Optuna storage URL,
+so ``optuna-dashboard`` can show them) or stay in memory.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import optuna
+from lm_eval_cola.search.base import Searcher, Trial, register_searcher
+from lm_eval_cola.search.space import Action, ChainSpace
+
+from lm_eval_cola.chain import Chain
+
+OPS = {"both": (None, "skip", "repeat"), "skip": (None, "skip"), "repeat": (None, "repeat")}
+
+
+class OptunaSearcher(Searcher):
+    """A searcher backed by one Optuna study per document."""
+
+    sampler_class: ClassVar[type[optuna.samplers.BaseSampler]]
+    directions: ClassVar[list[str]] = ["maximize"]
+
+    def __init__(
+        self,
+        space: ChainSpace,
+        budget: int,
+        seed: int,
+        max_edits: int = 8,
+        length_weight: float = 0.1,
+        **where: str | None,
+    ) -> None:
+        super().__init__(space, budget, seed, **where)
+        self.max_edits, self.length_weight = max_edits, length_weight
+        self.ops = OPS[space.mode]
+        storage, name = self.storage, self.study_name
+        if storage is not None and name in optuna.get_all_study_names(storage=storage):
+            optuna.delete_study(study_name=name, storage=storage)  # left by a killed attempt
+        self.study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            sampler=self.make_sampler(seed),
+            directions=self.directions,
+        )
+        self.study.enqueue_trial(dict.fromkeys(self._op_names(), 0))
+        self._trial: optuna.Trial | None = None
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return self.sampler_class(seed=seed)
+
+    def _op_names(self) -> list[str]:
+        return [f"edit{i}_op" for i in range(self.max_edits)]
+
+    def ask(self) -> Chain:
+        self._trial = self.study.ask()
+        return self.decode(self._trial)
+
+    def decode(self, trial: optuna.Trial) -> Chain:
+        """Apply the trial's edit slots in order to the full model."""
+        chain = self.space.root
+        upper = self.space.upper
+        for i in range(self.max_edits):
+            op = self.ops[trial.suggest_int(f"edit{i}_op", 0, len(self.ops) - 1)]
+            start = trial.suggest_int(f"edit{i}_start", 0, upper - 1)
+            size = trial.suggest_int(f"edit{i}_size", 1, self.space.max_block)
+            times = trial.suggest_int(f"edit{i}_times", 1, self.space.max_times)
+            if op is None or size > len(chain):
+                continue
+            action = Action(op, min(start, len(chain) - size), size, times)
+            if self.space.lower <= action.length_after(len(chain)) <= upper:
+                chain = action.apply(chain)
+        return chain
+
+    def tell(self, trial: Trial) -> None:
+        self.study.tell(self._trial, self.values(trial))
+
+    def values(self, trial: Trial) -> float | list[float]:
+        return trial.score - self.length_weight * trial.length / self.space.n_layers
+
+
+@register_searcher
+class TPE(OptunaSearcher):
+    name = "tpe"
+    sampler_class = optuna.samplers.TPESampler
+
+
+@register_searcher
+class Random(OptunaSearcher):
+    name = "random"
+    sampler_class = optuna.samplers.RandomSampler
+
+
+@register_searcher
+class CmaEs(OptunaSearcher):
+    name = "cmaes"
+    sampler_class = optuna.samplers.CmaEsSampler
+
+
+@register_searcher
+class GP(OptunaSearcher):
+    name = "gp"
+    sampler_class = optuna.samplers.GPSampler
+
+
+@register_searcher
+class QMC(OptunaSearcher):
+    name = "qmc"
+    sampler_class = optuna.samplers.QMCSampler
+
+
+@register_searcher
+class NSGA2(OptunaSearcher):
+    """Two objectives, score up and length down: the accuracy-depth Pareto front."""
+
+    name = "nsga2"
+    sampler_class = optuna.samplers.NSGAIISampler
+    directions: ClassVar[list[str]] = ["maximize", "minimize"]
+
+    def values(self, trial: Trial) -> list[float]:
+        return [trial.score, float(trial.length)]
