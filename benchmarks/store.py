@@ -22,11 +22,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lm_eval_cola.store import queries
-from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
-
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
 
 ROWS_PER_S, QUERY_S = 20_000, 2.0
 

@@ -12,13 +12,17 @@ import sys
 from collections.abc import Sequence
 
 EPILOG = """examples:
+  cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
   cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
+  cola db stats --store cola.db --run 1
   cola lm_eval --model cola --model_args chain=0-11.11-29 --tasks arc_easy --limit 20
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lm_eval_cola import data_import
+    from lm_eval_cola.search import cli as search_cli
+    from lm_eval_cola.store import cli as store_cli
 
     parser = argparse.ArgumentParser(
         prog="cola",
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_import.add_parser(
         data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     )
+    store_cli.add_parser(sub)
+    search_cli.add_parser(sub)
     sub.add_parser(
         "lm_eval",
         help="the stock lm-eval CLI with --model cola registered",

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from lm_eval_cola.chain import Chain
 from lm_eval_cola.search.space import ChainSpace
 
-from lm_eval_cola.chain import Chain
-
-#: Proposals that repeat an already evaluated chain cost nothing, but a method that proposes
-#: only known chains must still end: at most this many proposals per unit of budget.
-MAX_PROPOSALS_PER_EVALUATION = 20
+#: Proposals that repeat an already evaluated chain cost no budget, but a method that keeps
+#: proposing known chains must still end: after this many proposals per unit of budget it
+#: stops with fewer evaluations (the store records how many each document got).
+MAX_PROPOSALS_PER_EVALUATION = 3
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
 def _load_tasks(args: argparse.Namespace) -> dict:
     """lm-eval's tasks, configured as ``lm_eval`` would configure them."""
     from lm_eval.tasks import TaskManager, get_task_dict
+
     from lm_eval_cola.search.objective import check_task
 
     manager = TaskManager(include_path=args.include_path)

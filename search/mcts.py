@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 import random
 
+from lm_eval_cola.chain import Chain
 from lm_eval_cola.search.base import Searcher, Trial, register_searcher
 from lm_eval_cola.search.space import ChainSpace
-
-from lm_eval_cola.chain import Chain
 
 
 class Node:

@@ -20,10 +20,10 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
 from lm_eval.models.huggingface import HFLM
-from lm_eval_cola.search.base import Trial
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import PrefixCache
+from lm_eval_cola.search.base import Trial
 from lm_eval_cola.sources import doc_hash
 
 #: The metric scored by default, per output type.

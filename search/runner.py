@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lm_eval.utils import handle_non_serializable
+from tqdm import tqdm
+
 from lm_eval_cola.search.base import Trial, run_search, searcher_class
 from lm_eval_cola.search.objective import Document, Objective, task_documents
 from lm_eval_cola.search.space import ChainSpace
 from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
-from tqdm import tqdm
 
 logger = logging.getLogger("lm_eval.cola")
 
@@ -45,7 +46,11 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.budget < 1:
             raise ValueError(f"budget {self.budget}: a search needs at least 1 evaluation")
-        searcher_class(self.method)  # an unknown method fails here, before any compute
+        method = searcher_class(self.method)  # an unknown method fails here, before any compute
+        try:  # and so do options it does not take
+            method(ChainSpace(2), 1, 0, **self.method_options).close()
+        except TypeError as err:
+            raise ValueError(f"method {self.method}: {err}") from None
 
 
 @dataclass

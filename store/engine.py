@@ -17,10 +17,17 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: Alembic's revision table, named so that Optuna's own (``alembic_version``) can share the
@@ -60,7 +67,8 @@ def normalise_url(store: str) -> str:
         except ArgumentError as err:
             raise StoreError(f"'{store}' is not a database URL: {err}") from None
         return store
-    return f"sqlite:///{Path(store).expanduser().resolve()}"
+    path = str(Path(store).expanduser().resolve())
+    return URL.create("sqlite", database=path).render_as_string(hide_password=False)
 
 
 def display(url: str) -> str:
@@ -78,8 +86,10 @@ def create(url: str, read_only: bool = False) -> Engine:
     if read_only:
         if not path or not Path(path).is_file():
             raise StoreError(f"store '{path}' does not exist")
+        uri = f"file:{quote(path)}?mode=ro"
         engine = create_engine(
-            f"sqlite:///file:{path}?mode=ro&uri=true", connect_args={"timeout": BUSY_TIMEOUT_S}
+            "sqlite://",
+            creator=lambda: sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S),
         )
     else:
         if path and not Path(path).parent.is_dir():
@@ -150,6 +160,8 @@ def translated(url: str) -> Iterator[None]:
         raise
     except (OperationalError, DatabaseError) as err:
         raise _translate(where, str(err.orig or err)) from err
+    except (NoSuchModuleError, ImportError) as err:  # an unknown dialect, a driver not installed
+        raise StoreError(f"store {where}: {err}; install the database driver it names") from err
 
 
 _ERRORS: list[tuple[str, type[StoreError], str]] = [

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-from lm_eval_cola.store.schema import Document, Evaluation, Model, Run, Task
-from sqlalchemy import Integer, case, cast, func, select
+from sqlalchemy import JSON, Float, Integer, Text, case, cast, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Subquery
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.store.schema import Base, Document, Evaluation, Model, Run, RunDocument, Task
 
 #: How to choose one chain per document. Each is an ORDER BY over the document's evaluations
 #: and a filter; ties end on the chain text, so a pick is deterministic.
@@ -38,24 +41,7 @@ class Pick:
 
 def pick(session: Session, run_ids: Sequence[int], policy: str = "best") -> list[Pick]:
     """One chain per document over the evaluations of ``run_ids``, chosen by ``policy``."""
-    if policy not in PICKS:
-        raise ValueError(f"unknown pick '{policy}': choose one of {', '.join(PICKS)}")
-    order = {
-        "best": (Evaluation.score.desc(), Evaluation.length, Evaluation.chain),
-        "shortest-correct": (Evaluation.length, Evaluation.score.desc(), Evaluation.chain),
-    }[policy]
-    ranked = select(
-        Evaluation.document_id,
-        Evaluation.run_id,
-        Evaluation.chain,
-        Evaluation.length,
-        Evaluation.score,
-        Evaluation.correct,
-        func.row_number().over(partition_by=Evaluation.document_id, order_by=order).label("rank"),
-    ).where(Evaluation.run_id.in_(run_ids))
-    if policy == "shortest-correct":
-        ranked = ranked.where(Evaluation.correct)
-    ranked = ranked.subquery()
+    ranked = _ranked(run_ids, policy)
     rows = session.execute(
         select(
             Task.name,
@@ -75,6 +61,29 @@ def pick(session: Session, run_ids: Sequence[int], policy: str = "best") -> list
     return [Pick(*row) for row in rows]
 
 
+def _ranked(run_ids: Sequence[int], policy: str) -> Subquery:
+    """The evaluations of ``run_ids`` with ``rank``: 1 for each document's pick under ``policy``."""
+    if policy not in PICKS:
+        raise ValueError(f"unknown pick '{policy}': choose one of {', '.join(PICKS)}")
+    order = {
+        "best": (Evaluation.score.desc(), Evaluation.length, Evaluation.chain),
+        "shortest-correct": (Evaluation.length, Evaluation.score.desc(), Evaluation.chain),
+    }[policy]
+    ranked = select(
+        Evaluation.id,
+        Evaluation.document_id,
+        Evaluation.run_id,
+        Evaluation.chain,
+        Evaluation.length,
+        Evaluation.score,
+        Evaluation.correct,
+        func.row_number().over(partition_by=Evaluation.document_id, order_by=order).label("rank"),
+    ).where(Evaluation.run_id.in_(run_ids))
+    if policy == "shortest-correct":
+        ranked = ranked.where(Evaluation.correct)
+    return ranked.subquery()
+
+
 @dataclass(frozen=True)
 class RunStats:
     """The CoLa paper's questions, for one run."""
@@ -82,7 +91,7 @@ class RunStats:
     run_id: int
     documents: int
     original_accuracy: float | None
-    oracle_accuracy: float
+    oracle_accuracy: float | None
     shorter_correct_share: float | None
     corrected_share: float | None
     mean_chosen_length: float
@@ -118,7 +127,7 @@ def stats(session: Session, run_id: int) -> RunStats:
         run_id=run_id,
         documents=len(docs),
         original_accuracy=_share(len(right), len(with_original)),
-        oracle_accuracy=_share(sum(d[2] for d in docs), len(docs)) or 0.0,
+        oracle_accuracy=_share(sum(d[2] for d in docs), len(docs)),
         shorter_correct_share=_share(sum(d[3] for d in right), len(right)),
         corrected_share=_share(sum(d[2] for d in wrong), len(wrong)),
         mean_chosen_length=sum(map(len, chosen)) / len(chosen) if chosen else 0.0,
@@ -137,3 +146,156 @@ def _layer_rates(chains: list[Chain], n_layers: int, test) -> list[float]:
         return [0.0] * n_layers
     counts = [[chain.layers.count(layer) for layer in range(n_layers)] for chain in chains]
     return [sum(test(row[layer]) for row in counts) / len(chains) for layer in range(n_layers)]
+
+
+# -- listings for frames.py and ``cola db`` ---------------------------------------------------
+
+#: The store's tables, parents first.
+TABLES = [table.name for table in Base.metadata.sorted_tables]
+
+
+def find_run(session: Session, run: int | str) -> int | None:
+    """The id of a run given by id or by name; digits are an id, as in ``chains=store:...``."""
+    column, value = (Run.id, int(run)) if str(run).isdigit() else (Run.name, run)
+    return session.scalar(select(Run.id).where(column == value))
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run, its progress and its headline numbers."""
+
+    id: int
+    name: str | None
+    method: str
+    model: str
+    n_layers: int
+    task: str
+    status: str
+    budget: int
+    seed: int
+    n_documents: int
+    done: int
+    evaluations: int
+    started_at: datetime
+    finished_at: datetime | None
+    original_accuracy: float | None
+    oracle_accuracy: float | None
+
+
+def run_summaries(session: Session) -> list[RunSummary]:
+    """Every run with its progress and accuracies, aggregated in SQL per document then per run
+    (the accuracies mean what :func:`stats` means by them)."""
+    depths = list(session.scalars(select(Model.n_layers).distinct()))
+    if not depths:
+        return []
+    identity = case({n: str(Chain.identity(n)) for n in depths}, value=Model.n_layers)
+    correct = cast(Evaluation.correct, Integer)
+    per_document = (
+        select(
+            Evaluation.run_id,
+            func.count().label("evaluations"),
+            func.max(case((Evaluation.chain == identity, correct))).label("original"),
+            func.max(correct).label("oracle"),
+        )
+        .join(Run, Run.id == Evaluation.run_id)
+        .join(Model, Model.id == Run.model_id)
+        .group_by(Evaluation.run_id, Evaluation.document_id)
+        .subquery()
+    )
+    per_run = (
+        select(
+            per_document.c.run_id,
+            cast(func.sum(per_document.c.evaluations), Integer).label("evaluations"),
+            cast(func.avg(per_document.c.original), Float).label("original"),
+            cast(func.avg(per_document.c.oracle), Float).label("oracle"),
+        )
+        .group_by(per_document.c.run_id)
+        .subquery()
+    )
+    done = (
+        select(RunDocument.run_id, func.count().label("done"))
+        .group_by(RunDocument.run_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(
+            Run.id,
+            Run.name,
+            Run.method,
+            Model.name,
+            Model.n_layers,
+            Task.name,
+            Run.status,
+            Run.budget,
+            Run.seed,
+            Run.n_documents,
+            func.coalesce(done.c.done, 0),
+            func.coalesce(per_run.c.evaluations, 0),
+            Run.started_at,
+            Run.finished_at,
+            per_run.c.original,
+            per_run.c.oracle,
+        )
+        .join(Model, Model.id == Run.model_id)
+        .join(Task, Task.id == Run.task_id)
+        .outerjoin(done, done.c.run_id == Run.id)
+        .outerjoin(per_run, per_run.c.run_id == Run.id)
+        .order_by(Run.id)
+    )
+    return [RunSummary(*row) for row in rows]
+
+
+@dataclass(frozen=True)
+class EvaluationRow:
+    """An evaluation with the document it was made on."""
+
+    run_id: int
+    task: str
+    doc_id: int
+    doc_hash: str
+    chain: str
+    length: int
+    score: float
+    correct: bool
+    metrics: dict[str, Any]
+
+
+def evaluations(
+    session: Session, run_ids: Sequence[int], policy: str | None = None
+) -> list[EvaluationRow]:
+    """Every evaluation of ``run_ids``, or with a ``policy`` only each document's pick (as
+    :func:`pick` chooses it, here with its metrics); a document's best evaluation first."""
+    query = (
+        select(
+            Evaluation.run_id,
+            Task.name,
+            Document.doc_id,
+            Document.doc_hash,
+            Evaluation.chain,
+            Evaluation.length,
+            Evaluation.score,
+            Evaluation.correct,
+            Evaluation.metrics,
+        )
+        .join(Document, Document.id == Evaluation.document_id)
+        .join(Task, Task.id == Document.task_id)
+    )
+    if policy is None:
+        query = query.where(Evaluation.run_id.in_(run_ids))
+    else:
+        ranked = _ranked(run_ids, policy)
+        query = query.join(ranked, ranked.c.id == Evaluation.id).where(ranked.c.rank == 1)
+    order = (Evaluation.run_id, Evaluation.score.desc(), Evaluation.length, Evaluation.chain)
+    rows = session.execute(query.order_by(Task.name, Document.doc_id, *order))
+    return [EvaluationRow(*row) for row in rows]
+
+
+def table(session: Session, name: str) -> tuple[list[str], list[tuple]]:
+    """A whole table as (column names, rows), JSON columns as their stored text, so that an
+    export holds exactly what the store holds and reads back as it was written."""
+    if name not in TABLES:
+        raise ValueError(f"no table '{name}': the store's tables are {', '.join(TABLES)}")
+    columns = Base.metadata.tables[name].c
+    as_text = [cast(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in columns]
+    rows = session.execute(select(*as_text).order_by(*Base.metadata.tables[name].primary_key))
+    return list(columns.keys()), [tuple(row) for row in rows]

@@ -20,15 +20,15 @@ import json
 import logging
 from collections.abc import Iterator
 
-from lm_eval_cola.store import queries
-from lm_eval_cola.store.engine import StoreError
-from lm_eval_cola.store.schema import Model, Run
-from lm_eval_cola.store.store import Store
 from sqlalchemy import select
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.sources import ChainSource, ChainSourceError
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.engine import StoreError
+from lm_eval_cola.store.schema import Model, Run
+from lm_eval_cola.store.store import Store
 
 logger = logging.getLogger("lm_eval.cola")
 OPTIONS = {"run", "pick", "on_mismatch"}
@@ -59,12 +59,10 @@ class StoreChains(ChainSource):
         runs = []
         with self.store.session() as session:
             for token in spec.split("+"):
-                column = Run.id if token.isdigit() else Run.name
-                value = int(token) if token.isdigit() else token
-                run = session.scalar(select(Run).where(column == value))
-                if run is None:
+                run_id = queries.find_run(session, token)
+                if run_id is None:
                     raise ChainSourceError(f"{self.store} has no run '{token}'")
-                runs.append(run)
+                runs.append(session.get(Run, run_id))
         return runs
 
     def bind(self, model: ModelIdentity) -> None:

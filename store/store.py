@@ -14,8 +14,13 @@ import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from lm_eval_cola.chain import Chain
 from lm_eval_cola.store import engine as engines
 from lm_eval_cola.store.schema import (
     FINISHED,
@@ -28,11 +33,9 @@ from lm_eval_cola.store.schema import (
     Task,
     utcnow,
 )
-from sqlalchemy import insert, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
-from lm_eval_cola.fingerprint import ModelIdentity
+if TYPE_CHECKING:  # fingerprint.py imports torch, which `cola db` must not wait for
+    from lm_eval_cola.fingerprint import ModelIdentity
 
 VERSIONED_PACKAGES = ("lm-eval-cola", "lm-eval", "torch", "transformers", "optuna", "sqlalchemy")
 
@@ -208,7 +211,9 @@ class Store:
 
         Returns False (and writes nothing) when another process already recorded it.
         """
-        rows = [{"run_id": run_id, "document_id": document_id, **asdict(e)} for e in evaluations]
+        rows = [
+            {"run_id": run_id, "document_id": document_id, **_canonical(e)} for e in evaluations
+        ]
         try:
             with self.session() as session:
                 session.add(
@@ -225,6 +230,12 @@ class Store:
         except IntegrityError:
             return False
         return True
+
+
+def _canonical(evaluation: EvaluationInfo) -> dict:
+    """The row of an evaluation, its chain in canonical text (the queries match on it)."""
+    chain = Chain.parse(evaluation.chain)
+    return {**asdict(evaluation), "chain": str(chain), "length": len(chain)}
 
 
 def software_versions() -> dict[str, str]:

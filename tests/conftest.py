@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import transformers
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import OperationalError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from lm_eval_cola.store import engine as engines
 from tests.tiny_models import tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -111,3 +118,67 @@ def task_dir(tmp_path_factory) -> str:
         data.write_text("".join(json.dumps(d) + "\n" for d in TASK_DOCS[name]))
         (root / f"{name}.yaml").write_text(template.format(data=json.dumps(str(data))))
     return str(root)
+
+
+# -- backends ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> str:
+    """The PostgreSQL URL to test against, or a skip that says why there is none."""
+    url = os.environ.get("COLA_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("COLA_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
+    engine = create_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as err:
+        pytest.skip(f"PostgreSQL at COLA_TEST_POSTGRES_URL is unreachable: {err.orig}")
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A store URL on the server whose tables live in a new schema, dropped afterwards, so
+    tests never see each other's rows and reruns start clean."""
+    schema = f"cola_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE SCHEMA {schema}"))
+    url = make_url(postgres_server).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+NEXT_MIGRATION = '''"""A later release's migration, made by tests/test_store.py."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+
+
+def upgrade() -> None:
+    op.add_column("tasks", sa.Column("note", sa.String(64), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column("tasks", "note")
+'''
+
+
+@pytest.fixture
+def next_release(tmp_path: Path) -> Path:
+    """The store's migrations plus one more: what the next release would ship."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(engines.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "0002_next.py").write_text(NEXT_MIGRATION)
+    return migrations

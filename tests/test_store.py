@@ -20,7 +20,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import uuid
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.queues import Queue
@@ -30,15 +29,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, event, func, select, text
+
+from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.store import engine as engines
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Base, Document, Evaluation, Model, Run, RunDocument, Task
 from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
-from sqlalchemy import Engine, create_engine, event, func, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
-
-from lm_eval_cola.fingerprint import ModelIdentity
 
 MODEL = ModelIdentity("tiny", None, "llama", 4, "float32", "ab" * 32)
 TASK = TaskInfo("cola_mc", "1.0", "0" * 64, "test", "multiple_choice")
@@ -54,43 +51,6 @@ EVALUATIONS = 300
 CONTESTED = 8
 #: Evaluations per document in the concurrent-writer tests.
 SHARE_EVALUATIONS = 50
-
-
-# -- backends ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> str:
-    """The PostgreSQL URL to test against, or a skip that says why there is none."""
-    url = os.environ.get("COLA_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("COLA_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
-    engine = create_engine(url)
-    try:
-        with engine.connect():
-            pass
-    except OperationalError as err:
-        pytest.skip(f"PostgreSQL at COLA_TEST_POSTGRES_URL is unreachable: {err.orig}")
-    finally:
-        engine.dispose()
-    return url
-
-
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A store URL on the server whose tables live in a new schema, dropped afterwards, so
-    tests never see each other's rows and reruns start clean."""
-    schema = f"cola_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE SCHEMA {schema}"))
-    url = make_url(postgres_server).update_query_dict({"options": f"-csearch_path={schema}"})
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -416,32 +376,6 @@ def test_reading_a_missing_or_empty_store_is_an_error(tmp_path: Path) -> None:
 
 # -- schema versions --------------------------------------------------------------------------
 
-NEXT_MIGRATION = '''"""A later release's migration, made by tests/test_store.py."""
-
-import sqlalchemy as sa
-from alembic import op
-
-revision = "0002"
-down_revision = "0001"
-
-
-def upgrade() -> None:
-    op.add_column("tasks", sa.Column("note", sa.String(64), nullable=True))
-
-
-def downgrade() -> None:
-    op.drop_column("tasks", "note")
-'''
-
-
-@pytest.fixture
-def next_release(tmp_path: Path) -> Path:
-    """The store's migrations plus one more: what the next release would ship."""
-    migrations = tmp_path / "migrations"
-    shutil.copytree(engines.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_next.py").write_text(NEXT_MIGRATION)
-    return migrations
-
 
 def test_older_store_names_the_command_that_upgrades_it(tmp_path, monkeypatch, next_release):
     path = str(tmp_path / "cola.db")
@@ -464,3 +398,27 @@ def test_newer_store_is_refused(tmp_path, monkeypatch, next_release) -> None:
         Store(path).close()
     with pytest.raises(engines.StoreError, match="written by a newer lm-eval-cola"):
         Store(path)
+
+
+def test_paths_with_url_characters_name_exactly_that_file(tmp_path: Path) -> None:
+    folder = tmp_path / "we#ird?dir%41"
+    folder.mkdir()
+    path = folder / "cola.db"
+    with Store(str(path)) as store:
+        store.task(TASK)
+    assert path.is_file() and sorted(p.name for p in tmp_path.iterdir()) == [folder.name]
+    assert counts(str(path))["tasks"] == 1
+    with pytest.raises(engines.StoreError, match="does not exist"):
+        Store(str(folder / "missing.db"), read_only=True)
+    assert not (folder / "missing.db").exists()
+
+
+def test_chains_are_stored_in_canonical_form(tmp_path: Path) -> None:
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        run_id, (document, *_) = register(store, "canonical", documents=1)
+        written = EvaluationInfo("0.1.2.3", 99, {}, 1.0, True)
+        store.record_document(run_id, document, [written], seconds=0.0)
+        with store.session() as session:
+            row = session.scalars(select(Evaluation)).one()
+    assert (row.chain, row.length) == ("0-3", 4)

@@ -12,12 +12,12 @@ import logging
 import lm_eval
 import pytest
 from lm_eval.tasks import TaskManager
-from lm_eval_cola.store import queries
-from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.sources import ChainSourceError
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
 
 GRID = ["0-3", "0.1.1.3", "3.2.1.0", "1-3", "0.2x2.3"]
 TASK = "cola_mc"

@@ -1,6 +1,7 @@
 """Alembic environment: migrations run on the connection the store opened (engine.py)."""
 
 from alembic import context
+
 from lm_eval_cola.store.engine import VERSION_TABLE
 from lm_eval_cola.store.schema import Base
 

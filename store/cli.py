@@ -1,0 +1,380 @@
+"""``cola db``: look into a chain store from the shell (``frames.py`` is the same from Python).
+
+Read commands open the store read-only, so a mistyped ``--store`` is an error instead of a new
+empty store, and ``cola db sql`` cannot change it. Every error (a store that cannot be read, an
+unknown run, a file that cannot be written) is one line on stderr and exit status 1.
+
+This module imports nothing heavy at load time: ``cola`` imports it to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from lm_eval_cola.store.queries import RunStats
+
+EPILOG = """examples:
+  cola db runs --store cola.db
+  cola db stats --store cola.db --run 3
+  cola db chains --store cola.db --run 3 --format csv --output chains.csv
+  cola db sql --store cola.db "SELECT chain, COUNT(*) FROM evaluations GROUP BY chain LIMIT 5"
+  cola db export --store cola.db --format parquet --output_dir dump/
+  cola db upgrade --store cola.db
+
+--store takes an SQLite path or an SQLAlchemy URL (postgresql+psycopg://user@host/cola).
+"""
+
+#: ``queries.PICKS``, named here so that building the parser imports no SQLAlchemy (a test
+#: checks that they agree).
+PICKS = ("best", "shortest-correct")
+FORMATS = ("table", "csv", "json")
+STATS_DETAILS = """\
+Original accuracy: documents whose identity chain (the full model) is correct, of those
+  evaluated with it. Oracle accuracy: documents some evaluated chain gets right.
+Of the originally correct documents, the share where a shorter chain is also correct; of the
+  originally wrong ones, the share some chain corrects.
+The best chain of each document (highest score, then shortest; as cola db chains --pick best):
+  its mean length against the model's depth, and per layer the share of best chains that skip
+  the layer and that repeat it."""
+#: Decimals of shares and accuracies in tables.
+DIGITS = 3
+
+Command = Callable[[argparse.Namespace], None]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``db`` and its sub-commands on the ``cola`` sub-commands."""
+    db = subparsers.add_parser(
+        "db",
+        help="query a chain store: runs, chains, the paper's statistics, SQL, export",
+        description="Query, export and upgrade a chain store.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    _add_runs(commands)
+    _add_chains(commands)
+    _add_stats(commands)
+    _add_sql(commands)
+    _add_export(commands)
+    _add_upgrade(commands)
+
+
+def _command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    example: str,
+    run: Command,
+    details: str = "",
+) -> argparse.ArgumentParser:
+    """A sub-command with ``--store``, whose errors are reported as one line."""
+    parser = commands.add_parser(
+        name,
+        help=summary,
+        description="\n\n".join(filter(None, [summary[0].upper() + summary[1:] + ".", details])),
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--store", default="cola.db", help="SQLite path or SQLAlchemy URL (default: cola.db)"
+    )
+    parser.set_defaults(func=functools.partial(_reporting_errors, run))
+    return parser
+
+
+def _reporting_errors(run: Command, args: argparse.Namespace) -> int:
+    """Run a sub-command; a store, database or file error becomes one line on stderr."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from lm_eval_cola.store.engine import StoreError
+
+    try:
+        run(args)
+    except (StoreError, SQLAlchemyError, OSError, ImportError) as err:
+        message = " ".join(line.strip() for line in str(err).splitlines())
+        print(f"cola db {args.db_command}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_runs_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="run id or name; several runs: --run 3 4, or --run 3 --run grid",
+    )
+
+
+def _add_format_arguments(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    parser.add_argument(
+        "--format", choices=formats, default=formats[0], help="(default: %(default)s)"
+    )
+    parser.add_argument("--output", type=Path, help="write to this file instead of stdout")
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+
+def _add_runs(commands: argparse._SubParsersAction) -> None:
+    _command(
+        commands,
+        "runs",
+        "list the runs: status, budget, progress, headline accuracies",
+        "cola db runs --store cola.db",
+        _runs,
+    )
+
+
+def _runs(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import frames
+
+    with frames.opened(args.store) as store:
+        runs = frames.runs(store)
+        if runs.empty:
+            print(f"{store} has no runs yet")
+            return
+    runs["done"] = runs["done"].astype(str) + "/" + runs["n_documents"].astype(str)
+    runs["started"] = runs["started_at"].dt.strftime("%Y-%m-%d %H:%M")
+    shown = runs.rename(columns={"original_accuracy": "original", "oracle_accuracy": "oracle"})
+    columns = ["id", "name", "method", "model", "task", "status", "budget", "done"]
+    print(_table(shown[[*columns, "evaluations", "original", "oracle", "started"]]))
+
+
+# -- chains -----------------------------------------------------------------------------------
+
+
+def _add_chains(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "chains",
+        "the chain picked per document, or every chain evaluated",
+        "cola db chains --store cola.db --run 3 --pick shortest-correct --format csv",
+        _chains,
+    )
+    _add_runs_argument(parser)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--pick",
+        choices=PICKS,
+        default="best",
+        help="best: highest score, then shortest; shortest-correct: shortest correct chain, "
+        "then highest score; documents without a correct chain are left out (default: best)",
+    )
+    which.add_argument("--all", action="store_true", help="every evaluated chain, best first")
+    _add_format_arguments(parser, FORMATS)
+
+
+def _chains(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import frames
+
+    chains = frames.chains(args.store, args.run, pick=None if args.all else args.pick)
+    _write(chains, args.format, args.output, "chains")
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+def _add_stats(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "stats",
+        "the CoLa paper's questions for one run",
+        "cola db stats --store cola.db --run 3 --format json",
+        _stats,
+        details=STATS_DETAILS,
+    )
+    parser.add_argument("--run", required=True, help="run id or name")
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table", help="(default: %(default)s)"
+    )
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import frames
+
+    result = frames.run_stats(args.store, args.run)
+    if args.format == "json":
+        print(json.dumps(vars(result), indent=2))
+        return
+    print(_stats_text(result))
+
+
+def _stats_text(result: RunStats) -> str:
+    """The answers as aligned lines, then the per-layer rates as a table with a column per
+    layer (wrapped at 100 characters for deep models)."""
+    from lm_eval_cola.chain import Chain
+
+    share = functools.partial(_number, digits=DIGITS)
+    lines = {
+        f"original accuracy (chain {Chain.identity(result.n_layers)})": share(
+            result.original_accuracy
+        ),
+        "oracle accuracy (some chain correct)": share(result.oracle_accuracy),
+        "originally correct with a shorter correct chain": share(result.shorter_correct_share),
+        "originally wrong that some chain corrects": share(result.corrected_share),
+        "mean length of the best chains": f"{result.mean_chosen_length:.2f} "
+        f"(model depth {result.n_layers})",
+    }
+    width = max(map(len, lines))
+    layers = _layer_table(result)
+    return "\n".join(
+        [
+            f"run {result.run_id}: {result.documents} documents evaluated",
+            *(f"  {label:<{width}}  {value}" for label, value in lines.items()),
+            "",
+            "per layer, share of the best chains that skip it and that repeat it:",
+            layers,
+        ]
+    )
+
+
+def _layer_table(result: RunStats) -> str:
+    from lm_eval_cola.store import frames
+
+    rates = frames.layer_rates_frame(result).set_index("layer")
+    rates.columns = ["skip", "repeat"]
+    return rates.T.to_string(float_format=lambda x: f"{x:.2f}", line_width=100)
+
+
+# -- sql --------------------------------------------------------------------------------------
+
+
+def _add_sql(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "sql",
+        "run one read-only SQL statement and print its result",
+        'cola db sql --store cola.db "SELECT status, COUNT(*) FROM runs GROUP BY status"',
+        _sql,
+    )
+    parser.add_argument("statement", help="one SQL statement; writes are refused")
+    _add_format_arguments(parser, FORMATS)
+
+
+def _sql(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import frames
+
+    _write(frames.sql(args.store, args.statement), args.format, args.output, "rows")
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "export",
+        "write whole tables to CSV or Parquet files",
+        "cola db export --store cola.db --tables runs evaluations --format parquet "
+        "--output_dir dump/",
+        _export,
+    )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        help="tables to export (default: every table of the store)",
+    )
+    parser.add_argument(
+        "--format", choices=("csv", "parquet"), default="csv", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--output_dir", required=True, type=Path, help="folder for <table>.<format> files"
+    )
+
+
+def _export(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import frames
+
+    tables = frames.tables(args.store, args.tables)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        path = args.output_dir / f"{name}.{args.format}"
+        if args.format == "csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_parquet(path, index=False)
+        print(f"{name}: {len(frame)} rows -> {path}")
+
+
+# -- upgrade ----------------------------------------------------------------------------------
+
+
+def _add_upgrade(commands: argparse._SubParsersAction) -> None:
+    _command(
+        commands,
+        "upgrade",
+        "migrate a store to this release's schema",
+        "cola db upgrade --store cola.db",
+        _upgrade,
+    )
+
+
+def _upgrade(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import engine as engines
+
+    where = engines.display(engines.normalise_url(args.store))
+    with engines.translated(args.store):
+        if _is_current(args.store):
+            print(f"store {where} is current (schema {engines.head_revision()})")
+            return
+        writer = engines.create(args.store)
+        try:
+            before, after = engines.upgrade(writer)
+        finally:
+            writer.dispose()
+    print(f"store {where} upgraded: schema {before} -> {after}")
+
+
+def _is_current(url: str) -> bool:
+    """Whether the store is at this release's schema; an error unless it is an existing store
+    at a schema that can be upgraded (checked read-only, so nothing is created or touched)."""
+    from lm_eval_cola.store import engine as engines
+
+    reader = engines.create(url, read_only=True)
+    try:
+        engines.ensure_schema(reader, url, create_missing=False)
+    except engines.StoreOutdated:
+        return False
+    finally:
+        reader.dispose()
+    return True
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _write(frame: pd.DataFrame, fmt: str, output: Path | None, what: str) -> None:
+    """``frame`` in ``fmt`` on stdout, or into ``output`` with a line that says so."""
+    text = {
+        "table": lambda: _table(frame),
+        "csv": lambda: frame.to_csv(index=False),
+        "json": lambda: frame.to_json(orient="records", date_format="iso", indent=2) + "\n",
+    }[fmt]()
+    if output is None:
+        print(text, end="" if text.endswith("\n") else "\n")
+        return
+    output.write_text(text)
+    print(f"{len(frame)} {what} -> {output}")
+
+
+def _table(frame: pd.DataFrame) -> str:
+    """A frame for the terminal: no index, shares rounded, missing values as ``-``."""
+    if frame.empty:
+        return "(no rows)"
+    return frame.to_string(index=False, na_rep="-", float_format=lambda x: _number(x, DIGITS))
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

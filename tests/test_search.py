@@ -1,0 +1,300 @@
+"""The search layer: the space, every method, the lm-eval objective, runs, resume and shards."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lm_eval
+import optuna
+import pytest
+from lm_eval.tasks import TaskManager, get_task_dict
+from sqlalchemy import select
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.lm import ColaLM
+from lm_eval_cola.search.base import SEARCHERS, Trial, pareto_front, run_search, searcher_class
+from lm_eval_cola.search.mcts import MCTS
+from lm_eval_cola.search.objective import Objective, ObjectiveError, task_documents
+from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.search.space import Action, ChainSpace
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.schema import Evaluation, RunDocument
+from lm_eval_cola.store.store import Store
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+TASKS = ["cola_mc", "cola_gen", "cola_text"]
+
+
+# -- the space ----------------------------------------------------------------------------
+
+
+def test_actions_skip_and_repeat_blocks_within_bounds():
+    space = ChainSpace(6, min_length=4, max_length=8)
+    root = space.root
+    assert Action("skip", 1, 2).apply(root) == Chain.parse("0.3-5")
+    assert Action("repeat", 2, 2, 2).apply(root) == Chain.parse("0-3.2-3.2-3.4-5")
+    for action in space.actions(root):
+        assert 4 <= len(action.apply(root)) <= 8
+        assert action.size <= space.max_block and action.times <= space.max_times
+    kinds = {a.kind for a in space.actions(root)}
+    assert kinds == {"skip", "repeat"}
+    assert {a.kind for a in ChainSpace(6, mode="skip").actions(root)} == {"skip"}
+    assert {a.kind for a in ChainSpace(6, mode="repeat").actions(root)} == {"repeat"}
+
+
+def test_space_refuses_bounds_that_exclude_the_model():
+    with pytest.raises(ValueError, match="must include the model's depth"):
+        ChainSpace(30, max_length=20)
+    with pytest.raises(ValueError, match="unknown space"):
+        ChainSpace(30, mode="loop")
+
+
+# -- every method on a synthetic objective ---------------------------------------------------
+
+
+def synthetic(chain: Chain) -> Trial:
+    """Right when layer 5 is skipped or layer 9 runs twice: both need a search to find."""
+    right = 5 not in chain.layers or chain.layers.count(9) > 1
+    return Trial(chain, float(right), right, {"acc": float(right)})
+
+
+@pytest.mark.parametrize("method", sorted(SEARCHERS))
+def test_every_method_starts_at_the_full_model_and_keeps_its_budget(method):
+    space = ChainSpace(12)
+    budget = 6 if method == "gp" else 25  # the GP sampler is slow on CPU
+    trials = run_search(searcher_class(method)(space, budget, seed=3), synthetic)
+    assert trials[0].chain == space.root
+    assert len(trials) == budget == len({t.chain for t in trials})
+    assert all(space.lower <= t.length <= space.upper for t in trials)
+    again = run_search(searcher_class(method)(space, budget, seed=3), synthetic)
+    assert [t.chain for t in again] == [t.chain for t in trials]  # seeded: reproducible
+
+
+@pytest.mark.parametrize("method", ["mcts", "tpe", "cmaes", "nsga2"])
+def test_methods_find_right_chains_the_full_model_misses(method):
+    trials = run_search(searcher_class(method)(ChainSpace(12), 60, seed=0), synthetic)
+    assert not trials[0].correct
+    assert any(t.correct for t in trials)
+
+
+def test_mcts_explores_more_than_one_branch():
+    """PoLar's MCTS only ever evaluates one child of the root; ours widens and deepens."""
+    searcher = MCTS(ChainSpace(12), 100, seed=0)
+    run_search(searcher, synthetic)
+    root_children = [c for c in searcher.root.children(searcher.space) if c.visits]
+    assert len(root_children) >= 3
+    depths = {n.depth() for child in root_children for n in _visited(child)}
+    assert max(depths) >= 3
+
+
+def _visited(node):
+    yield node
+    for child in node._children or []:
+        if child.visits:
+            yield from _visited(child)
+
+
+def test_mcts_length_penalty_steers_to_shorter_chains():
+    def everything_right(chain):
+        return Trial(chain, 1.0, True, {})
+
+    short = run_search(MCTS(ChainSpace(12), 60, seed=0), everything_right)
+    flat = run_search(MCTS(ChainSpace(12), 60, seed=0, length_penalty=0.0), everything_right)
+    mean = lambda trials: sum(t.length for t in trials) / len(trials)  # noqa: E731
+    assert mean(short) < mean(flat)
+
+
+def test_pareto_front():
+    chains = ["0-11", "0-4.6-11", "0-3.6-11", "1-11", "0-8"]
+    front = pareto_front([synthetic(Chain.parse(c)) for c in chains])
+    assert [(str(t.chain), t.score) for t in front] == [("0-3.6-11", 1.0), ("0-8", 0.0)]
+
+
+def test_unknown_method_and_bad_budget_fail_before_compute():
+    with pytest.raises(ValueError, match="unknown method 'beam'"):
+        SearchSettings(method="beam", budget=10)
+    with pytest.raises(ValueError, match="at least 1 evaluation"):
+        SearchSettings(method="mcts", budget=0)
+
+
+# -- the lm-eval objective on a tiny model ---------------------------------------------------
+
+
+@functools.cache
+def task(task_dir: str, name: str):
+    loaded = get_task_dict([name], TaskManager(include_path=task_dir))[name]
+    loaded.set_config(key="num_fewshot", value=0)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_dir):
+    return ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_objective_scores_like_lm_eval(lm, task_dir, name):
+    """A chain's score on a document equals lm-eval's own per-document metric for it."""
+    chain = Chain.parse("0.1.1.3")
+    objective = Objective(lm, task(task_dir, name))
+    documents = task_documents(task(task_dir, name), None)
+    scored = {d.doc_hash: objective.score(d, chain).metrics for d in documents}
+    out = lm_eval.simple_evaluate(
+        model=ColaLM(pretrained=lm.pretrained, chain=str(chain), device="cpu", batch_size=1),
+        tasks=[name],
+        task_manager=TaskManager(include_path=task_dir),
+        log_samples=True,
+    )
+    for sample in out["samples"][name]:
+        for metric, value in scored[sample["doc_hash"]].items():
+            assert json.loads(json.dumps(sample[metric])) == pytest.approx(value), metric
+
+
+def test_prefix_cache_gives_identical_searches_with_fewer_layer_applications(lm, task_dir):
+    """MCTS on a multiple-choice document, with and without the hidden-state prefix cache."""
+    mc = task(task_dir, "cola_mc")
+    document = task_documents(mc, None)[1]
+    runs = {}
+    for megabytes in (0, 64):
+        objective = Objective(lm, mc, prefix_cache_mb=megabytes)
+        before = lm.executor.layer_applications
+        trials = run_search(
+            MCTS(ChainSpace(4), 30, seed=0), functools.partial(objective.score, document)
+        )
+        runs[megabytes] = (trials, lm.executor.layer_applications - before)
+    (plain, plain_cost), (cached, cached_cost) = runs[0], runs[64]
+    assert [(t.chain, t.score, t.metrics) for t in plain] == [
+        (t.chain, t.score, t.metrics) for t in cached
+    ]
+    assert cached_cost < plain_cost
+
+
+def test_task_without_gold_answer_and_unknown_metric_are_refused(lm, task_dir):
+    mc = task(task_dir, "cola_mc")
+    with pytest.raises(ObjectiveError, match="has no metric 'f1'"):
+        Objective(lm, mc, metric="f1")
+    with pytest.raises(ObjectiveError, match="has no filter 'strict'"):
+        Objective(lm, mc, filter_name="strict")
+    target = mc.config.doc_to_target
+    mc.config.doc_to_target = None
+    try:
+        with pytest.raises(ObjectiveError, match="no gold answer"):
+            Objective(lm, mc)
+    finally:
+        mc.config.doc_to_target = target
+
+
+# -- runs: store, oracle re-evaluation, shards, resume ---------------------------------------
+
+
+def search(lm, task_dir, store_path, name="cola_mc", shard=(0, 1), **settings):
+    settings = {"method": "mcts", "budget": 10, **settings}
+    with Store(str(store_path)) as store:
+        return SearchRun(lm, task(task_dir, name), store, SearchSettings(**settings)).run(shard)
+
+
+def evaluations(store_path, run_id) -> set[tuple]:
+    with Store(str(store_path), read_only=True).session() as session:
+        rows = session.execute(
+            select(Evaluation.document_id, Evaluation.chain, Evaluation.score).where(
+                Evaluation.run_id == run_id
+            )
+        )
+        return set(rows.all())
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_searched_chains_reevaluate_the_same_through_lm_eval(lm, task_dir, tmp_path, name):
+    run_id = search(lm, task_dir, tmp_path / "cola.db", name=name, budget=8)
+    with Store(str(tmp_path / "cola.db"), read_only=True).session() as session:
+        picks = {p.doc_hash: p for p in queries.pick(session, [run_id])}
+    chains = f"store:{tmp_path / 'cola.db'};run={run_id}"
+    out = lm_eval.simple_evaluate(
+        model=ColaLM(pretrained=lm.pretrained, chains=chains, device="cpu", batch_size=1),
+        tasks=[name],
+        task_manager=TaskManager(include_path=task_dir),
+        log_samples=True,
+    )
+    objective = Objective(lm, task(task_dir, name))
+    for sample in out["samples"][name]:
+        metric = json.loads(json.dumps(sample[objective.metric]))
+        expected = picks[sample["doc_hash"]].score
+        if objective.binary:
+            assert metric == expected
+        else:
+            assert metric[0] / metric[1] == pytest.approx(expected)
+
+
+def test_shards_split_the_documents_of_one_run(lm, task_dir, tmp_path):
+    whole = search(lm, task_dir, tmp_path / "whole.db")
+    first = search(lm, task_dir, tmp_path / "split.db", shard=(0, 2))
+    second = search(lm, task_dir, tmp_path / "split.db", shard=(1, 2))
+    assert first == second
+    assert evaluations(tmp_path / "split.db", first) == evaluations(tmp_path / "whole.db", whole)
+    with Store(str(tmp_path / "split.db"), read_only=True).session() as session:
+        assert len(session.scalars(select(RunDocument)).all()) == len(
+            task_documents(task(task_dir, "cola_mc"), None)
+        )
+
+
+def test_a_killed_search_resumes_and_equals_an_uninterrupted_one(
+    tiny_llama_dir, task_dir, tmp_path
+):
+    """SIGKILL a real ``cola search`` mid-run, run the same command again, compare."""
+    command = [
+        sys.executable, "-m", "lm_eval_cola", "search", "--model_args",
+        f"pretrained={tiny_llama_dir}", "--device", "cpu", "--tasks", "cola_mc",
+        "--include_path", task_dir, "--method", "tpe", "--budget", "12",
+    ]  # fmt: skip
+    killed = tmp_path / "killed.db"
+    process = subprocess.Popen([*command, "--store", str(killed)], stderr=subprocess.PIPE)
+    _wait_for_documents(killed, 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = _done(killed)
+    assert 0 < done_before < 7, "the kill must land mid-run"
+    subprocess.run([*command, "--store", str(killed)], check=True, capture_output=True)
+    subprocess.run(
+        [*command, "--store", str(tmp_path / "whole.db")], check=True, capture_output=True
+    )
+    assert evaluations(killed, 1) == evaluations(tmp_path / "whole.db", 1)
+    assert _done(killed) == 7
+
+
+def _done(path: Path) -> int:
+    with Store(str(path), read_only=True).session() as session:
+        return len(session.scalars(select(RunDocument)).all())
+
+
+def _wait_for_documents(path: Path, count: int, process: subprocess.Popen) -> None:
+    for _ in range(600):
+        if process.poll() is not None:
+            raise AssertionError(process.stderr.read().decode()[-3000:])
+        if path.exists():
+            try:
+                if _done(path) >= count:
+                    return
+            except Exception:  # the store may still be being created
+                pass
+        time.sleep(0.1)
+    raise AssertionError("the search did not record documents in time")
+
+
+def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
+    base = [sys.executable, "-m", "lm_eval_cola", "search", "--store", str(tmp_path / "x.db")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, message in [
+        (["--tasks", "no_such_task"], "unknown task(s) no_such_task"),
+        (["--tasks", "arc_easy", "--budget", "0"], "at least 1 evaluation"),
+        (["--tasks", "arc_easy", "--shard", "2/2"], "--shard 2/2"),
+        (["--tasks", "arc_easy", "--method_args", "colour=red"], "colour"),
+    ]:
+        done = subprocess.run([*base, *args], capture_output=True, text=True, env=env)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
