@@ -85,10 +85,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"cola search: error: {err}", file=sys.stderr)
         return 2
     for task in tasks.values():
-        run_id = SearchRun(lm, task, store, settings, args.prefix_cache_mb, args.run_name).run(
-            shard
-        )
-        print(f"{task.config.task}: run {run_id} in {store}; see cola db stats --run {run_id}")
+        search = SearchRun(lm, task, store, settings, args.prefix_cache_mb, args.run_name)
+        run_id = search.run(shard)
+        print(f"{task.config.task}: run {run_id} in {store}: searched {search.tally}")
+        print(f"  see: cola db stats --store {args.store} --run {run_id}")
     return 0
 
 

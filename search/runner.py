@@ -58,6 +58,7 @@ class Tally:
     """Live counts for the progress bar: the paper's two headline questions."""
 
     documents: int = 0
+    evaluations: int = 0
     originally_correct: int = 0
     shortened: int = 0
     originally_wrong: int = 0
@@ -66,12 +67,20 @@ class Tally:
     def add(self, trials: list[Trial], n_layers: int) -> None:
         original, *_ = trials
         self.documents += 1
+        self.evaluations += len(trials)
         if original.correct:
             self.originally_correct += 1
             self.shortened += any(t.correct and t.length < n_layers for t in trials)
         else:
             self.originally_wrong += 1
             self.corrected += any(t.correct for t in trials)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.documents} documents, {self.evaluations} evaluations; originally correct "
+            f"with a shorter correct chain: {self.shortened}/{self.originally_correct}; "
+            f"originally wrong and corrected: {self.corrected}/{self.originally_wrong}"
+        )
 
     def postfix(self) -> dict[str, str]:
         return {
@@ -138,7 +147,7 @@ class SearchRun:
             "Run %d (%s): %d documents for shard %d/%d, %d already done",
             run_id, self.run_name, len(mine), index, count, skipped,
         )  # fmt: skip
-        tally = Tally()
+        self.tally = tally = Tally()
         progress = tqdm(mine, desc=f"Searching {self.task.config.task} ({self.settings.method})")
         for document in progress:
             start = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -127,3 +128,43 @@ def test_gguf_file_loads_through_hflm(offline_env, tmp_path):
     assert scores(lm_eval(offline_env, tmp_path / "cola", "cola", args, limit=5)) == hf
     chained = lm_eval(offline_env, tmp_path / "chain", "cola", f"{args},chain=0-9.14-29", limit=5)
     assert scores(chained) != hf
+
+
+def test_search_on_smollm2_is_stored_and_reproduced_by_lm_eval(offline_env, tmp_path):
+    """MCTS on 5 ARC-Easy documents: the store holds what the search printed, and re-evaluating
+    with the store's chains through the stock CLI scores every document as recorded."""
+    store = tmp_path / "cola.db"
+    search = [
+        "cola", "search", "--tasks", "arc_easy", "--limit", "5", "--method", "mcts",
+        "--budget", "12", "--store", str(store), "--device", "cpu",
+    ]  # fmt: skip
+    done = subprocess.run(search, env=offline_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = re.search(
+        r"run (\d+) .*: searched 5 documents, (\d+) evaluations; originally correct with a "
+        r"shorter correct chain: (\d+)/(\d+); originally wrong and corrected: (\d+)/(\d+)",
+        done.stdout,
+    )
+    assert printed, done.stdout
+    run_id, evaluations, shortened, right, corrected, wrong = map(int, printed.groups())
+
+    def db(*command: str):
+        query = ["cola", "db", *command, "--store", str(store), "--run", str(run_id)]
+        out = subprocess.run(
+            [*query, "--format", "json"], env=offline_env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    stats = db("stats")
+    assert stats["documents"] == 5 and evaluations == 5 * 12
+    assert stats["original_accuracy"] == pytest.approx(right / 5)
+    assert stats["shorter_correct_share"] == pytest.approx(shortened / right if right else None)
+    assert stats["corrected_share"] == pytest.approx(corrected / wrong if wrong else None)
+    chosen = db("chains")
+    oracle = lm_eval(
+        offline_env, tmp_path / "oracle", "cola", f"chains=store:{store};run={run_id}", 5, 1
+    )
+    by_hash = {row["doc_hash"]: row for row in chosen}
+    for sample in oracle.values():
+        assert sample["acc"] == by_hash[sample["doc_hash"]]["score"], sample["doc_id"]
