@@ -1,8 +1,9 @@
 """Packaging for lm-eval-cola.
 
-``search/`` and ``store/`` sit at the top of the repository but install as
-``lm_eval_cola.search`` and ``lm_eval_cola.store``, so nothing named ``search`` or ``store``
-lands in users' site-packages. ``lm_eval_cola.pth`` is copied to the root of site-packages
+``search/``, ``store/`` and ``predict/`` sit at the top of the repository but install as
+``lm_eval_cola.search``, ``lm_eval_cola.store`` and ``lm_eval_cola.predict``, so nothing
+named ``search``, ``store`` or ``predict`` lands in users' site-packages.
+``lm_eval_cola.pth`` is copied to the root of site-packages
 (wheel and editable installs) so that the stock ``lm_eval`` CLI finds ``--model cola``.
 """
 
@@ -44,11 +45,17 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["lm_eval_cola", "lm_eval_cola.search", "lm_eval_cola.store"],
+    packages=[
+        "lm_eval_cola",
+        "lm_eval_cola.search",
+        "lm_eval_cola.store",
+        "lm_eval_cola.predict",
+    ],
     package_dir={
         "lm_eval_cola": "lm_eval_cola",
         "lm_eval_cola.search": "search",
         "lm_eval_cola.store": "store",
+        "lm_eval_cola.predict": "predict",
     },
     package_data={
         "lm_eval_cola": [PTH],
@@ -69,6 +76,7 @@ setup(
         "gguf>=0.10",
         "safetensors>=0.4",
         "tqdm>=4.59",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.10", "psycopg[binary]>=3.1"],

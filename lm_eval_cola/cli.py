@@ -15,12 +15,14 @@ EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
   cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
   cola db stats --store cola.db --run 1
+  cola predict train --store cola.db --run 2 --output_dir predictors/
   cola lm_eval --model cola --model_args chain=0-11.11-29 --tasks arc_easy --limit 20
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lm_eval_cola import data_import
+    from lm_eval_cola.predict import cli as predict_cli
     from lm_eval_cola.search import cli as search_cli
     from lm_eval_cola.store import cli as store_cli
 
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     store_cli.add_parser(sub)
     search_cli.add_parser(sub)
+    predict_cli.add_parser(sub)
     sub.add_parser(
         "lm_eval",
         help="the stock lm-eval CLI with --model cola registered",

@@ -122,6 +122,7 @@ class ColaLM(HFLM):
         """The chain of each request; ``None`` runs the model unchanged."""
         if self.source is None:
             return [self.static_chain] * len(requests)
+        self.source.prepare(requests, self)
         by_doc: dict[int, Chain | None] = {}
         missing: set[tuple[str, str]] = set()
         for request in requests:

@@ -50,6 +50,10 @@ class ChainSource(ABC):
     def bind(self, model: ModelIdentity) -> None:
         """Called once the model has loaded, before any compute: refuse chains of other models."""
 
+    def prepare(self, requests: list, lm) -> None:
+        """Called with each batch of requests before :meth:`lookup`; sources that compute
+        chains from the input (predictors) compute them here with the loaded model."""
+
     def validate(self, n_layers: int, max_length: int | None = None) -> None:
         for where, chain in self.chains():
             try:
@@ -61,6 +65,7 @@ class ChainSource(ABC):
 #: Source name -> class, or "module:Class" for sources imported only when used.
 _SOURCES: dict[str, Callable[[str], ChainSource] | str] = {
     "store": "lm_eval_cola.store.source:StoreChains",
+    "predictor": "lm_eval_cola.predict.source:PredictedChains",
 }
 
 

@@ -19,6 +19,7 @@ EPILOG = """examples:
   cola search --model_args pretrained=Qwen/Qwen3-0.6B,dtype=bfloat16 --device cuda \\
       --tasks gsm8k --method tpe --budget 50 --max_gen_toks 64 --store cola.db
   cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
+  cola search --tasks arc_easy --split train --limit 500 --budget 50 --store cola.db
   (the same command again continues a killed run with the documents not yet done)
 """
 
@@ -38,6 +39,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     model.add_argument("--num_fewshot", type=int)
     model.add_argument("--include_path", help="extra folder of task YAMLs")
+    model.add_argument(
+        "--split", help="search this split instead of the task's test split, e.g. train"
+    )
     search = parser.add_argument_group("search")
     search.add_argument("--method", default="mcts", choices=sorted(SEARCHERS))
     search.add_argument("--budget", type=int, default=200, help="chains evaluated per document")
@@ -116,27 +120,17 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _load_tasks(args: argparse.Namespace) -> dict:
-    """lm-eval's tasks, configured as ``lm_eval`` would configure them."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval_cola.search.objective import load_tasks
 
-    from lm_eval_cola.search.objective import check_task
-
-    manager = TaskManager(include_path=args.include_path)
-    names = [name for name in args.tasks.split(",") if name]
-    unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks`")
-    tasks = get_task_dict(names, manager)
-    for task in tasks.values():
-        check_task(task, args.metric, args.filter_name)
-        if args.num_fewshot is not None:
-            task.set_config(key="num_fewshot", value=args.num_fewshot)
-        elif task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=1234)
-        if args.max_gen_toks and task.get_config("output_type") == "generate_until":
-            task.set_config("generation_kwargs", {"max_gen_toks": args.max_gen_toks}, update=True)
-    return tasks
+    return load_tasks(
+        args.tasks,
+        args.include_path,
+        metric=args.metric,
+        filter_name=args.filter_name,
+        num_fewshot=args.num_fewshot,
+        max_gen_toks=args.max_gen_toks,
+        split=args.split,
+    )
 
 
 def _open_store(location: str):

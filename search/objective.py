@@ -65,6 +65,50 @@ def task_documents(task: Task, limit: int | None) -> list[Document]:
     return documents
 
 
+def load_tasks(
+    names: str,
+    include_path: str | None = None,
+    *,
+    metric: str | None = None,
+    filter_name: str | None = None,
+    num_fewshot: int | None = None,
+    max_gen_toks: int | None = None,
+    split: str | None = None,
+) -> dict[str, Task]:
+    """lm-eval's tasks (comma-separated ``names``), configured as ``lm_eval`` configures them;
+    ``split`` replaces the split documents come from (e.g. train, to search chains for training
+    a predictor). Raises before any compute for an unknown task, metric, filter or split."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=include_path)
+    wanted = [name for name in names.split(",") if name]
+    unknown = [name for name in wanted if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks`")
+    tasks = get_task_dict(wanted, manager)
+    for task in tasks.values():
+        check_task(task, metric, filter_name)
+        if split is not None:
+            _use_split(task, split)
+        if num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
+        if max_gen_toks and task.get_config("output_type") == "generate_until":
+            task.set_config("generation_kwargs", {"max_gen_toks": max_gen_toks}, update=True)
+    return tasks
+
+
+def _use_split(task: Task, split: str) -> None:
+    splits = list(task.dataset or {})
+    if split not in splits:
+        raise ObjectiveError(
+            f"task '{task.config.task}' has no split '{split}'; it has {', '.join(splits)}"
+        )
+    task.set_config(key="test_split", value=split)
+
+
 def check_task(task: Task, metric: str | None, filter_name: str | None) -> tuple[str, str]:
     """The metric and filter to score with; raises before any compute if the task can't be
     searched (unknown metric or filter, or no gold answer to score against)."""

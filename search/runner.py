@@ -122,16 +122,7 @@ class SearchRun:
         return f"{self.task.config.task}-{self.settings.method}-{digest}"
 
     def task_info(self) -> TaskInfo:
-        config = self.task.dump_config()
-        return TaskInfo(
-            name=self.task.config.task,
-            version=str((config.get("metadata") or {}).get("version", self.task.VERSION)),
-            config_hash=hashlib.sha256(
-                json.dumps(config, sort_keys=True, default=str).encode()
-            ).hexdigest(),
-            split=self.task.config.test_split or self.task.config.validation_split,
-            output_type=self.task.get_config("output_type"),
-        )
+        return describe_task(self.task)
 
     def run(self, shard: tuple[int, int] = (0, 1)) -> int:
         """Search this shard's documents that the run has not finished; returns the run id."""
@@ -193,6 +184,21 @@ class SearchRun:
             return trial
 
         return run_search(searcher, evaluate)
+
+
+def describe_task(task) -> TaskInfo:
+    """The task as the store records it; ``config_hash`` changes with any prompt, split or
+    metric change, so chains are never matched to documents of a changed task."""
+    config = task.dump_config()
+    return TaskInfo(
+        name=task.config.task,
+        version=str((config.get("metadata") or {}).get("version", task.VERSION)),
+        config_hash=hashlib.sha256(
+            json.dumps(config, sort_keys=True, default=str).encode()
+        ).hexdigest(),
+        split=task.config.test_split or task.config.validation_split,
+        output_type=task.get_config("output_type"),
+    )
 
 
 def _document_seed(seed: int, doc_hash: str) -> int:

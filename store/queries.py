@@ -299,3 +299,44 @@ def table(session: Session, name: str) -> tuple[list[str], list[tuple]]:
     as_text = [cast(c, Text).label(c.name) if isinstance(c.type, JSON) else c for c in columns]
     rows = session.execute(select(*as_text).order_by(*Base.metadata.tables[name].primary_key))
     return list(columns.keys()), [tuple(row) for row in rows]
+
+
+# -- training data for predictors ---------------------------------------------------------------
+
+
+def frequent_chains(session: Session, run_ids: Sequence[int], limit: int) -> list[str]:
+    """The ``limit`` chains that are correct on the most documents of the runs (shortest first
+    among equals): the candidates a predictor chooses from."""
+    documents = func.count(func.distinct(Evaluation.document_id))
+    rows = session.execute(
+        select(Evaluation.chain)
+        .where(Evaluation.run_id.in_(run_ids), Evaluation.correct)
+        .group_by(Evaluation.chain, Evaluation.length)
+        .order_by(documents.desc(), Evaluation.length, Evaluation.chain)
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
+def chain_scores(
+    session: Session, run_ids: Sequence[int], chains: Sequence[str]
+) -> list[tuple[str, str, float, bool]]:
+    """(doc_hash, chain, score, correct) of every stored evaluation of ``chains`` in the runs."""
+    rows = session.execute(
+        select(Document.doc_hash, Evaluation.chain, Evaluation.score, Evaluation.correct)
+        .join(Document, Document.id == Evaluation.document_id)
+        .where(Evaluation.run_id.in_(run_ids), Evaluation.chain.in_(list(chains)))
+    )
+    return [tuple(row) for row in rows]
+
+
+def finished_documents(session: Session, run_ids: Sequence[int]) -> list[str]:
+    """The content hashes of the documents the runs have finished, in ``doc_id`` order."""
+    rows = session.execute(
+        select(Document.doc_hash)
+        .join(RunDocument, RunDocument.document_id == Document.id)
+        .where(RunDocument.run_id.in_(run_ids))
+        .group_by(Document.doc_hash, Document.doc_id)
+        .order_by(Document.doc_id)
+    )
+    return list(rows.scalars())

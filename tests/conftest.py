@@ -108,15 +108,42 @@ metadata: {{version: 1.0}}
 }
 TASK_DOCS = {"cola_mc": MC_DOCS, "cola_gen": GEN_DOCS, "cola_text": TEXT_DOCS}
 
+#: A multiple-choice task with disjoint train and test splits, for predictors.
+SPLIT_YAML = """
+task: cola_split
+dataset_path: json
+dataset_kwargs: {{data_files: {{train: {train}, test: {test}}}}}
+training_split: train
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: "{{{{answer}}}}"
+doc_to_choice: "{{{{choices}}}}"
+metric_list: [{{metric: acc}}]
+metadata: {{version: 1.0}}
+"""
+WORDS = ["red", "dog", "sea", "sun", "tree", "cat", "rain", "hill", "milk", "road", "fish", "gold"]
+SPLIT_DOCS = [
+    {"question": f"which word is {WORDS[i % 12]} {i}?",
+     "choices": [WORDS[(i + j) % 12] for j in range(3)], "answer": i % 3}
+    for i in range(22)
+]  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory) -> str:
-    """A folder of three local lm-eval tasks, one per output type, for ``--include_path``."""
+    """A folder of local lm-eval tasks, one per output type and one with train and test
+    splits, for ``--include_path``."""
     root = tmp_path_factory.mktemp("tasks")
     for name, template in TASK_YAML.items():
         data = root / f"{name}.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in TASK_DOCS[name]))
         (root / f"{name}.yaml").write_text(template.format(data=json.dumps(str(data))))
+    splits = {"train": SPLIT_DOCS[:14], "test": SPLIT_DOCS[14:]}
+    for split, docs in splits.items():
+        (root / f"cola_split_{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    paths = {split: json.dumps(str(root / f"cola_split_{split}.jsonl")) for split in splits}
+    (root / "cola_split.yaml").write_text(SPLIT_YAML.format(**paths))
     return str(root)
 
 

@@ -1,0 +1,174 @@
+"""``cola predict``: train chain predictors from a store's searched chains, and judge them on
+documents they never saw.
+
+This module imports nothing heavy at load time: ``cola`` imports it to build its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+KINDS = ("static", "knn", "network")
+EPILOG_TRAIN = """example:
+  cola search --tasks arc_easy --split train --limit 300 --budget 50 --store cola.db
+  cola predict train --store cola.db --run 1 --output_dir predictors/
+  lm_eval --model cola --model_args chains=predictor:predictors/knn.pt --tasks arc_easy
+"""
+EPILOG_EVALUATE = """example:
+  cola predict evaluate --predictors predictors/*.pt --tasks arc_easy --limit 200
+  (the documents must not overlap the predictors' training documents)
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    predict = subparsers.add_parser(
+        "predict",
+        help="train and evaluate chain predictors (chains from the input alone)",
+        description="Train chain predictors from a store and evaluate them on held-out documents.",
+    )
+    commands = predict.add_subparsers(dest="predict_command", metavar="COMMAND", required=True)
+    _add_train(commands)
+    _add_evaluate(commands)
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model_args", default="", help="cola/hf model args (default: SmolLM2)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ...")
+    parser.add_argument("--include_path", help="extra folder of task YAMLs, as for lm_eval")
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train predictors on the documents of search runs",
+        description="Train predictors on the chains that search runs stored, one file per kind.",
+        epilog=EPILOG_TRAIN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--store", required=True, help="SQLite path or SQLAlchemy URL")
+    parser.add_argument(
+        "--run", action="append", required=True, help="training run id or name (repeatable)"
+    )
+    parser.add_argument("--output_dir", required=True, help="writes KIND.pt per predictor")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help="comma-separated, of " + "/".join(KINDS)
+    )
+    parser.add_argument("--candidates", type=int, default=16, help="chains to choose from")
+    parser.add_argument("--layer", type=int, help="prompt states after this many layers (N/2)")
+    parser.add_argument("--max_tokens", type=int, default=256, help="last prompt tokens read")
+    parser.add_argument("--k", type=int, default=5, help="neighbours (knn)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs (network)")
+    parser.add_argument("--seed", type=int, default=0)
+    _model_options(parser)
+    parser.set_defaults(func=train)
+
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="judge predictors on held-out documents",
+        description=(
+            "Score each predictor's chains, the identity chain and the best static chain on "
+            "documents none of the predictors trained on."
+        ),
+        epilog=EPILOG_EVALUATE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--predictors", nargs="+", required=True, help="files from train")
+    parser.add_argument("--tasks", required=True, help="the predictors' task")
+    parser.add_argument("--split", help="default: the task's test split")
+    parser.add_argument("--limit", type=int, help="first N documents")
+    parser.add_argument("--output", help="also write the results as JSON here")
+    _model_options(parser)
+    parser.set_defaults(func=evaluate)
+
+
+def train(args: argparse.Namespace) -> int:
+    from lm_eval_cola.predict.dataset import TrainingDataError, build_training_set
+    from lm_eval_cola.predict.features import FeatureSpec
+    from lm_eval_cola.predict.predictors import save
+    from lm_eval_cola.predict.predictors import train as fit
+    from lm_eval_cola.store.engine import StoreError
+    from lm_eval_cola.store.store import Store
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or args.candidates < 1:
+        return _fail(f"--kinds {','.join(unknown)}: choose from {', '.join(KINDS)}"
+                     if unknown else "--candidates must be at least 1")  # fmt: skip
+    try:
+        store = Store(args.store, read_only=True)
+        lm = _load_model(args)
+        spec = FeatureSpec(args.layer, args.max_tokens) if args.layer else None
+        data = build_training_set(lm, store, args.run, args.candidates, spec, args.include_path)
+    except (TrainingDataError, StoreError, ValueError) as err:
+        return _fail(str(err))
+    options = {"knn": {"k": args.k}, "network": {"epochs": args.epochs, "seed": args.seed}}
+    for kind in kinds:
+        path = save(fit(kind, data, lm.identity, **options.get(kind, {})),
+                    Path(args.output_dir) / f"{kind}.pt")  # fmt: skip
+        print(f"{kind}: {path}")
+    print(
+        f"trained on {len(data.doc_hashes)} documents of {data.task} ({data.split}), "
+        f"{len(data.candidates)} candidate chains, {data.filled} candidate evaluations added"
+    )
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from lm_eval_cola.predict.evaluate import LeakError, check_no_leak
+    from lm_eval_cola.predict.evaluate import evaluate as judge
+    from lm_eval_cola.predict.predictors import PredictorFileError, load
+    from lm_eval_cola.search.objective import load_tasks, task_documents
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        predictors = [load(path) for path in args.predictors]
+        metric = predictors[0].info.metric
+        tasks = load_tasks(args.tasks, args.include_path, metric=metric, split=args.split)
+        if len(tasks) != 1:
+            return _fail("--tasks: name the one task the predictors were trained on")
+        (task,) = tasks.values()
+        check_no_leak(predictors, task_documents(task, args.limit))
+        lm = _load_model(args)
+        results = judge(lm, task, predictors, args.limit)
+    except (PredictorFileError, LeakError, ValueError) as err:
+        return _fail(str(err))
+    _print_results(results)
+    if args.output:
+        rows = [r.__dict__ for r in results]
+        Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def _print_results(results) -> None:
+    first = results[0]
+    print(f"{first.documents} held-out documents; model depth {first.n_layers}")
+    print(f"identity chain accuracy {first.identity_accuracy:.3f}; best static chain "
+          f"{first.static_chain} accuracy {first.static_accuracy:.3f}")  # fmt: skip
+    header = f"{'predictor':<10} {'accuracy':>8} {'vs identity':>11} {'layers':>7} " \
+             f"{'+features':>9} {'not identity':>12}"  # fmt: skip
+    print(header)
+    for r in results:
+        print(f"{r.predictor:<10} {r.accuracy:>8.3f} {r.accuracy - r.identity_accuracy:>+11.3f} "
+              f"{r.mean_chain_length:>7.2f} {r.feature_layers:>9d} "
+              f"{r.differs_from_identity:>12.3f}")  # fmt: skip
+    if not any(r.accuracy > r.identity_accuracy for r in results):
+        print("No predictor beats the identity chain on these documents.")
+
+
+def _load_model(args: argparse.Namespace):
+    from lm_eval_cola.lm import ColaLM
+
+    extra = {"device": args.device} if args.device else {}
+    return ColaLM.create_from_arg_string(args.model_args, {"batch_size": 1, **extra})
+
+
+def _fail(message: str) -> int:
+    print(f"cola predict: error: {message}", file=sys.stderr)
+    return 2

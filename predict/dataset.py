@@ -1,0 +1,176 @@
+"""A predictor's training set, built from the chains a search stored.
+
+For the documents the training runs finished, a predictor learns which of a few *candidate*
+chains (the identity, then the chains correct on the most training documents) answer each
+document correctly. The table of scores is complete: a candidate the search never tried on a
+document is evaluated there, with the same lm-eval objective the search used, so that "this
+chain works on that document" is always measured, never assumed.
+
+The runs must be of the loaded model and of one task whose configuration has not changed
+since the search (same prompt, split and metric): anything else is refused before any compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from sqlalchemy import select
+from tqdm import tqdm
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
+from lm_eval_cola.search.objective import Document, Objective, load_tasks, task_documents
+from lm_eval_cola.search.runner import describe_task
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.schema import Model, Run, Task
+from lm_eval_cola.store.store import Store
+
+logger = logging.getLogger("lm_eval.cola")
+
+
+class TrainingDataError(ValueError):
+    """The runs cannot train a predictor for this model; the message says why."""
+
+
+@dataclass
+class TrainingSet:
+    """Training documents × candidate chains, with the documents' prompt states."""
+
+    task: str
+    split: str | None
+    metric: str | None
+    doc_hashes: list[str]
+    candidates: list[Chain]
+    scores: torch.Tensor  # (documents, candidates), the task metric, higher is better
+    correct: torch.Tensor  # (documents, candidates), bool
+    states: list[torch.Tensor]  # per document, (tokens, hidden size)
+    spec: FeatureSpec
+    filled: int  # evaluations run here because the store did not hold them
+
+
+@dataclass(frozen=True)
+class _RunsInfo:
+    task: Task
+    run_ids: list[int]
+    settings: dict
+
+
+def build_training_set(
+    lm,
+    store: Store,
+    runs: list[int | str],
+    n_candidates: int = 16,
+    spec: FeatureSpec | None = None,
+    include_path: str | None = None,
+) -> TrainingSet:
+    """Everything a predictor trains on, for the documents the ``runs`` finished."""
+    info = _check_runs(store, runs, lm.identity.fingerprint)
+    settings = info.settings
+    task = load_tasks(
+        info.task.name,
+        include_path,
+        metric=settings.get("metric"),
+        filter_name=settings.get("filter_name"),
+        num_fewshot=settings.get("num_fewshot"),
+        max_gen_toks=settings.get("max_gen_toks"),
+        split=info.task.split,
+    )[info.task.name]
+    if describe_task(task).config_hash != info.task.config_hash:
+        raise TrainingDataError(
+            f"task '{info.task.name}' is configured differently from when runs "
+            f"{info.run_ids} searched it (prompt, data or metric changed); search it again"
+        )
+    documents, candidates, scores, correct = _score_table(store, info, task, n_candidates)
+    objective = Objective(lm, task, settings.get("metric"), settings.get("filter_name"))
+    filled = _fill_missing(objective, documents, candidates, scores, correct)
+    spec = spec or FeatureSpec(layer=max(1, lm.executor.n_layers // 2))
+    encode = PromptStates(lm, spec)
+    states = [encode(prompt_of(d.instances)) for d in tqdm(documents, desc="Prompt states")]
+    return TrainingSet(
+        task=info.task.name,
+        split=info.task.split,
+        metric=objective.metric,
+        doc_hashes=[d.doc_hash for d in documents],
+        candidates=candidates,
+        scores=torch.tensor(scores, dtype=torch.float32),
+        correct=torch.tensor(correct, dtype=torch.bool),
+        states=states,
+        spec=spec,
+        filled=filled,
+    )
+
+
+def _check_runs(store: Store, runs: list[int | str], fingerprint: str) -> _RunsInfo:
+    if not runs:
+        raise TrainingDataError("name at least one search run to train on (--run)")
+    with store.session() as session:
+        found = []
+        for run in runs:
+            run_id = queries.find_run(session, run)
+            if run_id is None:
+                raise TrainingDataError(f"{store} has no run '{run}'")
+            found.append(session.get(Run, run_id))
+        tasks = {(r.task.name, r.task.config_hash) for r in found}
+        if len(tasks) > 1:
+            raise TrainingDataError(
+                f"runs {[r.id for r in found]} searched different tasks or task configurations; "
+                "train one predictor per task"
+            )
+        for run in found:
+            model = session.get(Model, run.model_id)
+            if model.fingerprint != fingerprint:
+                raise TrainingDataError(
+                    f"run {run.id} was searched on {model.name} (fingerprint "
+                    f"{model.fingerprint[:12]}), not on the loaded model; load that model"
+                )
+        task = session.scalars(select(Task).where(Task.id == found[0].task_id)).one()
+        session.expunge(task)
+        return _RunsInfo(task, [r.id for r in found], dict(found[0].settings))
+
+
+def _score_table(store: Store, info: _RunsInfo, task, n_candidates: int):
+    """The training documents, the candidates, and the stored part of the score table (NaN
+    where the store has no evaluation)."""
+    with store.session() as session:
+        hashes = queries.finished_documents(session, info.run_ids)
+        frequent = queries.frequent_chains(session, info.run_ids, n_candidates)
+        n_layers = session.get(Run, info.run_ids[0]).model.n_layers
+        identity = str(Chain.identity(n_layers))
+        names = list(dict.fromkeys([identity, *frequent]))[:n_candidates]
+        stored = queries.chain_scores(session, info.run_ids, names)
+    if not hashes:
+        raise TrainingDataError(f"runs {info.run_ids} have no finished document yet")
+    by_hash = {d.doc_hash: d for d in task_documents(task, None)}
+    missing = [h for h in hashes if h not in by_hash]
+    if missing:
+        raise TrainingDataError(
+            f"{len(missing)} searched documents of '{info.task.name}' are no longer in its data "
+            f"(first: doc_hash {missing[0]}); the data set changed since the search"
+        )
+    row = {h: i for i, h in enumerate(hashes)}
+    column = {c: j for j, c in enumerate(names)}
+    scores = [[float("nan")] * len(names) for _ in hashes]
+    correct = [[False] * len(names) for _ in hashes]
+    for doc_hash, chain, score, is_correct in stored:
+        if doc_hash in row:
+            scores[row[doc_hash]][column[chain]] = score
+            correct[row[doc_hash]][column[chain]] = bool(is_correct)
+    return [by_hash[h] for h in hashes], [Chain.parse(c) for c in names], scores, correct
+
+
+def _fill_missing(
+    objective: Objective,
+    documents: list[Document],
+    candidates: list[Chain],
+    scores: list[list[float]],
+    correct: list[list[bool]],
+) -> int:
+    """Evaluate the candidates the search did not try on a document; returns how many."""
+    todo = [(i, j) for i, row in enumerate(scores) for j, s in enumerate(row) if s != s]
+    for i, j in tqdm(todo, desc="Scoring candidates", disable=not todo):
+        trial = objective.score(documents[i], candidates[j], None if j == 0 else scores[i][0])
+        scores[i][j], correct[i][j] = trial.score, trial.correct
+    logger.info("Scored %d candidate chains the search had not tried", len(todo))
+    return len(todo)

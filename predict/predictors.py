@@ -1,0 +1,325 @@
+"""Predictors: choose a document's chain from its prompt alone, trained on searched chains.
+
+Each predictor picks one of the training set's candidate chains (the identity is always one),
+so it can only ever run chains that were measured on the training documents:
+
+- ``static``: the one candidate with the best mean score over the training documents, for
+  every document (a searched, fixed pruning or looping of the model; needs no features);
+- ``knn``: the candidate with the best similarity-weighted mean score over the ``k`` training
+  documents whose mean-pooled prompt states are nearest (cosine);
+- ``network``: in the spirit of PoLar, learnable candidate queries cross-attend to the
+  projected prompt states, a small transformer mixes them, and a linear head scores each
+  candidate; trained with torch to predict which candidates answer correctly (binary
+  cross-entropy), keeping the epoch with the best loss on held-out training documents.
+
+A new predictor is one class with ``fit`` and ``choose``, registered with
+:func:`register_predictor`. Every predictor is saved as one torch file (tensors and plain
+types only, loaded with ``weights_only=True``) that records the model, task, split, feature
+settings and the content hashes of its training documents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.predict.dataset import TrainingSet
+from lm_eval_cola.predict.features import FeatureSpec, pooled
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PredictorInfo:
+    """What a predictor was trained for and on: saved with it and checked when it is used."""
+
+    kind: str
+    model: dict[str, Any]  # ModelIdentity fields
+    task: str
+    split: str | None
+    metric: str | None
+    candidates: list[str]
+    static_chain: str  # the best static chain on the training documents: the baseline
+    features: dict[str, int]  # FeatureSpec fields
+    training_hashes: list[str]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(**self.features)
+
+
+class Predictor(ABC):
+    """Chooses one of ``info.candidates`` for a document's prompt states."""
+
+    kind: ClassVar[str]
+    #: False for predictors that ignore the prompt (no hidden states are computed for them).
+    reads_prompt: ClassVar[bool] = True
+
+    def __init__(self, info: PredictorInfo) -> None:
+        self.info = info
+        self.candidates = [Chain.parse(c) for c in info.candidates]
+
+    @classmethod
+    @abstractmethod
+    def fit(cls, data: TrainingSet, info: PredictorInfo, **options) -> Predictor:
+        """Train on ``data``; ``info`` is filled in except for ``kind`` and ``options``."""
+
+    @abstractmethod
+    def choose(self, states: torch.Tensor | None) -> int:
+        """The index of the candidate for a document with these prompt states."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, Any]:
+        """What :meth:`restore` needs, as tensors and plain types."""
+
+    @abstractmethod
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Inverse of :meth:`tensors`."""
+
+    def predict(self, states: torch.Tensor | None) -> Chain:
+        return self.candidates[self.choose(states)]
+
+
+PREDICTORS: dict[str, type[Predictor]] = {}
+
+
+def register_predictor(cls: type[Predictor]) -> type[Predictor]:
+    PREDICTORS[cls.kind] = cls
+    return cls
+
+
+def train(kind: str, data: TrainingSet, model: ModelIdentity, **options) -> Predictor:
+    """Fit the predictor ``kind`` on ``data`` for ``model``."""
+    if kind not in PREDICTORS:
+        raise ValueError(f"unknown predictor '{kind}': choose from {', '.join(PREDICTORS)}")
+    info = PredictorInfo(
+        kind=kind,
+        model=asdict(model),
+        task=data.task,
+        split=data.split,
+        metric=data.metric,
+        candidates=[str(c) for c in data.candidates],
+        static_chain=str(data.candidates[best_static(data)]),
+        features=data.spec.as_dict(),
+        training_hashes=list(data.doc_hashes),
+        options=options,
+    )
+    return PREDICTORS[kind].fit(data, info, **options)
+
+
+def best_static(data: TrainingSet) -> int:
+    """The candidate with the best mean score; the shorter one among equals."""
+    means = data.scores.mean(dim=0).tolist()
+    return max(range(len(means)), key=lambda j: (means[j], -len(data.candidates[j]), -j))
+
+
+def save(predictor: Predictor, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_VERSION,
+        "info": asdict(predictor.info),
+        "tensors": predictor.tensors(),
+    }
+    torch.save(payload, path)
+    return path
+
+
+class PredictorFileError(ValueError):
+    """A predictor file that cannot be read; the message names it and the fix."""
+
+
+def load(path: str | Path) -> Predictor:
+    path = Path(path)
+    if not path.is_file():
+        raise PredictorFileError(f"predictor file '{path}' does not exist; see cola predict train")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        info = PredictorInfo(**payload["info"])
+    except Exception as err:  # any unreadable file is the same problem for the user
+        raise PredictorFileError(
+            f"'{path}' is not a predictor saved by cola predict train ({err})"
+        ) from None
+    if payload.get("format") != FORMAT_VERSION or info.kind not in PREDICTORS:
+        raise PredictorFileError(
+            f"'{path}' holds predictor '{info.kind}' in format {payload.get('format')}; this "
+            f"release reads format {FORMAT_VERSION} ({', '.join(PREDICTORS)}); train it again"
+        )
+    predictor = PREDICTORS[info.kind](info)
+    predictor.restore(payload["tensors"])
+    return predictor
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -- the predictors ------------------------------------------------------------------------------
+
+
+@register_predictor
+class StaticPredictor(Predictor):
+    kind = "static"
+    reads_prompt = False
+
+    @classmethod
+    def fit(cls, data: TrainingSet, info: PredictorInfo, **options) -> StaticPredictor:
+        return cls(info)
+
+    def choose(self, states: torch.Tensor | None) -> int:
+        return self.info.candidates.index(self.info.static_chain)
+
+    def tensors(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        pass
+
+
+@register_predictor
+class NeighboursPredictor(Predictor):
+    kind = "knn"
+
+    def __init__(self, info: PredictorInfo) -> None:
+        super().__init__(info)
+        self.k = int(info.options.get("k", 5))
+        self.keys = torch.empty(0)
+        self.scores = torch.empty(0)
+
+    @classmethod
+    def fit(cls, data: TrainingSet, info: PredictorInfo, k: int = 5) -> NeighboursPredictor:
+        info.options = {"k": k}
+        predictor = cls(info)
+        predictor.keys = torch.stack([pooled(s) for s in data.states])
+        predictor.scores = data.scores.clone()
+        return predictor
+
+    def choose(self, states: torch.Tensor | None) -> int:
+        similarity = self.keys @ pooled(states)
+        k = min(self.k, len(similarity))
+        weights, nearest = similarity.topk(k)
+        weights = weights.clamp_min(0) + 1e-6
+        value = (weights[:, None] * self.scores[nearest]).sum(0) / weights.sum()
+        prior = self.scores.mean(dim=0)  # ties: the better chain overall, then the shorter
+        ranked = range(len(self.candidates))
+        return max(ranked, key=lambda j: (round(value[j].item(), 9), prior[j].item(),
+                                          -len(self.candidates[j])))  # fmt: skip
+
+    def tensors(self) -> dict[str, Any]:
+        return {"keys": self.keys, "scores": self.scores}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.keys, self.scores = saved["keys"], saved["scores"]
+
+
+class ChainChooser(nn.Module):
+    """Candidate queries cross-attend to the prompt states; one logit per candidate."""
+
+    def __init__(self, hidden: int, n_candidates: int, width: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, width))
+        self.queries = nn.Parameter(torch.randn(n_candidates, width) * 0.02)
+        self.attend = nn.MultiheadAttention(width, heads, batch_first=True)
+        block = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.mix = nn.TransformerEncoder(block, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, states: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens, hidden) states and (batch, tokens) True-at-padding -> (batch, K)."""
+        keys = self.project(states)
+        queries = self.queries.expand(states.shape[0], -1, -1)
+        attended, _ = self.attend(queries, keys, keys, key_padding_mask=padding)
+        return self.head(self.mix(queries + attended)).squeeze(-1)
+
+
+def _batch(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(s.shape[0] for s in states)
+    padded = torch.zeros(len(states), longest, states[0].shape[1])
+    padding = torch.ones(len(states), longest, dtype=torch.bool)
+    for i, s in enumerate(states):
+        padded[i, : s.shape[0]] = s
+        padding[i, : s.shape[0]] = False
+    return padded, padding
+
+
+@register_predictor
+class NetworkPredictor(Predictor):
+    kind = "network"
+
+    def __init__(self, info: PredictorInfo) -> None:
+        super().__init__(info)
+        self.network: ChainChooser | None = None
+
+    @classmethod
+    def fit(
+        cls,
+        data: TrainingSet,
+        info: PredictorInfo,
+        width: int = 64,
+        epochs: int = 40,
+        lr: float = 1e-3,
+        batch_size: int = 32,
+        held_out: float = 0.2,
+        seed: int = 0,
+    ) -> NetworkPredictor:
+        info.options = {"width": width, "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                        "held_out": held_out, "seed": seed}  # fmt: skip
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        order = torch.randperm(len(data.states), generator=generator).tolist()
+        n_held = min(len(order) - 1, math.ceil(held_out * len(order))) if len(order) > 1 else 0
+        held, fit_on = order[:n_held], order[n_held:]
+        network = ChainChooser(data.states[0].shape[1], len(data.candidates), width)
+        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.01)
+        target = data.correct.float()
+        loss_fn = nn.BCEWithLogitsLoss()
+
+        def loss_on(indices: list[int]) -> torch.Tensor:
+            states, padding = _batch([data.states[i] for i in indices])
+            return loss_fn(network(states, padding), target[indices])
+
+        best = (math.inf, {k: v.clone() for k, v in network.state_dict().items()})
+        for _ in range(epochs):
+            network.train()
+            shuffled = [fit_on[i] for i in torch.randperm(len(fit_on), generator=generator)]
+            for start in range(0, len(shuffled), batch_size):
+                optimizer.zero_grad()
+                loss_on(shuffled[start : start + batch_size]).backward()
+                optimizer.step()
+            network.eval()
+            with torch.no_grad():
+                held_loss = loss_on(held or fit_on).item()
+            if held_loss < best[0]:
+                best = (held_loss, {k: v.clone() for k, v in network.state_dict().items()})
+        network.load_state_dict(best[1])
+        network.eval()
+        predictor = cls(info)
+        predictor.network = network
+        return predictor
+
+    def choose(self, states: torch.Tensor | None) -> int:
+        with torch.no_grad():
+            logits = self.network(*_batch([states]))[0]
+        return int(logits.argmax())
+
+    def tensors(self) -> dict[str, Any]:
+        hidden = self.network.project[0].normalized_shape[0]
+        return {"hidden": hidden, "state": self.network.state_dict()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        width = int(self.info.options.get("width", 64))
+        self.network = ChainChooser(int(saved["hidden"]), len(self.candidates), width)
+        self.network.load_state_dict(saved["state"])
+        self.network.eval()

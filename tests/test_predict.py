@@ -1,0 +1,196 @@
+"""Predicted chains: training sets from the store, the three predictors, the ``predictor:``
+source in lm-eval, and held-out evaluation that refuses leaks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval
+import pytest
+import torch
+from lm_eval.tasks import TaskManager
+from sqlalchemy import select
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.fingerprint import identify
+from lm_eval_cola.lm import ColaLM
+from lm_eval_cola.predict import predictors as P
+from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet, build_training_set
+from lm_eval_cola.predict.evaluate import LeakError, evaluate
+from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
+from lm_eval_cola.search.objective import Objective, load_tasks, task_documents
+from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.sources import ChainSourceError, open_source
+from lm_eval_cola.store.schema import Task
+from lm_eval_cola.store.store import Store
+
+SPEC = FeatureSpec(layer=2, max_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_dir):
+    return ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+
+
+def split_task(task_dir: str, split: str | None = None):
+    return load_tasks("cola_split", task_dir, split=split)["cola_split"]
+
+
+@pytest.fixture(scope="module")
+def trained(lm, task_dir, tmp_path_factory):
+    """A store with an MCTS run on the train split, and every predictor trained on it."""
+    folder = tmp_path_factory.mktemp("predict")
+    with Store(str(folder / "cola.db")) as store:
+        settings = SearchSettings(method="mcts", budget=12)
+        run_id = SearchRun(lm, split_task(task_dir, "train"), store, settings).run()
+        data = build_training_set(lm, store, [run_id], 6, SPEC, task_dir)
+    paths = {
+        kind: P.save(P.train(kind, data, lm.identity, **options), folder / f"{kind}.pt")
+        for kind, options in [("static", {}), ("knn", {"k": 3}), ("network", {"epochs": 5})]
+    }
+    return folder / "cola.db", run_id, data, paths
+
+
+def test_search_on_a_train_split_records_that_split(trained):
+    store, _, data, _ = trained
+    with Store(str(store), read_only=True).session() as session:
+        assert session.scalars(select(Task.split)).all() == ["train"]
+    assert data.split == "train" and len(data.doc_hashes) == 14
+
+
+def test_training_table_is_complete_and_measured(lm, task_dir, trained):
+    """Stored scores are reused, the rest are evaluated: every cell equals the objective."""
+    _, _, data, _ = trained
+    assert data.candidates[0] == Chain.identity(lm.executor.n_layers)
+    assert data.filled > 0 and not torch.isnan(data.scores).any()
+    objective = Objective(lm, split_task(task_dir, "train"))
+    documents = {d.doc_hash: d for d in task_documents(split_task(task_dir, "train"), None)}
+    for i, doc_hash in enumerate(data.doc_hashes):
+        for j, chain in enumerate(data.candidates):
+            trial = objective.score(documents[doc_hash], chain)
+            assert (trial.score, trial.correct) == (data.scores[i, j], data.correct[i, j])
+
+
+def test_training_refuses_runs_of_another_model_or_a_changed_task(lm, task_dir, trained, tmp_path):
+    store, run_id, _, _ = trained
+    other = ColaLM(pretrained=lm.pretrained, device="cpu", batch_size=1)
+    with torch.no_grad():
+        other.model.lm_head.weight.mul_(2)
+    other.identity = identify(other.model, "changed", None, other.executor.n_layers)
+    with pytest.raises(TrainingDataError, match="not on the loaded model"):
+        build_training_set(other, Store(str(store), read_only=True), [run_id], 4, SPEC, task_dir)
+    changed = tmp_path / "tasks"
+    changed.mkdir()
+    text = (Path(task_dir) / "cola_split.yaml").read_text().replace("Q: ", "Question: ")
+    (changed / "cola_split.yaml").write_text(text)
+    with pytest.raises(TrainingDataError, match="configured differently"):
+        build_training_set(lm, Store(str(store), read_only=True), [run_id], 4, SPEC, str(changed))
+
+
+def synthetic(n: int = 40) -> TrainingSet:
+    """Two clusters of prompt states; candidate 1 answers cluster A, candidate 2 cluster B."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 8, generator=generator) * 3
+    states, correct = [], []
+    for i in range(n):
+        cluster = i % 2
+        states.append(centres[cluster] + 0.3 * torch.randn(5, 8, generator=generator))
+        correct.append([False, cluster == 0, cluster == 1])
+    candidates = [Chain.identity(4), Chain.parse("0.2.3"), Chain.parse("0.1.1.2.3")]
+    return TrainingSet(
+        task="t", split="train", metric="acc", doc_hashes=[f"h{i}" for i in range(n)],
+        candidates=candidates, scores=torch.tensor(correct, dtype=torch.float32),
+        correct=torch.tensor(correct), states=states, spec=FeatureSpec(layer=1), filled=0,
+    )  # fmt: skip
+
+
+def test_each_predictor_learns_what_it_can_from_the_training_set(lm):
+    data = synthetic()
+    static = P.train("static", data, lm.identity)
+    assert static.predict(None) == Chain.parse("0.2.3")  # a tie on the mean: the shorter one
+    for kind in ("knn", "network"):
+        predictor = P.train(kind, data, lm.identity)
+        chosen = [predictor.choose(s) for s in data.states]
+        assert chosen == [1 if i % 2 == 0 else 2 for i in range(len(data.states))], kind
+
+
+def test_predictors_round_trip_through_their_files(trained, lm, task_dir):
+    _, _, data, paths = trained
+    for kind, path in paths.items():
+        original = P.train(kind, data, lm.identity, **({"epochs": 5} if kind == "network" else {}))
+        loaded = P.load(path)
+        assert loaded.info.training_hashes == data.doc_hashes
+        assert [loaded.choose(s) for s in data.states] == [original.choose(s) for s in data.states]
+
+
+def test_a_broken_predictor_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a predictor")
+    with pytest.raises(ChainSourceError, match="not a predictor saved by cola predict train"):
+        open_source(f"predictor:{bad}")
+    with pytest.raises(ChainSourceError, match="does not exist"):
+        open_source(f"predictor:{tmp_path / 'missing.pt'}")
+
+
+@pytest.mark.parametrize("kind", ["static", "knn", "network"])
+def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, trained, kind):
+    _, _, _, paths = trained
+    predictor = P.load(paths[kind])
+    out = lm_eval.simple_evaluate(
+        model=ColaLM(
+            pretrained=lm.pretrained, chains=f"predictor:{paths[kind]}", device="cpu", batch_size=1
+        ),
+        tasks=["cola_split"],
+        task_manager=TaskManager(include_path=task_dir),
+        log_samples=True,
+    )
+    task = split_task(task_dir)
+    objective, encode = Objective(lm, task), PromptStates(lm, SPEC)
+    documents = {d.doc_hash: d for d in task_documents(task, None)}
+    samples = out["samples"]["cola_split"]
+    assert len(samples) == 8
+    for sample in samples:
+        document = documents[sample["doc_hash"]]
+        chain = predictor.predict(encode(prompt_of(document.instances)))
+        assert sample["acc"] == objective.score(document, chain).score
+
+
+def test_predictor_of_other_weights_is_refused_when_the_model_loads(trained, tiny_llama_dir):
+    _, _, _, paths = trained
+    predictor = P.load(paths["knn"])
+    predictor.info.model["fingerprint"] = "0" * 64
+    forged = paths["knn"].with_name("forged.pt")
+    P.save(predictor, forged)
+    with pytest.raises(ChainSourceError, match=r"trained for .* not for the loaded"):
+        ColaLM(pretrained=tiny_llama_dir, chains=f"predictor:{forged}", device="cpu", batch_size=1)
+
+
+def test_evaluation_refuses_training_documents_but_prediction_allows_them(lm, task_dir, trained):
+    _, _, data, paths = trained
+    predictors = [P.load(p) for p in paths.values()]
+    with pytest.raises(LeakError, match="14 of the 14 evaluation documents were used to train"):
+        evaluate(lm, split_task(task_dir, "train"), predictors)
+    knn = predictors[1]
+    assert knn.predict(data.states[0]) in data.candidates  # predicting a training document: fine
+    cli = [sys.executable, "-m", "lm_eval_cola", "predict", "evaluate", "--predictors",
+           *map(str, paths.values()), "--tasks", "cola_split", "--split", "train",
+           "--include_path", task_dir, "--model_args", "pretrained=/nonexistent"]  # fmt: skip
+    refused = subprocess.run(cli, capture_output=True, text=True)
+    assert refused.returncode == 2 and "were used to train" in refused.stderr  # before loading
+
+
+def test_held_out_evaluation_reports_against_identity_and_static(lm, task_dir, trained):
+    _, _, _, paths = trained
+    results = evaluate(lm, split_task(task_dir), [P.load(p) for p in paths.values()])
+    task = split_task(task_dir)
+    objective = Objective(lm, task)
+    documents = task_documents(task, None)
+    identity = sum(objective.score(d, Chain.identity(4)).correct for d in documents) / 8
+    for result in results:
+        assert result.documents == 8 and result.identity_accuracy == identity
+        assert result.feature_layers == (0 if result.predictor == "static" else SPEC.layer)
+    static = next(r for r in results if r.predictor == "static")
+    assert static.accuracy == static.static_accuracy
+    assert static.differs_from_identity == float(static.static_chain != "0-3")
