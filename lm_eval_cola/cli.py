@@ -15,6 +15,7 @@ EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
   cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
   cola db stats --store cola.db --run 1
+  cola plot --store cola.db --run 1 2 --output_dir figures/
   cola predict train --store cola.db --run 2 --output_dir predictors/
   cola lm_eval --model cola --model_args chain=0-11.11-29 --tasks arc_easy --limit 20
 """
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     )
     store_cli.add_parser(sub)
+    store_cli.add_plot_parser(sub)
     search_cli.add_parser(sub)
     predict_cli.add_parser(sub)
     sub.add_parser(

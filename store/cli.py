@@ -43,8 +43,8 @@ Original accuracy: documents whose identity chain (the full model) is correct, o
 Of the originally correct documents, the share where a shorter chain is also correct; of the
   originally wrong ones, the share some chain corrects.
 The best chain of each document (highest score, then shortest; as cola db chains --pick best):
-  its mean length against the model's depth, and per layer the share of best chains that skip
-  the layer and that repeat it."""
+  its mean length against the model's depth, and per layer how often the best chains apply it
+  on average (usage) and the share of best chains that skip the layer and that repeat it."""
 #: Decimals of shares and accuracies in tables.
 DIGITS = 3
 
@@ -76,6 +76,7 @@ def _command(
     example: str,
     run: Command,
     details: str = "",
+    prefix: str = "db ",
 ) -> argparse.ArgumentParser:
     """A sub-command with ``--store``, whose errors are reported as one line."""
     parser = commands.add_parser(
@@ -88,7 +89,9 @@ def _command(
     parser.add_argument(
         "--store", default="cola.db", help="SQLite path or SQLAlchemy URL (default: cola.db)"
     )
-    parser.set_defaults(func=functools.partial(_reporting_errors, run))
+    parser.set_defaults(
+        func=functools.partial(_reporting_errors, run), command_name=f"{prefix}{name}"
+    )
     return parser
 
 
@@ -100,9 +103,9 @@ def _reporting_errors(run: Command, args: argparse.Namespace) -> int:
 
     try:
         run(args)
-    except (StoreError, SQLAlchemyError, OSError, ImportError) as err:
+    except (StoreError, SQLAlchemyError, OSError, ImportError, ValueError) as err:
         message = " ".join(line.strip() for line in str(err).splitlines())
-        print(f"cola db {args.db_command}: error: {message}", file=sys.stderr)
+        print(f"cola {args.command_name}: error: {message}", file=sys.stderr)
         return 1
     return 0
 
@@ -234,7 +237,7 @@ def _stats_text(result: RunStats) -> str:
             f"run {result.run_id}: {result.documents} documents evaluated",
             *(f"  {label:<{width}}  {value}" for label, value in lines.items()),
             "",
-            "per layer, share of the best chains that skip it and that repeat it:",
+            "per layer: mean applications in the best chains, share that skip it, that repeat it:",
             layers,
         ]
     )
@@ -244,8 +247,54 @@ def _layer_table(result: RunStats) -> str:
     from lm_eval_cola.store import frames
 
     rates = frames.layer_rates_frame(result).set_index("layer")
-    rates.columns = ["skip", "repeat"]
+    rates.columns = ["usage", "skip", "repeat"]
     return rates.T.to_string(float_format=lambda x: f"{x:.2f}", line_width=100)
+
+
+# -- plot (``cola plot``) ----------------------------------------------------------------------
+
+PLOT_KINDS = ("layers", "lengths", "pareto", "budget")
+PLOT_DETAILS = """\
+layers: per layer, mean applications in the best chains and the shares that skip and repeat
+  it (the paper's Figures 5 and 6). lengths: lengths of the best correct chains, originally
+  correct against originally wrong documents (Figure 2). pareto: score against chain length,
+  for one document with --doc_id, else the share of documents with a correct chain of at most
+  each length. budget: the share of documents with a correct chain within the first b
+  evaluations, one curve per run (e.g. one run per search method). Without --kind, all four."""
+
+
+def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``cola plot`` on the ``cola`` sub-commands."""
+    parser = _command(
+        subparsers,
+        "plot",
+        "write the paper's figures for runs of a store as PNG files",
+        "cola plot --store cola.db --run 3 4 5 --output_dir figures/",
+        _plot,
+        details=PLOT_DETAILS,
+        prefix="",
+    )
+    _add_runs_argument(parser)
+    parser.add_argument("--kind", choices=PLOT_KINDS, action="append", help="(default: all)")
+    parser.add_argument("--doc_id", type=int, help="pareto: one document instead of the run")
+    parser.add_argument("--output_dir", type=Path, default=Path("figures"))
+
+
+def _plot(args: argparse.Namespace) -> None:
+    import matplotlib.pyplot as plt
+
+    from lm_eval_cola.store import frames, plots
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    with frames.opened(args.store) as store:
+        run_ids = frames.resolve_runs(store, args.run)
+        for kind in args.kind or PLOT_KINDS:
+            figure = plots.render(store, kind, run_ids, args.doc_id)
+            runs = "-".join(map(str, run_ids if kind == "budget" else run_ids[:1]))
+            path = args.output_dir / f"run{runs}-{kind}.png"
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+            print(path)
 
 
 # -- sql --------------------------------------------------------------------------------------

@@ -85,7 +85,8 @@ def stats(store: StoreLike, run_id: RunLike) -> pd.DataFrame:
 
 
 def layer_rates(store: StoreLike, run_id: RunLike) -> pd.DataFrame:
-    """Per layer, the share of the run's best chains that skip it and that repeat it."""
+    """Per layer: how often the run's best chains apply it on average, and the share of them
+    that skip it and that repeat it."""
     return layer_rates_frame(run_stats(store, run_id))
 
 
@@ -101,6 +102,7 @@ def layer_rates_frame(result: queries.RunStats) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "layer": range(result.n_layers),
+            "usage": result.usage,
             "skip_rate": result.skip_rate,
             "repeat_rate": result.repeat_rate,
         }

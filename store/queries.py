@@ -96,6 +96,7 @@ class RunStats:
     corrected_share: float | None
     mean_chosen_length: float
     n_layers: int
+    usage: list[float]
     skip_rate: list[float]
     repeat_rate: list[float]
 
@@ -115,9 +116,7 @@ def per_document(session: Session, run_id: int, n_layers: int) -> list[tuple]:
 
 
 def stats(session: Session, run_id: int) -> RunStats:
-    n_layers = session.scalar(select(Model.n_layers).join(Run).where(Run.id == run_id))
-    if n_layers is None:
-        raise ValueError(f"no run {run_id} in the store")
+    n_layers = _depth(session, run_id)
     docs = per_document(session, run_id, n_layers)
     with_original = [d for d in docs if d[1] is not None]
     right = [d for d in with_original if d[1] == 1]
@@ -132,6 +131,10 @@ def stats(session: Session, run_id: int) -> RunStats:
         corrected_share=_share(sum(d[2] for d in wrong), len(wrong)),
         mean_chosen_length=sum(map(len, chosen)) / len(chosen) if chosen else 0.0,
         n_layers=n_layers,
+        usage=[
+            sum(chain.layers.count(layer) for chain in chosen) / max(len(chosen), 1)
+            for layer in range(n_layers)
+        ],
         skip_rate=_layer_rates(chosen, n_layers, lambda count: count == 0),
         repeat_rate=_layer_rates(chosen, n_layers, lambda count: count > 1),
     )
@@ -340,3 +343,76 @@ def finished_documents(session: Session, run_ids: Sequence[int]) -> list[str]:
         .order_by(Document.doc_id)
     )
     return list(rows.scalars())
+
+
+# -- the figures' data --------------------------------------------------------------------------
+
+
+def _original_correct(run_id: int, n_layers: int) -> Subquery:
+    """Per document of the run: whether its identity chain (the full model) was correct."""
+    identity = str(Chain.identity(n_layers))
+    return (
+        select(
+            Evaluation.document_id,
+            func.max(cast(Evaluation.correct, Integer)).label("original"),
+        )
+        .where(Evaluation.run_id == run_id, Evaluation.chain == identity)
+        .group_by(Evaluation.document_id)
+        .subquery()
+    )
+
+
+def chosen_lengths(session: Session, run_id: int) -> list[tuple[int | None, bool, int]]:
+    """Per document: (original correct 1/0 or None, best chain correct, best chain's length),
+    the best chain as :func:`pick` chooses it with ``best``."""
+    n_layers = _depth(session, run_id)
+    ranked, original = _ranked([run_id], "best"), _original_correct(run_id, n_layers)
+    rows = session.execute(
+        select(original.c.original, ranked.c.correct, ranked.c.length)
+        .select_from(ranked)
+        .outerjoin(original, original.c.document_id == ranked.c.document_id)
+        .where(ranked.c.rank == 1)
+    )
+    return [(row[0], bool(row[1]), row[2]) for row in rows]
+
+
+def shortest_correct(session: Session, run_id: int) -> list[int | None]:
+    """Per document, the length of its shortest correct chain (None: no chain is correct)."""
+    shortest = func.min(case((Evaluation.correct, Evaluation.length)))
+    rows = session.execute(
+        select(shortest).where(Evaluation.run_id == run_id).group_by(Evaluation.document_id)
+    )
+    return list(rows.scalars())
+
+
+def first_correct_step(session: Session, run_id: int) -> list[int | None]:
+    """Per document, how many evaluations the search needed before its first correct chain
+    (1: the full model was correct; None: none was). A document's evaluations are written in
+    the order the search made them, in one insert, so their ids follow that order."""
+    step = func.row_number().over(partition_by=Evaluation.document_id, order_by=Evaluation.id)
+    ordered = (
+        select(Evaluation.document_id, Evaluation.correct, step.label("step"))
+        .where(Evaluation.run_id == run_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(func.min(case((ordered.c.correct, ordered.c.step)))).group_by(ordered.c.document_id)
+    )
+    return list(rows.scalars())
+
+
+def document_evaluations(session: Session, run_id: int, doc_id: int) -> list[tuple[int, float]]:
+    """(length, score) of every chain the run evaluated on the document with this ``doc_id``."""
+    rows = session.execute(
+        select(Evaluation.length, Evaluation.score)
+        .join(Document, Document.id == Evaluation.document_id)
+        .where(Evaluation.run_id == run_id, Document.doc_id == doc_id)
+    )
+    return [tuple(row) for row in rows]
+
+
+def _depth(session: Session, run_id: int) -> int:
+    n_layers = session.scalar(select(Model.n_layers).join(Run).where(Run.id == run_id))
+    if n_layers is None:
+        raise ValueError(f"no run {run_id} in the store")
+    return n_layers

@@ -56,6 +56,7 @@ STATS = {
     "corrected_share": 2 / 3,  # documents 3 and 4 of 3-5
     "mean_chosen_length": (3 + 4 + 5 + 5 + 3 + 3) / 6,
     "n_layers": 4,
+    "usage": [5 / 6, 7 / 6, 1.0, 5 / 6],  # applications per best chain, e.g. layer 1: 1+1+2+2+0+1
     "skip_rate": [1 / 6, 1 / 6, 0.0, 1 / 6],  # layer 0: 1-3; layer 1: 0.2-3; layer 3: 0-2
     "repeat_rate": [0.0, 2 / 6, 0.0, 0.0],  # layer 1 twice in 0-1.1-3, documents 2 and 3
 }
@@ -137,6 +138,7 @@ def test_stats_frames_answer_the_papers_questions(url: str) -> None:
     assert row == pytest.approx(scalars)
     rates = frames.layer_rates(url, "grid")
     assert list(rates["layer"]) == [0, 1, 2, 3]
+    assert rates["usage"].tolist() == pytest.approx(STATS["usage"])
     assert rates["skip_rate"].tolist() == pytest.approx(STATS["skip_rate"])
     assert rates["repeat_rate"].tolist() == pytest.approx(STATS["repeat_rate"])
 
@@ -218,9 +220,10 @@ def test_stats_command(path: str, capsys) -> None:
         "mean length of the best chains": "3.83 (model depth 4)",
     }
     assert out.startswith("run 1: 6 documents evaluated")
-    layers = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-3:]}
+    layers = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-4:]}
     assert layers == {
         "layer": ["0", "1", "2", "3"],
+        "usage": ["0.83", "1.17", "1.00", "0.83"],
         "skip": ["0.17", "0.17", "0.00", "0.17"],
         "repeat": ["0.00", "0.33", "0.00", "0.00"],
     }
