@@ -25,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lm_eval.tasks import TaskManager, get_task_dict
 from sqlalchemy import select
 
-from lm_eval_cola.lm import ColaLM
+from lm_eval_cola.lm import load
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store.schema import Evaluation
 from lm_eval_cola.store.store import Store
@@ -66,7 +66,7 @@ def timed_search(lm, task, budget: int, limit: int, cache_mb: float, folder: str
 
 def main() -> None:
     args = parse_args()
-    lm = ColaLM.create_from_arg_string(args.model_args, {"device": args.device, "batch_size": 1})
+    lm = load(args.model_args, args.device)
     task = get_task_dict([args.task], TaskManager())[args.task]
     task.set_config(key="num_fewshot", value=0)
     results = {}

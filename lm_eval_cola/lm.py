@@ -212,6 +212,14 @@ class ColaLM(HFLM):
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def load(model_args: str = "", device: str | None = None) -> ColaLM:
+    """A ``cola`` model for the project's own commands (search, predict): ``model_args`` as in
+    ``--model_args``, on ``device`` (default: CUDA when there is one, else the CPU), with the
+    batch size of one document that the search objective sets itself."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return ColaLM.create_from_arg_string(model_args, {"device": device, "batch_size": 1})
+
+
 def _key(chain: Chain | None) -> str:
     return "" if chain is None else str(chain)
 

@@ -29,6 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "predict",
         help="train and evaluate chain predictors (chains from the input alone)",
         description="Train chain predictors from a store and evaluate them on held-out documents.",
+        epilog=EPILOG_TRAIN + "\n" + EPILOG_EVALUATE.replace("example:\n", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = predict.add_subparsers(dest="predict_command", metavar="COMMAND", required=True)
     _add_train(commands)
@@ -163,10 +165,9 @@ def _print_results(results) -> None:
 
 
 def _load_model(args: argparse.Namespace):
-    from lm_eval_cola.lm import ColaLM
+    from lm_eval_cola.lm import load
 
-    extra = {"device": args.device} if args.device else {}
-    return ColaLM.create_from_arg_string(args.model_args, {"batch_size": 1, **extra})
+    return load(args.model_args, args.device)
 
 
 def _fail(message: str) -> int:

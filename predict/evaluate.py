@@ -65,6 +65,29 @@ def check_no_leak(predictors: list[Predictor], documents: list[Document]) -> Non
             )
 
 
+class _Correctness:
+    """Whether a chain answers a document, each (document, chain) scored once. The identity
+    is scored first on each document: graded metrics judge a chain against it."""
+
+    def __init__(self, objective: Objective, identity: Chain) -> None:
+        self.objective, self.identity = objective, identity
+        self._correct: dict[tuple[str, Chain], bool] = {}
+        self._reference: dict[str, float] = {}
+
+    def __call__(self, document: Document, chain: Chain) -> bool:
+        key = (document.doc_hash, chain)
+        if key not in self._correct:
+            reference = None
+            if chain != self.identity:
+                self(document, self.identity)
+                reference = self._reference[document.doc_hash]
+            trial = self.objective.score(document, chain, reference)
+            if chain == self.identity:
+                self._reference[document.doc_hash] = trial.score
+            self._correct[key] = trial.correct
+        return self._correct[key]
+
+
 def evaluate(
     lm, task, predictors: list[Predictor], limit: int | None = None
 ) -> list[PredictorScore]:
@@ -72,53 +95,43 @@ def evaluate(
     check_fit(predictors, lm.identity.fingerprint, task.config.task)
     documents = task_documents(task, limit)
     check_no_leak(predictors, documents)
-    first = predictors[0].info
-    objective = Objective(lm, task, first.metric)
-    n_layers = lm.executor.n_layers
-    identity = Chain.identity(n_layers)
-    scored: dict[tuple[str, Chain], bool] = {}
-    objective_scores: dict[str, float] = {}
-
-    def correct(document: Document, chain: Chain) -> bool:
-        key = (document.doc_hash, chain)
-        if key not in scored:
-            if chain != identity:
-                correct(document, identity)  # the reference for graded metrics comes first
-            reference = None if chain == identity else objective_scores[document.doc_hash]
-            trial = objective.score(document, chain, reference)
-            if chain == identity:
-                objective_scores[document.doc_hash] = trial.score
-            scored[key] = trial.correct
-        return scored[key]
-
-    encoders = {p.info.kind: PromptStates(lm, p.info.spec) for p in predictors if p.reads_prompt}
+    identity = Chain.identity(lm.executor.n_layers)
+    correct = _Correctness(Objective(lm, task, predictors[0].info.metric), identity)
+    encoders = {p.info.spec: PromptStates(lm, p.info.spec) for p in predictors if p.reads_prompt}
     chosen: dict[str, list[Chain]] = {p.info.kind: [] for p in predictors}
     for document in tqdm(documents, desc="Evaluating predictors"):
         prompt = prompt_of(document.instances)
+        states = {spec: encode(prompt) for spec, encode in encoders.items()}
         for predictor in predictors:
-            encode = encoders.get(predictor.info.kind)
-            chain = predictor.predict(encode(prompt) if encode else None)
+            chain = predictor.predict(states.get(predictor.info.spec))
             chosen[predictor.info.kind].append(chain)
             correct(document, chain)
-    results = []
-    for predictor in predictors:
-        chains = chosen[predictor.info.kind]
-        static = Chain.parse(predictor.info.static_chain)
-        results.append(
-            PredictorScore(
-                predictor=predictor.info.kind,
-                documents=len(documents),
-                accuracy=_mean(correct(d, c) for d, c in zip(documents, chains, strict=True)),
-                identity_accuracy=_mean(correct(d, identity) for d in documents),
-                static_accuracy=_mean(correct(d, static) for d in documents),
-                mean_chain_length=_mean(len(c) for c in chains),
-                feature_layers=predictor.info.spec.layer if predictor.reads_prompt else 0,
-                n_layers=n_layers,
-                differs_from_identity=_mean(c != identity for c in chains),
-                static_chain=str(static),
-            )
-        )
-    return results
+    return [
+        _summary(predictor, documents, chosen[predictor.info.kind], correct, identity)
+        for predictor in predictors
+    ]
+
+
+def _summary(
+    predictor: Predictor,
+    documents: list[Document],
+    chains: list[Chain],
+    correct: _Correctness,
+    identity: Chain,
+) -> PredictorScore:
+    static = Chain.parse(predictor.info.static_chain)
+    return PredictorScore(
+        predictor=predictor.info.kind,
+        documents=len(documents),
+        accuracy=_mean(correct(d, c) for d, c in zip(documents, chains, strict=True)),
+        identity_accuracy=_mean(correct(d, identity) for d in documents),
+        static_accuracy=_mean(correct(d, static) for d in documents),
+        mean_chain_length=_mean(len(c) for c in chains),
+        feature_layers=predictor.info.spec.layer if predictor.reads_prompt else 0,
+        n_layers=len(identity),
+        differs_from_identity=_mean(c != identity for c in chains),
+        static_chain=str(static),
+    )
 
 
 def _mean(values) -> float:

@@ -58,6 +58,5 @@ class PromptStates:
 
 
 def pooled(states: torch.Tensor) -> torch.Tensor:
-    """Mean over the prompt's tokens, scaled to unit length (for cosine neighbours)."""
-    mean = states.mean(dim=0)
-    return mean / mean.norm().clamp_min(1e-12)
+    """The mean of the prompt's token states."""
+    return states.mean(dim=0)

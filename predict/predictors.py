@@ -6,7 +6,7 @@ so it can only ever run chains that were measured on the training documents:
 - ``static``: the one candidate with the best mean score over the training documents, for
   every document (a searched, fixed pruning or looping of the model; needs no features);
 - ``knn``: the candidate with the best similarity-weighted mean score over the ``k`` training
-  documents whose mean-pooled prompt states are nearest (cosine);
+  documents whose mean-pooled prompt states are nearest (cosine, after centring);
 - ``network``: in the spirit of PoLar, learnable candidate queries cross-attend to the
   projected prompt states, a small transformer mixes them, and a linear head scores each
   candidate; trained with torch to predict which candidates answer correctly (binary
@@ -193,33 +193,36 @@ class NeighboursPredictor(Predictor):
     def __init__(self, info: PredictorInfo) -> None:
         super().__init__(info)
         self.k = int(info.options.get("k", 5))
-        self.keys = torch.empty(0)
-        self.scores = torch.empty(0)
+        self.centre = self.keys = self.scores = torch.empty(0)
 
     @classmethod
     def fit(cls, data: TrainingSet, info: PredictorInfo, k: int = 5) -> NeighboursPredictor:
         info.options = {"k": k}
         predictor = cls(info)
-        predictor.keys = torch.stack([pooled(s) for s in data.states])
+        means = torch.stack([pooled(s) for s in data.states])
+        # Centred: a few huge hidden dimensions would otherwise make every prompt look alike.
+        predictor.centre = means.mean(dim=0)
+        predictor.keys = nn.functional.normalize(means - predictor.centre, dim=1)
         predictor.scores = data.scores.clone()
         return predictor
 
     def choose(self, states: torch.Tensor | None) -> int:
-        similarity = self.keys @ pooled(states)
-        k = min(self.k, len(similarity))
-        weights, nearest = similarity.topk(k)
+        query = nn.functional.normalize(pooled(states) - self.centre, dim=0)
+        weights, nearest = (self.keys @ query).topk(min(self.k, len(self.keys)))
         weights = weights.clamp_min(0) + 1e-6
         value = (weights[:, None] * self.scores[nearest]).sum(0) / weights.sum()
-        prior = self.scores.mean(dim=0)  # ties: the better chain overall, then the shorter
-        ranked = range(len(self.candidates))
-        return max(ranked, key=lambda j: (round(value[j].item(), 9), prior[j].item(),
-                                          -len(self.candidates[j])))  # fmt: skip
+        prior = self.scores.mean(dim=0)  # among equals: the better chain overall, then shorter
+
+        def rank(j: int) -> tuple:
+            return round(value[j].item(), 9), prior[j].item(), -len(self.candidates[j])
+
+        return max(range(len(self.candidates)), key=rank)
 
     def tensors(self) -> dict[str, Any]:
-        return {"keys": self.keys, "scores": self.scores}
+        return {"centre": self.centre, "keys": self.keys, "scores": self.scores}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        self.keys, self.scores = saved["keys"], saved["scores"]
+        self.centre, self.keys, self.scores = saved["centre"], saved["keys"], saved["scores"]
 
 
 class ChainChooser(nn.Module):

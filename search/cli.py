@@ -140,7 +140,6 @@ def _open_store(location: str):
 
 
 def _load_model(args: argparse.Namespace):
-    from lm_eval_cola.lm import ColaLM
+    from lm_eval_cola.lm import load
 
-    extra = {"device": args.device} if args.device else {}
-    return ColaLM.create_from_arg_string(args.model_args, extra)
+    return load(args.model_args, args.device)

@@ -11,6 +11,7 @@ through ``lm_eval --model cola``.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -149,6 +150,7 @@ class Objective:
         self.higher_is_better = task.higher_is_better().get(self.metric, True)
         self.binary = self.metric.startswith(BINARY_PREFIXES)
         self.cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
+        self._keeps_logits = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
 
     def score(self, document: Document, chain: Chain, reference: float | None = None) -> Trial:
         """Run ``chain`` on the document; ``reference`` is the full model's score, for metrics
@@ -175,9 +177,13 @@ class Objective:
             instance.resps, instance.filtered_resps = [], {}
             by_type[instance.request_type].append(instance)
         for request_type, instances in by_type.items():
-            cache = self.cache if request_type == "loglikelihood" else None
+            scoring = request_type == "loglikelihood"
             requests = [i for i in instances for _ in range(i.repeats)]
-            with self.lm.executor.apply(chain, prefix_cache=cache), self._one_batch(requests):
+            with (
+                self.lm.executor.apply(chain, prefix_cache=self.cache if scoring else None),
+                self._one_batch(requests),
+                self._read_logits_only() if scoring else contextlib.nullcontext(),
+            ):
                 responses = getattr(HFLM, request_type)(self.lm, requests, disable_tqdm=True)
             for instance, response in zip(requests, responses, strict=True):
                 instance.resps.append(response)
@@ -185,6 +191,39 @@ class Objective:
             ensemble.apply(document.instances)
         results = [i.filtered_resps[self.filter_name] for i in document.instances]
         return self.task.process_results(document.doc, results)
+
+    @contextlib.contextmanager
+    def _read_logits_only(self) -> Iterator[None]:
+        """Compute the LM head only at the positions HFLM reads logits from.
+
+        HFLM right-pads a batch and reads each request's logits at positions ``inplen -
+        contlen`` to ``inplen - 1``; it locates them from the end of what the model returns
+        (the same arithmetic it uses for prompt-tuning's virtual tokens). So the model may
+        return only the last positions, from the first one any request reads: HF's
+        ``logits_to_keep``. The LM head over a large vocabulary costs as much as several
+        decoder layers per position, and a document's prompt is most of its positions.
+        """
+        if not self._keeps_logits:
+            yield
+            return
+        lm, first_read = self.lm, [0]
+        tokens = lm._loglikelihood_tokens
+
+        def note_first_read(requests, **kwargs):
+            first_read[0] = min(_first_read_position(lm, c, t) for _, c, t in requests)
+            return tokens(requests, **kwargs)
+
+        def keep_last(module, args, kwargs):
+            ids = args[0] if args else kwargs["input_ids"]
+            return args, {**kwargs, "logits_to_keep": ids.shape[1] - first_read[0]}
+
+        lm._loglikelihood_tokens = note_first_read
+        handle = lm.model.register_forward_pre_hook(keep_last, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+            del lm._loglikelihood_tokens
 
     @contextlib.contextmanager
     def _one_batch(self, requests: list[Instance]) -> Iterator[None]:
@@ -195,6 +234,13 @@ class Objective:
             yield
         finally:
             self.lm.batch_size_per_gpu = saved
+
+
+def _first_read_position(lm: HFLM, context: list[int], continuation: list[int]) -> int:
+    """The first input position whose logits HFLM reads for this request (as it truncates a
+    too long input from the left)."""
+    input_length = min(len(context) + len(continuation), lm.max_length + 1) - 1
+    return max(input_length - len(continuation), 0)
 
 
 def _as_score(value: Any, higher_is_better: bool) -> float:

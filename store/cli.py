@@ -281,20 +281,12 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    import matplotlib.pyplot as plt
-
     from lm_eval_cola.store import frames, plots
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     with frames.opened(args.store) as store:
         run_ids = frames.resolve_runs(store, args.run)
         for kind in args.kind or PLOT_KINDS:
-            figure = plots.render(store, kind, run_ids, args.doc_id)
-            runs = "-".join(map(str, run_ids if kind == "budget" else run_ids[:1]))
-            path = args.output_dir / f"run{runs}-{kind}.png"
-            figure.savefig(path, dpi=120)
-            plt.close(figure)
-            print(path)
+            print(plots.save(store, kind, run_ids, args.output_dir, args.doc_id))
 
 
 # -- sql --------------------------------------------------------------------------------------

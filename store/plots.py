@@ -17,6 +17,7 @@ title, labelled axes and the run(s) it came from:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -160,6 +161,19 @@ def budget_curves(store: Store, run_ids: Sequence[int]) -> Figure:
     ax.set_title(f"Existence rate against budget: {task}, {model}\nruns {runs}", fontsize=10)
     figure.tight_layout()
     return figure
+
+
+def save(
+    store: Store, kind: str, run_ids: Sequence[int], folder: Path, doc_id: int | None = None
+) -> Path:
+    """Write the figure ``kind`` to ``folder/run<ids>-<kind>.png``; returns the path."""
+    figure = render(store, kind, run_ids, doc_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = "-".join(map(str, run_ids if kind == "budget" else run_ids[:1]))
+    path = folder / f"run{runs}-{kind}.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def render(store: Store, kind: str, run_ids: Sequence[int], doc_id: int | None = None) -> Figure:

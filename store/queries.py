@@ -416,3 +416,39 @@ def _depth(session: Session, run_id: int) -> int:
     if n_layers is None:
         raise ValueError(f"no run {run_id} in the store")
     return n_layers
+
+
+def best_within_budget(session: Session, run_id: int, budget: int) -> list[tuple[bool, int]]:
+    """Per document, (correct, length) of the best chain (highest score, then shortest) among
+    the first ``budget`` evaluations the search made: what a run with that budget would have
+    found, for methods that do not plan with their total budget (none of ours does)."""
+    step = func.row_number().over(partition_by=Evaluation.document_id, order_by=Evaluation.id)
+    ordered = (
+        select(
+            Evaluation.document_id,
+            Evaluation.chain,
+            Evaluation.score,
+            Evaluation.length,
+            Evaluation.correct,
+            step.label("step"),
+        )
+        .where(Evaluation.run_id == run_id)
+        .subquery()
+    )
+    order = (ordered.c.score.desc(), ordered.c.length, ordered.c.chain)
+    rank = func.row_number().over(partition_by=ordered.c.document_id, order_by=order)
+    ranked = (
+        select(ordered.c.correct, ordered.c.length, rank.label("rank"))
+        .where(ordered.c.step <= budget)
+        .subquery()
+    )
+    rows = session.execute(select(ranked.c.correct, ranked.c.length).where(ranked.c.rank == 1))
+    return [(bool(correct), length) for correct, length in rows]
+
+
+def run_seconds(session: Session, run_id: int) -> float:
+    """Wall time the run spent on its finished documents, over all its processes and restarts."""
+    total = session.scalar(
+        select(func.sum(RunDocument.seconds)).where(RunDocument.run_id == run_id)
+    )
+    return float(total or 0.0)

@@ -32,6 +32,14 @@ def test_figure_data_answers_the_papers_questions(store):
         assert sorted(queries.chosen_lengths(session, 1)) == [
             (0, False, 3), (0, True, 3), (0, True, 5), (1, True, 3), (1, True, 4), (1, True, 5)
         ]  # fmt: skip
+        # within 1 evaluation only the identity; within 2 also 0-2, 0-2, 1-3, 0.1.1.2.3, 0.2.3, 1-3
+        assert sorted(queries.best_within_budget(session, 1, 1)) == [
+            (False, 4), (False, 4), (False, 4), (True, 4), (True, 4), (True, 4)
+        ]  # fmt: skip
+        assert sorted(queries.best_within_budget(session, 1, 2)) == [
+            (False, 3), (True, 3), (True, 3), (True, 4), (True, 4), (True, 5)
+        ]  # fmt: skip
+        assert queries.run_seconds(session, 1) == 6 * 0.5
         assert sorted(queries.document_evaluations(session, 1, 2)) == [
             (3, 0.8), (4, 0.9), (5, 0.95)
         ]  # fmt: skip

@@ -1,0 +1,268 @@
+"""The CoLa paper's findings on one model: Table 1, the headline shares, search methods
+against each other per budget, predicted chains, and the generation path on GSM8K.
+
+Every search is a run in one store, named by its settings, so the same command continues
+after a crash (or on more documents) and re-uses every run already finished; the report and
+the figures are then rebuilt from the store. Defaults follow the paper: MCTS with 200
+simulations and lambda = 5, on ARC-Easy's test split with SmolLM2-135M-Instruct.
+
+Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
+
+    python benchmarks/reproduce.py --limit 100 --store results/reproduce.db \\
+        --report results/REPRODUCE.md --figures docs/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import optuna
+
+from lm_eval_cola.lm import load
+from lm_eval_cola.predict import predictors as predicting
+from lm_eval_cola.predict.dataset import build_training_set
+from lm_eval_cola.predict.evaluate import evaluate
+from lm_eval_cola.search.objective import load_tasks
+from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.store import plots, queries
+from lm_eval_cola.store.store import Store
+
+SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python benchmarks/reproduce.py --limit 100 --store results/reproduce.db",
+    )
+    add = parser.add_argument
+    add("--model_args", default="", help="cola model args (default: SmolLM2-135M-Instruct)")
+    add("--device", help="default: cuda when there is one, else cpu")
+    add("--store", default="results/reproduce.db")
+    add("--report", default="results/REPRODUCE.md", help="markdown report written here")
+    add("--figures", default="results/figures", help="PNG figures written here")
+    add("--task", default="arc_easy")
+    add("--limit", type=int, default=100, help="test documents searched")
+    add("--budget", type=int, default=200, help="MCTS simulations per document (Table 1)")
+    add("--spaces", default="both,skip,repeat")
+    add("--methods", default="mcts,tpe,random,cmaes,nsga2,gp,qmc")
+    add("--method_limit", type=int, help="documents for the method comparison (--limit)")
+    add("--method_budget", type=int, help="evaluations per document there (--budget)")
+    add("--budgets", default="25,50,100,200", help="budgets the comparison reports")
+    add("--train_limit", type=int, default=200, help="train-split documents (0: no predictors)")
+    add("--train_budget", type=int, default=50)
+    add("--gsm8k_limit", type=int, default=30, help="0: skip GSM8K")
+    add("--gsm8k_budget", type=int, default=20)
+    add("--gsm8k_max_gen_toks", type=int, default=64)
+    add("--gsm8k_fewshot", type=int, help="default: the task's own (5)")
+    add("--prefix_cache_mb", type=float, default=1024)
+    return parser.parse_args()
+
+
+class Reproduction:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        Path(args.store).parent.mkdir(parents=True, exist_ok=True)
+        self.store = Store(args.store)
+        self.lm = load(args.model_args, args.device)
+        self.report: list[str] = []
+
+    def search(self, task_name: str, method: str, budget: int, limit: int, **options) -> int:
+        """The run for these settings, searched (or continued) until all its documents are done."""
+        split, space = options.pop("split", None), options.pop("space", "both")
+        task = load_tasks(task_name, split=split, **options)[task_name]
+        settings = SearchSettings(
+            method=method,
+            budget=budget,
+            space={"mode": space},
+            limit=limit,
+            num_fewshot=options.get("num_fewshot"),
+            max_gen_toks=options.get("max_gen_toks"),
+        )
+        run = SearchRun(self.lm, task, self.store, settings, self.args.prefix_cache_mb)
+        return run.run()
+
+    def seconds(self, run_id: int) -> float:
+        with self.store.session() as session:
+            return queries.run_seconds(session, run_id)
+
+    def stats(self, run_id: int) -> queries.RunStats:
+        with self.store.session() as session:
+            return queries.stats(session, run_id)
+
+    # -- the sections of the report ----------------------------------------------------------
+
+    def table_1(self) -> int:
+        a = self.args
+        runs = {s: self.search(a.task, "mcts", a.budget, a.limit, space=s) for s in _list(a.spaces)}
+        first = self.stats(next(iter(runs.values())))
+        self.add(
+            f"## Table 1: {a.task}, {first.documents} test documents, MCTS with {a.budget} "
+            "simulations",
+            "",
+            "| search space | accuracy (%) | run | wall time |",
+            "|---|---|---|---|",
+            f"| original (full model) | {_pct(first.original_accuracy)} | | |",
+        )
+        for space, run_id in runs.items():
+            stats = self.stats(run_id)
+            self.add(
+                f"| {SPACE_NAMES[space]} | {_pct(stats.oracle_accuracy)} | {run_id} | "
+                f"{_duration(self.seconds(run_id))} |"
+            )
+        if "both" in runs:
+            stats = self.stats(runs["both"])
+            self.add(
+                "",
+                "Headline shares (skip + repeat space):",
+                f"- originally correct documents with a shorter correct chain: "
+                f"{_pct(stats.shorter_correct_share)}% (paper: over 75%)",
+                f"- originally wrong documents that some chain corrects: "
+                f"{_pct(stats.corrected_share)}% (paper: over 60%)",
+                f"- mean length of the best chains: {stats.mean_chosen_length:.2f} of "
+                f"{stats.n_layers} layers",
+                "",
+            )
+            self.figures([runs["both"]], ("layers", "lengths", "pareto"))
+        return runs.get("both")
+
+    def methods(self) -> None:
+        a = self.args
+        limit, budget = a.method_limit or a.limit, a.method_budget or a.budget
+        runs = {m: self.search(a.task, m, budget, limit) for m in _list(a.methods)}
+        budgets = [b for b in map(int, _list(a.budgets)) if b <= budget]
+        self.add(
+            f"## Search methods at equal budgets: {a.task}, {limit} test documents",
+            "",
+            "Share of documents with a correct chain (%) / mean length of the best correct "
+            "chain, within the first b chain evaluations of each document.",
+            "",
+            "| method | " + " | ".join(f"b = {b}" for b in budgets) + " | run | wall time |",
+            "|---" * (len(budgets) + 3) + "|",
+        )
+        with self.store.session() as session:
+            for method, run_id in runs.items():
+                cells = []
+                for b in budgets:
+                    best = queries.best_within_budget(session, run_id, b)
+                    correct = [length for ok, length in best if ok]
+                    mean = sum(correct) / len(correct) if correct else float("nan")
+                    cells.append(f"{_pct(len(correct) / len(best))} / {mean:.1f}")
+                seconds = queries.run_seconds(session, run_id)
+                self.add(f"| {method} | " + " | ".join(cells) + f" | {run_id} | "
+                         f"{_duration(seconds)} |")  # fmt: skip
+        self.add("")
+        self.figures(list(runs.values()), ("budget",))
+
+    def predictors(self) -> None:
+        a = self.args
+        train_run = self.search(a.task, "mcts", a.train_budget, a.train_limit, split="train")
+        data = build_training_set(self.lm, self.store, [train_run])
+        trained = [predicting.train(kind, data, self.lm.identity) for kind in predicting.PREDICTORS]
+        task = load_tasks(a.task)[a.task]
+        start = time.perf_counter()
+        results = evaluate(self.lm, task, trained, a.limit)
+        seconds = time.perf_counter() - start
+        first = results[0]
+        self.add(
+            f"## Predicted chains: trained on {len(data.doc_hashes)} {a.task} train documents "
+            f"(MCTS, budget {a.train_budget}, run {train_run}), judged on {first.documents} "
+            "test documents",
+            "",
+            f"{len(data.candidates)} candidate chains; prompt states after layer "
+            f"{data.spec.layer} of {first.n_layers}, mean-pooled (knn) or per token (network). "
+            f"Identity chain: {_pct(first.identity_accuracy)}%; best static chain "
+            f"`{first.static_chain}`: {_pct(first.static_accuracy)}%. Evaluation took "
+            f"{_duration(seconds)}.",
+            "",
+            "| predictor | accuracy (%) | vs identity (points) | chain layers | + feature layers "
+            "| not the identity (%) |",
+            "|---|---|---|---|---|---|",
+        )
+        for r in results:
+            self.add(
+                f"| {r.predictor} | {_pct(r.accuracy)} | "
+                f"{100 * (r.accuracy - r.identity_accuracy):+.1f} | {r.mean_chain_length:.2f} | "
+                f"{r.feature_layers} | {_pct(r.differs_from_identity)} |"
+            )
+        if not any(r.accuracy > r.identity_accuracy for r in results):
+            self.add("", "No predictor beats the identity chain on these documents.")
+        self.add("")
+
+    def gsm8k(self) -> None:
+        a = self.args
+        options = {"max_gen_toks": a.gsm8k_max_gen_toks, "num_fewshot": a.gsm8k_fewshot}
+        run_id = self.search("gsm8k", "mcts", a.gsm8k_budget, a.gsm8k_limit, **options)
+        stats = self.stats(run_id)
+        self.add(
+            f"## GSM8K (generation): MCTS with {a.gsm8k_budget} simulations, "
+            f"{stats.documents} test documents, at most {a.gsm8k_max_gen_toks} new tokens",
+            "",
+            f"- original accuracy (exact match): {_pct(stats.original_accuracy)}%; with the "
+            f"best chain found: {_pct(stats.oracle_accuracy)}%",
+            f"- originally correct with a shorter correct chain: "
+            f"{_pct(stats.shorter_correct_share)}%; originally wrong and corrected: "
+            f"{_pct(stats.corrected_share)}%",
+            f"- run {run_id}, wall time {_duration(self.seconds(run_id))}",
+            "",
+        )
+        self.figures([run_id], ("lengths",))
+
+    def figures(self, run_ids: Sequence[int], kinds: Sequence[str]) -> None:
+        for kind in kinds:
+            path = plots.save(self.store, kind, run_ids, Path(self.args.figures))
+            self.add(f"![{kind}]({os.path.relpath(path, Path(self.args.report).parent)})", "")
+
+    def add(self, *lines: str) -> None:
+        self.report.extend(lines)
+        Path(self.args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.report).write_text("\n".join(self.report) + "\n")
+
+
+def _list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    start = time.perf_counter()
+    job = Reproduction(args)
+    job.add(
+        f"# CoLa on {job.lm.identity.name}",
+        "",
+        f"{job.lm.identity.n_layers} layers, {job.lm.identity.dtype}, on {job.lm.device} "
+        f"({platform.machine()}, {os.cpu_count()} CPUs). Store: `{args.store}`.",
+        "",
+    )
+    job.table_1()
+    if args.methods:
+        job.methods()
+    if args.train_limit:
+        job.predictors()
+    if args.gsm8k_limit:
+        job.gsm8k()
+    job.add(f"Total wall time of this invocation: {_duration(time.perf_counter() - start)}.")
+    print(Path(args.report).read_text())
+
+
+if __name__ == "__main__":
+    main()
