@@ -34,6 +34,7 @@ from lm_eval_cola.predict.evaluate import evaluate
 from lm_eval_cola.search.objective import load_tasks
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
+from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
@@ -101,7 +102,7 @@ class Reproduction:
 
     # -- the sections of the report ----------------------------------------------------------
 
-    def table_1(self) -> int:
+    def table_1(self) -> int | None:
         a = self.args
         runs = {s: self.search(a.task, "mcts", a.budget, a.limit, space=s) for s in _list(a.spaces)}
         first = self.stats(next(iter(runs.values())))
@@ -135,10 +136,16 @@ class Reproduction:
             self.figures([runs["both"]], ("layers", "lengths", "pareto"))
         return runs.get("both")
 
-    def methods(self) -> None:
+    def methods(self, mcts_run: int | None) -> None:
+        """Every method on the same documents; each row reads the first b evaluations of one
+        run per method (none plans with its total budget), so the Table 1 MCTS run serves."""
         a = self.args
         limit, budget = a.method_limit or a.limit, a.method_budget or a.budget
-        runs = {m: self.search(a.task, m, budget, limit) for m in _list(a.methods)}
+        reuse = mcts_run is not None and limit == a.limit and budget <= a.budget
+        runs = {
+            m: mcts_run if m == "mcts" and reuse else self.search(a.task, m, budget, limit)
+            for m in _list(a.methods)
+        }
         budgets = [b for b in map(int, _list(a.budgets)) if b <= budget]
         self.add(
             f"## Search methods at equal budgets: {a.task}, {limit} test documents",
@@ -146,7 +153,8 @@ class Reproduction:
             "Share of documents with a correct chain (%) / mean length of the best correct "
             "chain, within the first b chain evaluations of each document.",
             "",
-            "| method | " + " | ".join(f"b = {b}" for b in budgets) + " | run | wall time |",
+            "| method | " + " | ".join(f"b = {b}" for b in budgets) + " | run (its budget) | "
+            "wall time of the run |",
             "|---" * (len(budgets) + 3) + "|",
         )
         with self.store.session() as session:
@@ -158,7 +166,8 @@ class Reproduction:
                     mean = sum(correct) / len(correct) if correct else float("nan")
                     cells.append(f"{_pct(len(correct) / len(best))} / {mean:.1f}")
                 seconds = queries.run_seconds(session, run_id)
-                self.add(f"| {method} | " + " | ".join(cells) + f" | {run_id} | "
+                run_budget = session.get(Run, run_id).budget
+                self.add(f"| {method} | " + " | ".join(cells) + f" | {run_id} ({run_budget}) | "
                          f"{_duration(seconds)} |")  # fmt: skip
         self.add("")
         self.figures(list(runs.values()), ("budget",))
@@ -253,9 +262,9 @@ def main() -> None:
         f"({platform.machine()}, {os.cpu_count()} CPUs). Store: `{args.store}`.",
         "",
     )
-    job.table_1()
+    mcts_run = job.table_1()
     if args.methods:
-        job.methods()
+        job.methods(mcts_run)
     if args.train_limit:
         job.predictors()
     if args.gsm8k_limit:
