@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     add("--gsm8k_budget", type=int, default=20)
     add("--gsm8k_max_gen_toks", type=int, default=64)
     add("--gsm8k_fewshot", type=int, help="default: the task's own (5)")
+    add("--gsm8k_filter", default="flexible-extract", help="answer filter: the last number")
     add("--prefix_cache_mb", type=float, default=1024)
     return parser.parse_args()
 
@@ -88,6 +89,7 @@ class Reproduction:
             limit=limit,
             num_fewshot=options.get("num_fewshot"),
             max_gen_toks=options.get("max_gen_toks"),
+            filter_name=options.get("filter_name"),
         )
         run = SearchRun(self.lm, task, self.store, settings, self.args.prefix_cache_mb)
         return run.run()
@@ -110,7 +112,7 @@ class Reproduction:
             f"## Table 1: {a.task}, {first.documents} test documents, MCTS with {a.budget} "
             "simulations",
             "",
-            "| search space | accuracy (%) | run | wall time |",
+            "| search space | accuracy | run | wall time |",
             "|---|---|---|---|",
             f"| original (full model) | {_pct(first.original_accuracy)} | | |",
         )
@@ -126,9 +128,9 @@ class Reproduction:
                 "",
                 "Headline shares (skip + repeat space):",
                 f"- originally correct documents with a shorter correct chain: "
-                f"{_pct(stats.shorter_correct_share)}% (paper: over 75%)",
+                f"{_pct(stats.shorter_correct_share)} (paper: over 75%)",
                 f"- originally wrong documents that some chain corrects: "
-                f"{_pct(stats.corrected_share)}% (paper: over 60%)",
+                f"{_pct(stats.corrected_share)} (paper: over 60%)",
                 f"- mean length of the best chains: {stats.mean_chosen_length:.2f} of "
                 f"{stats.n_layers} layers",
                 "",
@@ -150,7 +152,7 @@ class Reproduction:
         self.add(
             f"## Search methods at equal budgets: {a.task}, {limit} test documents",
             "",
-            "Share of documents with a correct chain (%) / mean length of the best correct "
+            "Share of documents with a correct chain / mean length of the best correct "
             "chain, within the first b chain evaluations of each document.",
             "",
             "| method | " + " | ".join(f"b = {b}" for b in budgets) + " | run (its budget) | "
@@ -189,12 +191,12 @@ class Reproduction:
             "",
             f"{len(data.candidates)} candidate chains; prompt states after layer "
             f"{data.spec.layer} of {first.n_layers}, mean-pooled (knn) or per token (network). "
-            f"Identity chain: {_pct(first.identity_accuracy)}%; best static chain "
-            f"`{first.static_chain}`: {_pct(first.static_accuracy)}%. Evaluation took "
+            f"Identity chain: {_pct(first.identity_accuracy)}; best static chain "
+            f"`{first.static_chain}`: {_pct(first.static_accuracy)}. Evaluation took "
             f"{_duration(seconds)}.",
             "",
-            "| predictor | accuracy (%) | vs identity (points) | chain layers | + feature layers "
-            "| not the identity (%) |",
+            "| predictor | accuracy | vs identity (points) | chain layers | + feature layers "
+            "| not the identity |",
             "|---|---|---|---|---|---|",
         )
         for r in results:
@@ -209,18 +211,23 @@ class Reproduction:
 
     def gsm8k(self) -> None:
         a = self.args
-        options = {"max_gen_toks": a.gsm8k_max_gen_toks, "num_fewshot": a.gsm8k_fewshot}
+        options = {
+            "max_gen_toks": a.gsm8k_max_gen_toks,
+            "num_fewshot": a.gsm8k_fewshot,
+            "filter_name": a.gsm8k_filter,
+        }
         run_id = self.search("gsm8k", "mcts", a.gsm8k_budget, a.gsm8k_limit, **options)
         stats = self.stats(run_id)
         self.add(
             f"## GSM8K (generation): MCTS with {a.gsm8k_budget} simulations, "
             f"{stats.documents} test documents, at most {a.gsm8k_max_gen_toks} new tokens",
             "",
-            f"- original accuracy (exact match): {_pct(stats.original_accuracy)}%; with the "
-            f"best chain found: {_pct(stats.oracle_accuracy)}%",
+            f"- original accuracy (exact match, {a.gsm8k_filter}): "
+            f"{_pct(stats.original_accuracy)}; with the best chain found: "
+            f"{_pct(stats.oracle_accuracy)}",
             f"- originally correct with a shorter correct chain: "
-            f"{_pct(stats.shorter_correct_share)}%; originally wrong and corrected: "
-            f"{_pct(stats.corrected_share)}%",
+            f"{_pct(stats.shorter_correct_share)}; originally wrong and corrected: "
+            f"{_pct(stats.corrected_share)}",
             f"- run {run_id}, wall time {_duration(self.seconds(run_id))}",
             "",
         )
@@ -242,7 +249,7 @@ def _list(text: str) -> list[str]:
 
 
 def _pct(share: float | None) -> str:
-    return "n/a" if share is None else f"{100 * share:.1f}"
+    return "n/a" if share is None else f"{100 * share:.1f}%"
 
 
 def _duration(seconds: float) -> str:

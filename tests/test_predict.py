@@ -27,6 +27,8 @@ from lm_eval_cola.store.schema import Task
 from lm_eval_cola.store.store import Store
 
 SPEC = FeatureSpec(layer=2, max_tokens=64)
+#: Training options of each predictor in the fixture (small, for speed).
+OPTIONS = {"static": {}, "knn": {"k": 3}, "network": {"epochs": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def trained(lm, task_dir, tmp_path_factory):
         data = build_training_set(lm, store, [run_id], 6, SPEC, task_dir)
     paths = {
         kind: P.save(P.train(kind, data, lm.identity, **options), folder / f"{kind}.pt")
-        for kind, options in [("static", {}), ("knn", {"k": 3}), ("network", {"epochs": 5})]
+        for kind, options in OPTIONS.items()
     }
     return folder / "cola.db", run_id, data, paths
 
@@ -119,7 +121,7 @@ def test_each_predictor_learns_what_it_can_from_the_training_set(lm):
 def test_predictors_round_trip_through_their_files(trained, lm, task_dir):
     _, _, data, paths = trained
     for kind, path in paths.items():
-        original = P.train(kind, data, lm.identity, **({"epochs": 5} if kind == "network" else {}))
+        original = P.train(kind, data, lm.identity, **OPTIONS[kind])
         loaded = P.load(path)
         assert loaded.info.training_hashes == data.doc_hashes
         assert [loaded.choose(s) for s in data.states] == [original.choose(s) for s in data.states]
