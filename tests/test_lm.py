@@ -200,6 +200,11 @@ def test_data_parallel_ranks_with_different_chain_groups(tiny_llama_dir, task_di
         timeout=600,
         cwd=Path(__file__).parents[1],
     )
+    if "device cpu:0 is invalid" in done.stderr:  # before any cola code runs
+        pytest.skip(
+            "lm-eval 0.4.13 loads each CPU rank's weights onto 'cpu:0', which transformers 4.57 "
+            "rejects (5.x accepts it); GPU ranks load onto cuda:N"
+        )
     assert done.returncode == 0, done.stderr[-4000:]
     parallel = json.loads(out.read_text())
     assert parallel["world_size"] == 2
