@@ -113,9 +113,10 @@ class SearchRun:
         self.run_name = run_name or self.default_name()
 
     def default_name(self) -> str:
-        """The task, the method and a hash of the model and every setting."""
+        """The task, the method and a hash of the model and every setting but the limit: each
+        document's search is the same whatever the limit, so a larger limit grows the run."""
         key = json.dumps(
-            [self.lm.identity.fingerprint, self.task_info().config_hash, asdict(self.settings)],
+            [self.lm.identity.fingerprint, self.task_info().config_hash, self._named_settings()],
             sort_keys=True,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -148,12 +149,14 @@ class SearchRun:
             self.store.record_document(run_id, ids[document.doc_hash], evaluations, seconds)
             tally.add(trials, self.space.n_layers)
             progress.set_postfix(tally.postfix())
-        if len(self.store.finished_documents(run_id)) == len(self.documents):
-            self.store.finish_run(run_id)
+        self.store.finish_run_if_done(run_id)
         return run_id
 
+    def _named_settings(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self.settings).items() if k != "limit"}
+
     def run_info(self) -> RunInfo:
-        settings = asdict(self.settings)
+        settings = self._named_settings()
         return RunInfo(
             method=self.settings.method,
             budget=self.settings.budget,

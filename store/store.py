@@ -175,12 +175,14 @@ class Store:
         )
 
     def _resume(self, name: str, values: dict) -> int | None:
+        """A run grows when resumed with more documents (a larger ``--limit``), never shrinks."""
         with self.session() as session:
             run = session.scalar(select(Run).where(Run.name == name))
             if run is None:
                 return None
             self._check_resumable(run, values)
             run.status, run.finished_at = RUNNING, None
+            run.n_documents = max(run.n_documents, values["n_documents"])
             return run.id
 
     def _check_resumable(self, run: Run, values: dict) -> None:
@@ -196,6 +198,15 @@ class Store:
         with self.session() as session:
             run = session.get(Run, run_id)
             run.status, run.finished_at = status, utcnow()
+
+    def finish_run_if_done(self, run_id: int) -> bool:
+        """Mark the run finished once every document it covers is recorded (by any shard)."""
+        with self.session() as session:
+            size = session.get(Run, run_id).n_documents
+        if len(self.finished_documents(run_id)) < size:
+            return False
+        self.finish_run(run_id)
+        return True
 
     def finished_documents(self, run_id: int) -> set[int]:
         with self.session() as session:

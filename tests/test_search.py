@@ -25,7 +25,7 @@ from lm_eval_cola.search.objective import Objective, ObjectiveError, task_docume
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import Action, ChainSpace
 from lm_eval_cola.store import queries
-from lm_eval_cola.store.schema import Evaluation, RunDocument
+from lm_eval_cola.store.schema import Evaluation, Run, RunDocument
 from lm_eval_cola.store.store import Store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -242,6 +242,30 @@ def test_shards_split_the_documents_of_one_run(lm, task_dir, tmp_path):
         assert len(session.scalars(select(RunDocument)).all()) == len(
             task_documents(task(task_dir, "cola_mc"), None)
         )
+
+
+def test_a_larger_limit_grows_the_run_and_searches_only_the_new_documents(
+    lm, task_dir, tmp_path
+):
+    whole = search(lm, task_dir, tmp_path / "whole.db")
+    grown = search(lm, task_dir, tmp_path / "grown.db", limit=3)
+    assert _status(tmp_path / "grown.db", grown) == ("finished", 3)
+    before = evaluations(tmp_path / "grown.db", grown)
+    assert search(lm, task_dir, tmp_path / "grown.db", limit=5) == grown
+    assert _status(tmp_path / "grown.db", grown) == ("finished", 5)
+    assert before < evaluations(tmp_path / "grown.db", grown)  # the first 3 kept, not redone
+    assert search(lm, task_dir, tmp_path / "grown.db") == grown
+    assert evaluations(tmp_path / "grown.db", grown) == evaluations(tmp_path / "whole.db", whole)
+    n = len(task_documents(task(task_dir, "cola_mc"), None))
+    assert _status(tmp_path / "grown.db", grown) == ("finished", n)
+    search(lm, task_dir, tmp_path / "grown.db", limit=2)  # a smaller limit never shrinks it
+    assert _status(tmp_path / "grown.db", grown) == ("finished", n)
+
+
+def _status(path: Path, run_id: int) -> tuple[str, int]:
+    with Store(str(path), read_only=True).session() as session:
+        run = session.get(Run, run_id)
+        return run.status, run.n_documents
 
 
 def test_a_killed_search_resumes_and_equals_an_uninterrupted_one(
