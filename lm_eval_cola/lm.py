@@ -25,7 +25,7 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import ChainExecutor
 from lm_eval_cola.fingerprint import identify
-from lm_eval_cola.sources import ChainSource, ChainSourceError, doc_hash, open_source
+from lm_eval_cola.sources import ChainSource, ChainSourceError, open_source, requests_by_document
 
 logger = logging.getLogger("lm_eval.cola")
 
@@ -58,16 +58,17 @@ class ColaLM(HFLM):
         self.source: ChainSource | None = open_source(chains) if chains is not None else None
         self.strict_chains = bool(strict_chains)
         self.max_chain_length = max_chain_length
+        name = None
         if pretrained is None:
-            from lm_eval_cola.default_model import default_model_path
+            from lm_eval_cola.default_model import DISPLAY_NAME, default_model_path
 
-            pretrained = default_model_path()
+            pretrained, name = default_model_path(), DISPLAY_NAME
         if isinstance(pretrained, str):
             self._validate_chains(_depth_from_config(pretrained, kwargs))
         super().__init__(pretrained=pretrained, **kwargs)
         self.executor = ChainExecutor(self.model)
         self.executor.check(self.device)
-        name = pretrained if isinstance(pretrained, str) else self.model.name_or_path
+        name = name or (pretrained if isinstance(pretrained, str) else self.model.name_or_path)
         self.identity = identify(self.model, name, kwargs.get("revision"), self.executor.n_layers)
         if self.source is not None:
             self.source.bind(self.identity)
@@ -122,18 +123,16 @@ class ColaLM(HFLM):
         """The chain of each request; ``None`` runs the model unchanged."""
         if self.source is None:
             return [self.static_chain] * len(requests)
-        self.source.prepare(requests, self)
-        by_doc: dict[int, Chain | None] = {}
-        missing: set[tuple[str, str]] = set()
-        for request in requests:
-            if id(request.doc) not in by_doc:
-                hashed = doc_hash(request.doc)
-                found = self.source.lookup(request.task_name, hashed)
-                if found is None:
-                    missing.add((request.task_name, hashed))
-                by_doc[id(request.doc)] = found if found is not None else self.static_chain
-        self._report_missing(missing, len(by_doc))
-        return [by_doc[id(request.doc)] for request in requests]
+        documents = requests_by_document(requests)
+        self.source.prepare(documents, self)
+        found = {key: self.source.lookup(*key) for key in documents}
+        self._report_missing({key for key, chain in found.items() if chain is None}, len(found))
+        chain_of = {
+            id(request): found[key] if found[key] is not None else self.static_chain
+            for key, group in documents.items()
+            for request in group
+        }
+        return [chain_of[id(request)] for request in requests]
 
     def _report_missing(self, missing: set[tuple[str, str]], n_docs: int) -> None:
         if not missing:

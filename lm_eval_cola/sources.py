@@ -13,7 +13,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 from lm_eval_cola.chain import Chain, ChainError
@@ -26,6 +26,18 @@ def doc_hash(doc: Mapping) -> str:
 
     text = json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def requests_by_document(requests: Iterable) -> dict[tuple[str, str], list]:
+    """Requests grouped by (task, document hash), each document hashed once: a document's
+    requests (its choices, its rolling windows) all run its one chain."""
+    hashes: dict[int, str] = {}
+    documents: dict[tuple[str, str], list] = {}
+    for request in requests:
+        if id(request.doc) not in hashes:
+            hashes[id(request.doc)] = doc_hash(request.doc)
+        documents.setdefault((request.task_name, hashes[id(request.doc)]), []).append(request)
+    return documents
 
 
 class ChainSourceError(ValueError):
@@ -50,9 +62,10 @@ class ChainSource(ABC):
     def bind(self, model: ModelIdentity) -> None:
         """Called once the model has loaded, before any compute: refuse chains of other models."""
 
-    def prepare(self, requests: list, lm) -> None:
-        """Called with each batch of requests before :meth:`lookup`; sources that compute
-        chains from the input (predictors) compute them here with the loaded model."""
+    def prepare(self, documents: Mapping[tuple[str, str], list], lm) -> None:
+        """Called with each batch's requests by (task, document hash) before :meth:`lookup`;
+        sources that compute chains from the input (predictors) compute them here with the
+        loaded model."""
 
     def validate(self, n_layers: int, max_length: int | None = None) -> None:
         for where, chain in self.chains():

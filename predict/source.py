@@ -10,8 +10,7 @@ A predictor trained on other weights is refused when the model loads.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from lm_eval.api.instance import Instance
 
@@ -19,7 +18,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import PredictorFileError, file_digest, load
-from lm_eval_cola.sources import ChainSource, ChainSourceError, doc_hash
+from lm_eval_cola.sources import ChainSource, ChainSourceError
 
 logger = logging.getLogger("lm_eval.cola")
 
@@ -43,18 +42,15 @@ class PredictedChains(ChainSource):
                 f"{model.fingerprint[:12]}); load that model or train a predictor for this one"
             )
 
-    def prepare(self, requests: list[Instance], lm) -> None:
-        by_doc: dict[tuple[str, str], list[Instance]] = defaultdict(list)
-        for request in requests:
-            if request.task_name == self.predictor.info.task:
-                by_doc[(request.task_name, doc_hash(request.doc))].append(request)
-        new = [key for key in by_doc if key not in self._chains]
+    def prepare(self, documents: Mapping[tuple[str, str], list[Instance]], lm) -> None:
+        task = self.predictor.info.task
+        new = [key for key in documents if key[0] == task and key not in self._chains]
         if not new:
             return
         encode = PromptStates(lm, self.predictor.info.spec) if self.predictor.reads_prompt else None
         before = lm.executor.layer_applications
         for key in new:
-            states = encode(prompt_of(by_doc[key])) if encode else None
+            states = encode(prompt_of(documents[key])) if encode else None
             self._chains[key] = self.predictor.predict(states)
         self.feature_layer_applications += lm.executor.layer_applications - before
         logger.info(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from lm_eval_cola.default_model import DISPLAY_NAME
+
 pytestmark = pytest.mark.integration
 
 SHARED_DATA = Path(
@@ -158,6 +160,9 @@ def test_search_on_smollm2_is_stored_and_reproduced_by_lm_eval(offline_env, tmp_
 
     stats = db("stats")
     assert stats["documents"] == 5 and evaluations == 5 * 12
+    runs = ["cola", "db", "runs", "--store", str(store), "--format", "json"]
+    listed = subprocess.run(runs, env=offline_env, capture_output=True, text=True)
+    assert [run["model"] for run in json.loads(listed.stdout)] == [DISPLAY_NAME]
     assert stats["original_accuracy"] == pytest.approx(right / 5)
     assert stats["shorter_correct_share"] == pytest.approx(shortened / right if right else None)
     assert stats["corrected_share"] == pytest.approx(corrected / wrong if wrong else None)

@@ -244,9 +244,7 @@ def test_shards_split_the_documents_of_one_run(lm, task_dir, tmp_path):
         )
 
 
-def test_a_larger_limit_grows_the_run_and_searches_only_the_new_documents(
-    lm, task_dir, tmp_path
-):
+def test_a_larger_limit_grows_the_run_and_searches_only_the_new_documents(lm, task_dir, tmp_path):
     whole = search(lm, task_dir, tmp_path / "whole.db")
     grown = search(lm, task_dir, tmp_path / "grown.db", limit=3)
     assert _status(tmp_path / "grown.db", grown) == ("finished", 3)
