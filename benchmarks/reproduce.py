@@ -178,7 +178,12 @@ class Reproduction:
         a = self.args
         train_run = self.search(a.task, "mcts", a.train_budget, a.train_limit, split="train")
         data = build_training_set(self.lm, self.store, [train_run])
-        trained = [predicting.train(kind, data, self.lm.identity) for kind in predicting.PREDICTORS]
+        trained = []
+        for kind in predicting.PREDICTORS:
+            try:
+                trained.append(predicting.train(kind, data, self.lm.identity))
+            except ValueError as err:  # e.g. no correct program to train PoLar's head on
+                self.add(f"The {kind} predictor was not trained: {err}.", "")
         task = load_tasks(a.task)[a.task]
         start = time.perf_counter()
         results = evaluate(self.lm, task, trained, a.limit)

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-KINDS = ("static", "knn", "network")
+KINDS = ("static", "knn", "network", "program")
 EPILOG_TRAIN = """example:
   cola search --tasks arc_easy --split train --limit 300 --budget 50 --store cola.db
   cola predict train --store cola.db --run 1 --output_dir predictors/
@@ -63,7 +63,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--layer", type=int, help="prompt states after this many layers (N/2)")
     parser.add_argument("--max_tokens", type=int, default=256, help="last prompt tokens read")
     parser.add_argument("--k", type=int, default=5, help="neighbours (knn)")
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs (network)")
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs (network, program)")
     parser.add_argument("--seed", type=int, default=0)
     _model_options(parser)
     parser.set_defaults(func=train)
@@ -110,11 +110,14 @@ def train(args: argparse.Namespace) -> int:
         data = build_training_set(lm, store, args.run, args.candidates, spec, args.include_path)
     except (TrainingDataError, StoreError, ValueError) as err:
         return _fail(str(err))
-    options = {"knn": {"k": args.k}, "network": {"epochs": args.epochs, "seed": args.seed}}
+    network = {"epochs": args.epochs, "seed": args.seed}
+    options = {"knn": {"k": args.k}, "network": network, "program": network}
     for kind in kinds:
-        path = save(fit(kind, data, lm.identity, **options.get(kind, {})),
-                    Path(args.output_dir) / f"{kind}.pt")  # fmt: skip
-        print(f"{kind}: {path}")
+        try:
+            predictor = fit(kind, data, lm.identity, **options.get(kind, {}))
+        except ValueError as err:
+            return _fail(f"{kind}: {err}")
+        print(f"{kind}: {save(predictor, Path(args.output_dir) / f'{kind}.pt')}")
     print(
         f"trained on {len(data.doc_hashes)} documents of {data.task} ({data.split}), "
         f"{len(data.candidates)} candidate chains, {data.filled} candidate evaluations added"

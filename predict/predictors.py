@@ -1,7 +1,7 @@
 """Predictors: choose a document's chain from its prompt alone, trained on searched chains.
 
-Each predictor picks one of the training set's candidate chains (the identity is always one),
-so it can only ever run chains that were measured on the training documents:
+Most predictors pick one of the training set's candidate chains (the identity is always one),
+so they only ever run chains that were measured on the training documents:
 
 - ``static``: the one candidate with the best mean score over the training documents, for
   every document (a searched, fixed pruning or looping of the model; needs no features);
@@ -12,7 +12,12 @@ so it can only ever run chains that were measured on the training documents:
   candidate; trained with torch to predict which candidates answer correctly (binary
   cross-entropy), keeping the epoch with the best loss on held-out training documents.
 
-A new predictor is one class with ``fit`` and ``choose``, registered with
+``program`` is PoLar's own head: one query per layer, the same network, and two outputs per
+layer, whether a segment starts there and the segment's operation (skip, keep, repeat once;
+see :mod:`programs`). Trained on the correct candidates that are programs, it composes chains
+no training document ran.
+
+A new predictor is one class with ``fit`` and ``predict``, registered with
 :func:`register_predictor`. Every predictor is saved as one torch file (tensors and plain
 types only, loaded with ``weights_only=True``) that records the model, task, split, feature
 settings and the content hashes of its training documents.
@@ -23,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +40,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.predict.dataset import TrainingSet
 from lm_eval_cola.predict.features import FeatureSpec, pooled
+from lm_eval_cola.predict.programs import MAX_SEGMENT, OPERATIONS, decode, longest, parse
 
 FORMAT_VERSION = 1
 
@@ -59,7 +66,7 @@ class PredictorInfo:
 
 
 class Predictor(ABC):
-    """Chooses one of ``info.candidates`` for a document's prompt states."""
+    """Predicts a document's chain from its prompt states."""
 
     kind: ClassVar[str]
     #: False for predictors that ignore the prompt (no hidden states are computed for them).
@@ -75,8 +82,13 @@ class Predictor(ABC):
         """Train on ``data``; ``info`` is filled in except for ``kind`` and ``options``."""
 
     @abstractmethod
-    def choose(self, states: torch.Tensor | None) -> int:
-        """The index of the candidate for a document with these prompt states."""
+    def predict(self, states: torch.Tensor | None) -> Chain:
+        """The chain for a document with these prompt states."""
+
+    @abstractmethod
+    def bounds(self) -> Iterator[Chain]:
+        """Chains that every chain it predicts is within: checked against the model before
+        any compute (a chain too long or of a layer the model lacks is refused then)."""
 
     @abstractmethod
     def tensors(self) -> dict[str, Any]:
@@ -86,8 +98,19 @@ class Predictor(ABC):
     def restore(self, saved: dict[str, Any]) -> None:
         """Inverse of :meth:`tensors`."""
 
+
+class CandidatePredictor(Predictor):
+    """Chooses one of ``info.candidates``."""
+
+    @abstractmethod
+    def choose(self, states: torch.Tensor | None) -> int:
+        """The index of the candidate for a document with these prompt states."""
+
     def predict(self, states: torch.Tensor | None) -> Chain:
         return self.candidates[self.choose(states)]
+
+    def bounds(self) -> Iterator[Chain]:
+        yield from self.candidates
 
 
 PREDICTORS: dict[str, type[Predictor]] = {}
@@ -168,7 +191,7 @@ def file_digest(path: str | Path) -> str:
 
 
 @register_predictor
-class StaticPredictor(Predictor):
+class StaticPredictor(CandidatePredictor):
     kind = "static"
     reads_prompt = False
 
@@ -187,7 +210,7 @@ class StaticPredictor(Predictor):
 
 
 @register_predictor
-class NeighboursPredictor(Predictor):
+class NeighboursPredictor(CandidatePredictor):
     kind = "knn"
 
     def __init__(self, info: PredictorInfo) -> None:
@@ -225,26 +248,30 @@ class NeighboursPredictor(Predictor):
         self.centre, self.keys, self.scores = saved["centre"], saved["keys"], saved["scores"]
 
 
-class ChainChooser(nn.Module):
-    """Candidate queries cross-attend to the prompt states; one logit per candidate."""
+class QueryNetwork(nn.Module):
+    """Learnable queries (one per candidate, or per layer) cross-attend to the prompt states,
+    a small transformer mixes them, and a linear head gives ``outputs`` logits per query."""
 
-    def __init__(self, hidden: int, n_candidates: int, width: int = 64, heads: int = 4) -> None:
+    def __init__(
+        self, hidden: int, n_queries: int, width: int = 64, heads: int = 4, outputs: int = 1
+    ) -> None:
         super().__init__()
         self.project = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, width))
-        self.queries = nn.Parameter(torch.randn(n_candidates, width) * 0.02)
+        self.queries = nn.Parameter(torch.randn(n_queries, width) * 0.02)
         self.attend = nn.MultiheadAttention(width, heads, batch_first=True)
         block = nn.TransformerEncoderLayer(
             width, heads, 4 * width, dropout=0.1, batch_first=True, norm_first=True
         )
         self.mix = nn.TransformerEncoder(block, 1, enable_nested_tensor=False)
-        self.head = nn.Linear(width, 1)
+        self.head = nn.Linear(width, outputs)
 
     def forward(self, states: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, hidden) states and (batch, tokens) True-at-padding -> (batch, K)."""
+        """(batch, tokens, hidden) states, (batch, tokens) True-at-padding -> (batch, queries,
+        outputs)."""
         keys = self.project(states)
         queries = self.queries.expand(states.shape[0], -1, -1)
         attended, _ = self.attend(queries, keys, keys, key_padding_mask=padding)
-        return self.head(self.mix(queries + attended)).squeeze(-1)
+        return self.head(self.mix(queries + attended))
 
 
 def _batch(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,72 +284,181 @@ def _batch(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return padded, padding
 
 
-@register_predictor
-class NetworkPredictor(Predictor):
-    kind = "network"
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How the networks train (AdamW, minibatches of documents, early stopping)."""
 
-    def __init__(self, info: PredictorInfo) -> None:
-        super().__init__(info)
-        self.network: ChainChooser | None = None
+    width: int = 64
+    epochs: int = 40
+    lr: float = 1e-3
+    batch_size: int = 32
+    held_out: float = 0.2  # share of training documents whose loss picks the epoch
+    seed: int = 0
 
-    @classmethod
-    def fit(
-        cls,
-        data: TrainingSet,
-        info: PredictorInfo,
-        width: int = 64,
-        epochs: int = 40,
-        lr: float = 1e-3,
-        batch_size: int = 32,
-        held_out: float = 0.2,
-        seed: int = 0,
-    ) -> NetworkPredictor:
-        info.options = {"width": width, "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                        "held_out": held_out, "seed": seed}  # fmt: skip
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        order = torch.randperm(len(data.states), generator=generator).tolist()
-        n_held = min(len(order) - 1, math.ceil(held_out * len(order))) if len(order) > 1 else 0
-        held, fit_on = order[:n_held], order[n_held:]
-        network = ChainChooser(data.states[0].shape[1], len(data.candidates), width)
-        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.01)
-        target = data.correct.float()
-        loss_fn = nn.BCEWithLogitsLoss()
 
-        def loss_on(indices: list[int]) -> torch.Tensor:
-            states, padding = _batch([data.states[i] for i in indices])
-            return loss_fn(network(states, padding), target[indices])
-
-        best = (math.inf, {k: v.clone() for k, v in network.state_dict().items()})
-        for _ in range(epochs):
-            network.train()
-            shuffled = [fit_on[i] for i in torch.randperm(len(fit_on), generator=generator)]
-            for start in range(0, len(shuffled), batch_size):
-                optimizer.zero_grad()
-                loss_on(shuffled[start : start + batch_size]).backward()
-                optimizer.step()
-            network.eval()
-            with torch.no_grad():
-                held_loss = loss_on(held or fit_on).item()
-            if held_loss < best[0]:
-                best = (held_loss, {k: v.clone() for k, v in network.state_dict().items()})
-        network.load_state_dict(best[1])
+def fit_network(
+    build: Callable[[], QueryNetwork],
+    n_documents: int,
+    loss_on: Callable[[QueryNetwork, list[int]], torch.Tensor],
+    options: TrainingOptions,
+) -> QueryNetwork:
+    """A network built and trained (seeded, so training is repeatable) on minibatches of
+    documents, as of the epoch with the best loss on the held-out documents."""
+    generator = torch.Generator().manual_seed(options.seed)
+    torch.manual_seed(options.seed)
+    network = build()
+    order = torch.randperm(n_documents, generator=generator).tolist()
+    n_held = min(n_documents - 1, math.ceil(options.held_out * n_documents))
+    held, fit_on = order[:n_held], order[n_held:]
+    optimizer = torch.optim.AdamW(network.parameters(), lr=options.lr, weight_decay=0.01)
+    best = (math.inf, {k: v.clone() for k, v in network.state_dict().items()})
+    for _ in range(options.epochs):
+        network.train()
+        shuffled = [fit_on[i] for i in torch.randperm(len(fit_on), generator=generator)]
+        for start in range(0, len(shuffled), options.batch_size):
+            optimizer.zero_grad()
+            loss_on(network, shuffled[start : start + options.batch_size]).backward()
+            optimizer.step()
         network.eval()
-        predictor = cls(info)
-        predictor.network = network
-        return predictor
-
-    def choose(self, states: torch.Tensor | None) -> int:
         with torch.no_grad():
-            logits = self.network(*_batch([states]))[0]
-        return int(logits.argmax())
+            held_loss = loss_on(network, held or fit_on).item()
+        if held_loss < best[0]:
+            best = (held_loss, {k: v.clone() for k, v in network.state_dict().items()})
+    network.load_state_dict(best[1])
+    network.eval()
+    return network
+
+
+class NetworkBacked(Predictor):
+    """A predictor whose state is one :class:`QueryNetwork`: saved and loaded the same way."""
+
+    network: QueryNetwork
+
+    @abstractmethod
+    def network_shape(self, hidden: int) -> QueryNetwork:
+        """A fresh network for prompt states of ``hidden`` dimensions."""
 
     def tensors(self) -> dict[str, Any]:
         hidden = self.network.project[0].normalized_shape[0]
         return {"hidden": hidden, "state": self.network.state_dict()}
 
     def restore(self, saved: dict[str, Any]) -> None:
-        width = int(self.info.options.get("width", 64))
-        self.network = ChainChooser(int(saved["hidden"]), len(self.candidates), width)
+        self.network = self.network_shape(int(saved["hidden"]))
         self.network.load_state_dict(saved["state"])
         self.network.eval()
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.network(*_batch([states]))[0]
+
+
+@register_predictor
+class NetworkPredictor(NetworkBacked, CandidatePredictor):
+    kind = "network"
+
+    def network_shape(self, hidden: int) -> QueryNetwork:
+        width = int(self.info.options.get("width", TrainingOptions.width))
+        return QueryNetwork(hidden, len(self.candidates), width)
+
+    @classmethod
+    def fit(cls, data: TrainingSet, info: PredictorInfo, **options) -> NetworkPredictor:
+        settings = TrainingOptions(**options)
+        info.options = asdict(settings)
+        predictor = cls(info)
+        target, loss_fn = data.correct.float(), nn.BCEWithLogitsLoss()
+
+        def loss_on(network: QueryNetwork, indices: list[int]) -> torch.Tensor:
+            logits = network(*_batch([data.states[i] for i in indices]))
+            return loss_fn(logits.squeeze(-1), target[indices])
+
+        def build() -> QueryNetwork:
+            return predictor.network_shape(data.states[0].shape[1])
+
+        predictor.network = fit_network(build, len(data.states), loss_on, settings)
+        return predictor
+
+    def choose(self, states: torch.Tensor | None) -> int:
+        return int(self.logits(states).squeeze(-1).argmax())
+
+
+@register_predictor
+class ProgramPredictor(NetworkBacked):
+    """PoLar: per layer, a segment-start logit and one logit per operation.
+
+    Each training document's targets are its correct candidates that are programs; when one
+    of them is shorter than the model, the full model's program counts ``identity_weight``
+    (PoLar down-weights it: it would otherwise dominate). Documents without a correct program
+    do not train it. Decoding is greedy, and a program that skips everything runs the full
+    model.
+    """
+
+    kind = "program"
+
+    def network_shape(self, hidden: int) -> QueryNetwork:
+        width = int(self.info.options.get("width", TrainingOptions.width))
+        n_layers = int(self.info.model["n_layers"])
+        return QueryNetwork(hidden, n_layers, width, outputs=1 + len(OPERATIONS))
+
+    @classmethod
+    def fit(
+        cls, data: TrainingSet, info: PredictorInfo, identity_weight: float = 0.1, **options
+    ) -> ProgramPredictor:
+        # From PoLar's grid: 1e-3 leaves the per-layer labels underfit on a few hundred documents.
+        settings = TrainingOptions(**{"lr": 3e-3, **options})
+        info.options = {**asdict(settings), "identity_weight": identity_weight}
+        predictor = cls(info)
+        examples = _program_examples(data, int(info.model["n_layers"]), identity_weight)
+        if not examples:
+            raise ValueError(
+                "no training document has a correct candidate that is a program (segments of "
+                f"at most {MAX_SEGMENT} layers, each skipped, kept or repeated once)"
+            )
+        documents = list(examples)
+
+        def loss_on(network: QueryNetwork, indices: list[int]) -> torch.Tensor:
+            chosen = [documents[i] for i in indices]
+            rows = [(d, *example) for d in chosen for example in examples[d]]
+            logits = network(*_batch([data.states[d] for d, *_ in rows]))
+            starts = torch.stack([start for _, start, _, _ in rows])
+            operations = torch.stack([operation for _, _, operation, _ in rows])
+            weights = torch.tensor([weight for *_, weight in rows])
+            start_loss = nn.functional.binary_cross_entropy_with_logits(
+                logits[..., 0], starts, reduction="none"
+            ).mean(-1)
+            operation_loss = nn.functional.cross_entropy(
+                logits[..., 1:].transpose(1, 2), operations, reduction="none"
+            )
+            operation_loss = (operation_loss * starts).sum(-1) / starts.sum(-1)
+            return ((start_loss + operation_loss) * weights).sum() / weights.sum()
+
+        def build() -> QueryNetwork:
+            return predictor.network_shape(data.states[0].shape[1])
+
+        predictor.network = fit_network(build, len(documents), loss_on, settings)
+        return predictor
+
+    def predict(self, states: torch.Tensor | None) -> Chain:
+        logits = self.logits(states)
+        chain = decode(logits[:, 0], logits[:, 1:]).chain()
+        return chain if chain is not None else Chain.identity(int(self.info.model["n_layers"]))
+
+    def bounds(self) -> Iterator[Chain]:
+        yield longest(int(self.info.model["n_layers"]))
+
+
+def _program_examples(
+    data: TrainingSet, n_layers: int, identity_weight: float
+) -> dict[int, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """Per training document: (starts, operations, weight) of each correct program."""
+    programs = [parse(chain, n_layers) for chain in data.candidates]
+    identity = Chain.identity(n_layers)
+    examples = {}
+    for i, row in enumerate(data.correct.tolist()):
+        valid = [j for j, ok in enumerate(row) if ok and programs[j] is not None]
+        shorter = any(len(data.candidates[j]) < n_layers for j in valid)
+        examples[i] = [
+            (*programs[j].targets(), identity_weight if shorter and data.candidates[j] == identity
+             else 1.0)
+            for j in valid
+        ]  # fmt: skip
+    return {i: found for i, found in examples.items() if found}

@@ -62,7 +62,7 @@ class PredictedChains(ChainSource):
         return self._chains.get((task, doc_hash))
 
     def chains(self) -> Iterator[tuple[str, Chain]]:
-        for chain in self.predictor.candidates:
+        for chain in self.predictor.bounds():
             yield f"predictor '{self.path}'", chain
 
     def fingerprint(self) -> str:

@@ -1,5 +1,5 @@
-"""Predicted chains: training sets from the store, the three predictors, the ``predictor:``
-source in lm-eval, and held-out evaluation that refuses leaks."""
+"""Predicted chains: training sets from the store, the predictors (PoLar's programs
+included), the ``predictor:`` source in lm-eval, and held-out evaluation that refuses leaks."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lm_eval_cola.predict import predictors as P
 from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet, build_training_set
 from lm_eval_cola.predict.evaluate import LeakError, evaluate
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
+from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
 from lm_eval_cola.search.objective import Objective, load_tasks, task_documents
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.sources import ChainSourceError, open_source
@@ -28,7 +29,7 @@ from lm_eval_cola.store.store import Store
 
 SPEC = FeatureSpec(layer=2, max_tokens=64)
 #: Training options of each predictor in the fixture (small, for speed).
-OPTIONS = {"static": {}, "knn": {"k": 3}, "network": {"epochs": 5}}
+OPTIONS = {"static": {}, "knn": {"k": 3}, "network": {"epochs": 5}, "program": {"epochs": 5}}
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +113,55 @@ def test_each_predictor_learns_what_it_can_from_the_training_set(lm):
     data = synthetic()
     static = P.train("static", data, lm.identity)
     assert static.predict(None) == Chain.parse("0.2.3")  # a tie on the mean: the shorter one
-    for kind in ("knn", "network"):
+    expected = [data.candidates[1 if i % 2 == 0 else 2] for i in range(len(data.states))]
+    for kind in ("knn", "network", "program"):
         predictor = P.train(kind, data, lm.identity)
-        chosen = [predictor.choose(s) for s in data.states]
-        assert chosen == [1 if i % 2 == 0 else 2 for i in range(len(data.states))], kind
+        assert [predictor.predict(s) for s in data.states] == expected, kind
+
+
+@pytest.mark.parametrize(
+    ("chain", "segments"),
+    [
+        ("0-9", [(0, 4, KEEP), (4, 8, KEEP), (8, 10, KEEP)]),
+        ("0-2.7-9", [(0, 3, KEEP), (3, 7, SKIP), (7, 10, KEEP)]),
+        ("0-3.2-3.4-9", [(0, 2, KEEP), (2, 4, REPEAT), (4, 8, KEEP), (8, 10, KEEP)]),
+        ("0-3.0-3.8-9", [(0, 4, REPEAT), (4, 8, SKIP), (8, 10, KEEP)]),
+        ("0-11.9-12.10-29", None),  # overlapping repeats
+        ("0-4.4.4.5-9", None),  # a layer run three times
+        ("0-6.2-9", None),  # a repeated block longer than a segment
+        ("9.0-8", None),  # reordered
+    ],
+)
+def test_chains_parse_into_programs_of_the_fewest_segments(chain, segments):
+    n_layers = 30 if chain.endswith("29") else 10
+    program = parse(Chain.parse(chain), n_layers)
+    if segments is None:
+        assert program is None
+        return
+    assert program.segments() == segments
+    assert program.chain() == Chain.parse(chain)
+
+
+def test_decoding_bounds_segments_and_the_longest_program():
+    program = decode(torch.full((10,), -5.0), torch.tensor([[0.0, 1.0, 0.0]] * 10))
+    assert [b for b, _, _ in program.segments()] == list(range(0, 10, MAX_SEGMENT))
+    assert program.chain() == Chain.identity(10)
+    repeat = decode(torch.full((3,), 5.0), torch.tensor([[0.0, 0.0, 1.0]] * 3))
+    assert repeat.chain() == Chain.parse("0.0.1.1.2.2")
+    assert decode(torch.zeros(3), torch.tensor([[1.0, 0.0, 0.0]] * 3)).chain() is None
+    assert longest(10) == Chain.parse("0-3.0-3.4-7.4-7.8-9.8-9")
+
+
+def test_program_predictor_needs_a_correct_program_and_never_runs_an_empty_chain(lm):
+    data = synthetic()
+    data.correct[:, :] = False
+    with pytest.raises(ValueError, match="no training document has a correct candidate"):
+        P.train("program", data, lm.identity)
+    predictor = P.train("program", synthetic(), lm.identity)
+    with torch.no_grad():  # a network that skips every layer
+        predictor.network.head.bias[:] = torch.tensor([5.0, 9.0, 0.0, 0.0])
+        predictor.network.head.weight.zero_()
+    assert predictor.predict(synthetic().states[0]) == Chain.identity(4)
 
 
 def test_predictors_round_trip_through_their_files(trained, lm, task_dir):
@@ -124,7 +170,8 @@ def test_predictors_round_trip_through_their_files(trained, lm, task_dir):
         original = P.train(kind, data, lm.identity, **OPTIONS[kind])
         loaded = P.load(path)
         assert loaded.info.training_hashes == data.doc_hashes
-        assert [loaded.choose(s) for s in data.states] == [original.choose(s) for s in data.states]
+        predicted = [original.predict(s) for s in data.states]
+        assert [loaded.predict(s) for s in data.states] == predicted
 
 
 def test_a_broken_predictor_file_is_a_clear_error(tmp_path):
@@ -136,7 +183,7 @@ def test_a_broken_predictor_file_is_a_clear_error(tmp_path):
         open_source(f"predictor:{tmp_path / 'missing.pt'}")
 
 
-@pytest.mark.parametrize("kind", ["static", "knn", "network"])
+@pytest.mark.parametrize("kind", list(OPTIONS))
 def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, trained, kind):
     _, _, _, paths = trained
     predictor = P.load(paths[kind])
