@@ -229,6 +229,8 @@ def test_hflm_options_keep_working(tiny_llama_dir, task_dir, tmp_path, extra):
     """HFLM's own options pass through: no chain equals ``hf``, and a chain still applies."""
     if extra.startswith("peft"):
         extra = extra.format(adapter=lora_adapter(tiny_llama_dir, tmp_path / "lora"))
+    if extra.startswith("parallelize"):  # HFLM would create ./offload in the working directory
+        extra += f",offload_folder={tmp_path / 'offload'}"
     args = f"pretrained={tiny_llama_dir},{extra}"
     try:
         hf = evaluate("hf", args, task_dir, tasks=["cola_mc"])
