@@ -37,6 +37,7 @@ from lm_eval_cola.store import plots, queries
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 
+SECTIONS = ("table1", "methods", "predictors", "gsm8k")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
 
 
@@ -67,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     add("--gsm8k_fewshot", type=int, help="default: the task's own (5)")
     add("--gsm8k_filter", default="flexible-extract", help="answer filter: the last number")
     add("--prefix_cache_mb", type=float, default=1024)
+    add("--sections", default=",".join(SECTIONS), help="the parts to run and report, of "
+        + "/".join(SECTIONS) + " (methods reuse Table 1's MCTS run only with table1)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -274,12 +277,13 @@ def main() -> None:
         f"({platform.machine()}, {os.cpu_count()} CPUs). Store: `{args.store}`.",
         "",
     )
-    mcts_run = job.table_1()
-    if args.methods:
+    sections = _list(args.sections)
+    mcts_run = job.table_1() if "table1" in sections else None
+    if "methods" in sections and args.methods:
         job.methods(mcts_run)
-    if args.train_limit:
+    if "predictors" in sections and args.train_limit:
         job.predictors()
-    if args.gsm8k_limit:
+    if "gsm8k" in sections and args.gsm8k_limit:
         job.gsm8k()
     job.add(f"Total wall time of this invocation: {_duration(time.perf_counter() - start)}.")
     print(Path(args.report).read_text())
