@@ -131,11 +131,23 @@ class QMC(OptunaSearcher):
 
 @register_searcher
 class NSGA2(OptunaSearcher):
-    """Two objectives, score up and length down: the accuracy-depth Pareto front."""
+    """Two objectives, score up and length down: the accuracy-depth Pareto front.
+
+    Its first generation (``population_size``, Optuna's default 50) is random sampling, so
+    below that budget NSGA-II is random search; give a smaller population to see it evolve
+    within a small budget (``--method_args population_size=10``).
+    """
 
     name = "nsga2"
     sampler_class = optuna.samplers.NSGAIISampler
     directions: ClassVar[list[str]] = ["maximize", "minimize"]
+
+    def __init__(self, *args, population_size: int = 50, **kwargs) -> None:
+        self.population_size = population_size  # make_sampler, called by super, reads it
+        super().__init__(*args, **kwargs)
+
+    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return self.sampler_class(seed=seed, population_size=self.population_size)
 
     def values(self, trial: Trial) -> list[float]:
         return [trial.score, float(trial.length)]

@@ -47,7 +47,8 @@ def describe(store: Store, run_id: int) -> str:
 
 
 def _short(name: str) -> str:
-    return name.rstrip("/").split("/")[-1][:40]
+    """A model name short enough for a title: its last path part, without remarks."""
+    return name.rstrip("/").split("/")[-1].split(" (")[0][:40]
 
 
 def layer_usage(store: Store, run_id: int) -> Figure:

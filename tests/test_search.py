@@ -84,6 +84,19 @@ def test_methods_find_right_chains_the_full_model_misses(method):
     assert any(t.correct for t in trials)
 
 
+def test_nsga2_evolves_after_its_first_generation():
+    """Its first generation is random search; a small population evolves within the budget."""
+
+    def chains(method: str, **options) -> list[Chain]:
+        trials = run_search(searcher_class(method)(ChainSpace(12), 30, 0, **options), synthetic)
+        return [t.chain for t in trials]
+
+    random = chains("random")
+    assert chains("nsga2") == random  # a population of 50: all 30 trials are its first
+    evolved = chains("nsga2", population_size=6)
+    assert evolved[:6] == random[:6] and evolved != random
+
+
 def test_mcts_explores_more_than_one_branch():
     """PoLar's MCTS only ever evaluates one child of the root; ours widens and deepens."""
     searcher = MCTS(ChainSpace(12), 100, seed=0)
