@@ -131,28 +131,34 @@ def _add_format_arguments(parser: argparse.ArgumentParser, formats: tuple[str, .
 
 
 def _add_runs(commands: argparse._SubParsersAction) -> None:
-    _command(
+    parser = _command(
         commands,
         "runs",
         "list the runs: status, budget, progress, headline accuracies",
-        "cola db runs --store cola.db",
+        "cola db runs --store cola.db --format csv --output runs.csv",
         _runs,
     )
+    _add_format_arguments(parser, FORMATS)
 
 
 def _runs(args: argparse.Namespace) -> None:
+    """The table shows the main columns; csv and json give every column."""
     from lm_eval_cola.store import frames
 
     with frames.opened(args.store) as store:
         runs = frames.runs(store)
-        if runs.empty:
+        if runs.empty and args.format == "table":
             print(f"{store} has no runs yet")
             return
+    if args.format != "table":
+        _write(runs, args.format, args.output, "runs")
+        return
     runs["done"] = runs["done"].astype(str) + "/" + runs["n_documents"].astype(str)
     runs["started"] = runs["started_at"].dt.strftime("%Y-%m-%d %H:%M")
     shown = runs.rename(columns={"original_accuracy": "original", "oracle_accuracy": "oracle"})
     columns = ["id", "name", "method", "model", "task", "status", "budget", "done"]
-    print(_table(shown[[*columns, "evaluations", "original", "oracle", "started"]]))
+    table = shown[[*columns, "evaluations", "original", "oracle", "started"]]
+    _write(table, "table", args.output, "runs")
 
 
 # -- chains -----------------------------------------------------------------------------------

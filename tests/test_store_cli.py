@@ -206,6 +206,10 @@ def test_runs_command(url: str, capsys) -> None:
     mcts = ("mcts-a", "mcts", "tiny", "cola_mc", "running", "2", "2/6", "3", "1.000", "1.000")
     assert cells[1][1:] == list(mcts)
     assert cells[2][1:] == ["-", "tpe", "tiny", "cola_mc", "running", "8", "0/6", "0", "-", "-"]
+    status, out, _ = cola(capsys, "db", "runs", "--store", url, "--format", "json")
+    listed = json.loads(out)
+    assert status == 0 and [run["done"] for run in listed] == [6, 2, 0]
+    assert listed[0]["oracle_accuracy"] == pytest.approx(5 / 6) and listed[0]["n_layers"] == 4
 
 
 def test_stats_command(path: str, capsys) -> None:
