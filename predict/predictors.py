@@ -25,6 +25,7 @@ settings and the content hashes of its training documents.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from abc import ABC, abstractmethod
@@ -371,9 +372,7 @@ class NetworkPredictor(NetworkBacked, CandidatePredictor):
             logits = network(*_batch([data.states[i] for i in indices]))
             return loss_fn(logits.squeeze(-1), target[indices])
 
-        def build() -> QueryNetwork:
-            return predictor.network_shape(data.states[0].shape[1])
-
+        build = functools.partial(predictor.network_shape, data.states[0].shape[1])
         predictor.network = fit_network(build, len(data.states), loss_on, settings)
         return predictor
 
@@ -431,9 +430,7 @@ class ProgramPredictor(NetworkBacked):
             operation_loss = (operation_loss * starts).sum(-1) / starts.sum(-1)
             return ((start_loss + operation_loss) * weights).sum() / weights.sum()
 
-        def build() -> QueryNetwork:
-            return predictor.network_shape(data.states[0].shape[1])
-
+        build = functools.partial(predictor.network_shape, data.states[0].shape[1])
         predictor.network = fit_network(build, len(documents), loss_on, settings)
         return predictor
 
