@@ -339,6 +339,10 @@ class NetworkBacked(Predictor):
     def network_shape(self, hidden: int) -> QueryNetwork:
         """A fresh network for prompt states of ``hidden`` dimensions."""
 
+    @property
+    def width(self) -> int:
+        return int(self.info.options.get("width", TrainingOptions.width))
+
     def tensors(self) -> dict[str, Any]:
         hidden = self.network.project[0].normalized_shape[0]
         return {"hidden": hidden, "state": self.network.state_dict()}
@@ -358,8 +362,7 @@ class NetworkPredictor(NetworkBacked, CandidatePredictor):
     kind = "network"
 
     def network_shape(self, hidden: int) -> QueryNetwork:
-        width = int(self.info.options.get("width", TrainingOptions.width))
-        return QueryNetwork(hidden, len(self.candidates), width)
+        return QueryNetwork(hidden, len(self.candidates), self.width)
 
     @classmethod
     def fit(cls, data: TrainingSet, info: PredictorInfo, **options) -> NetworkPredictor:
@@ -393,10 +396,12 @@ class ProgramPredictor(NetworkBacked):
 
     kind = "program"
 
+    @property
+    def n_layers(self) -> int:
+        return int(self.info.model["n_layers"])
+
     def network_shape(self, hidden: int) -> QueryNetwork:
-        width = int(self.info.options.get("width", TrainingOptions.width))
-        n_layers = int(self.info.model["n_layers"])
-        return QueryNetwork(hidden, n_layers, width, outputs=1 + len(OPERATIONS))
+        return QueryNetwork(hidden, self.n_layers, self.width, outputs=1 + len(OPERATIONS))
 
     @classmethod
     def fit(
@@ -406,7 +411,7 @@ class ProgramPredictor(NetworkBacked):
         settings = TrainingOptions(**{"lr": 3e-3, **options})
         info.options = {**asdict(settings), "identity_weight": identity_weight}
         predictor = cls(info)
-        examples = _program_examples(data, int(info.model["n_layers"]), identity_weight)
+        examples = _program_examples(data, predictor.n_layers, identity_weight)
         if not examples:
             raise ValueError(
                 "no training document has a correct candidate that is a program (segments of "
@@ -437,10 +442,10 @@ class ProgramPredictor(NetworkBacked):
     def predict(self, states: torch.Tensor | None) -> Chain:
         logits = self.logits(states)
         chain = decode(logits[:, 0], logits[:, 1:]).chain()
-        return chain if chain is not None else Chain.identity(int(self.info.model["n_layers"]))
+        return chain if chain is not None else Chain.identity(self.n_layers)
 
     def bounds(self) -> Iterator[Chain]:
-        yield longest(int(self.info.model["n_layers"]))
+        yield longest(self.n_layers)
 
 
 def _program_examples(
