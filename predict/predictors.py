@@ -420,9 +420,11 @@ class ProgramPredictor(NetworkBacked):
         documents = list(examples)
 
         def loss_on(network: QueryNetwork, indices: list[int]) -> torch.Tensor:
+            # Each document is encoded once; its logits serve all of its correct programs.
             chosen = [documents[i] for i in indices]
-            rows = [(d, *example) for d in chosen for example in examples[d]]
-            logits = network(*_batch([data.states[d] for d, *_ in rows]))
+            rows = [(k, *example) for k, d in enumerate(chosen) for example in examples[d]]
+            encoded = network(*_batch([data.states[d] for d in chosen]))
+            logits = encoded[torch.tensor([k for k, *_ in rows])]
             starts = torch.stack([start for _, start, _, _ in rows])
             operations = torch.stack([operation for _, _, operation, _ in rows])
             weights = torch.tensor([weight for *_, weight in rows])
