@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     add("--methods", default="mcts,tpe,random,cmaes,nsga2,gp,qmc")
     add("--method_limit", type=int, help="documents for the method comparison (--limit)")
     add("--method_budget", type=int, help="evaluations per document there (--budget)")
+    add("--method_budgets", default="", help="a smaller budget for slow methods, e.g. gp=50")
     add("--budgets", default="25,50,100,200", help="budgets the comparison reports")
     add("--train_limit", type=int, default=200, help="train-split documents (0: no predictors)")
     add("--train_budget", type=int, default=50)
@@ -68,8 +69,8 @@ def parse_args() -> argparse.Namespace:
     add("--gsm8k_fewshot", type=int, help="default: the task's own (5)")
     add("--gsm8k_filter", default="flexible-extract", help="answer filter: the last number")
     add("--prefix_cache_mb", type=float, default=1024)
-    add("--sections", default=",".join(SECTIONS), help="the parts to run and report, of "
-        + "/".join(SECTIONS) + " (methods reuse Table 1's MCTS run only with table1)")  # fmt: skip
+    add("--sections", default=",".join(SECTIONS),
+        help="the parts to run and report, of " + "/".join(SECTIONS))  # fmt: skip
     return parser.parse_args()
 
 
@@ -107,7 +108,7 @@ class Reproduction:
 
     # -- the sections of the report ----------------------------------------------------------
 
-    def table_1(self) -> int | None:
+    def table_1(self) -> None:
         a = self.args
         runs = {s: self.search(a.task, "mcts", a.budget, a.limit, space=s) for s in _list(a.spaces)}
         first = self.stats(next(iter(runs.values())))
@@ -139,43 +140,53 @@ class Reproduction:
                 "",
             )
             self.figures([runs["both"]], ("layers", "lengths", "pareto"))
-        return runs.get("both")
 
-    def methods(self, mcts_run: int | None) -> None:
-        """Every method on the same documents; each row reads the first b evaluations of one
-        run per method (none plans with its total budget), so the Table 1 MCTS run serves."""
+    def methods(self) -> None:
+        """Every method on the same documents. A cell reads the first b evaluations of each
+        document from one run per method (none plans with its total budget, so Table 1's MCTS
+        run serves when its settings match), over the documents every method in that column
+        finished: runs may have got to different counts, and a slow method (GP) may have a
+        smaller budget (``--method_budgets gp=50``) and then sits out the larger columns."""
         a = self.args
         limit, budget = a.method_limit or a.limit, a.method_budget or a.budget
-        reuse = mcts_run is not None and limit == a.limit and budget <= a.budget
-        runs = {
-            m: mcts_run if m == "mcts" and reuse else self.search(a.task, m, budget, limit)
-            for m in _list(a.methods)
-        }
+        own = {m: int(b) for m, b in (item.split("=") for item in _list(a.method_budgets))}
+        runs = {m: self.search(a.task, m, own.get(m, budget), limit) for m in _list(a.methods)}
         budgets = [b for b in map(int, _list(a.budgets)) if b <= budget]
-        self.add(
-            f"## Search methods at equal budgets: {a.task}, {limit} test documents",
-            "",
-            "Share of documents with a correct chain / mean length of the best correct "
-            "chain, within the first b chain evaluations of each document.",
-            "",
-            "| method | " + " | ".join(f"b = {b}" for b in budgets) + " | run (its budget) | "
-            "wall time of the run |",
-            "|---" * (len(budgets) + 3) + "|",
-        )
         with self.store.session() as session:
+            run_budget = {m: session.get(Run, run_id).budget for m, run_id in runs.items()}
+            columns = {
+                b: queries.common_documents(
+                    session, [run_id for m, run_id in runs.items() if run_budget[m] >= b]
+                )
+                for b in budgets
+            }
+            self.add(
+                f"## Search methods at equal budgets: {a.task} test documents",
+                "",
+                "Share of documents with a correct chain / mean length of the best correct "
+                "chain, within the first b chain evaluations of each document, on the documents "
+                "every method of the column finished.",
+                "",
+                "| method | " + " | ".join(f"b = {b}" for b in budgets) + " | run (its budget) "
+                "| wall time of the run |",
+                "|---" * (len(budgets) + 3) + "|",
+                "| documents | " + " | ".join(str(len(columns[b])) for b in budgets) + " | | |",
+            )
             for method, run_id in runs.items():
-                cells = []
-                for b in budgets:
-                    best = queries.best_within_budget(session, run_id, b)
-                    correct = [length for ok, length in best if ok]
-                    mean = sum(correct) / len(correct) if correct else float("nan")
-                    cells.append(f"{_pct(len(correct) / len(best))} / {mean:.1f}")
-                seconds = queries.run_seconds(session, run_id)
-                run_budget = session.get(Run, run_id).budget
-                self.add(f"| {method} | " + " | ".join(cells) + f" | {run_id} ({run_budget}) | "
-                         f"{_duration(seconds)} |")  # fmt: skip
+                cells = [
+                    _existence(queries.best_within_budget(session, run_id, b, columns[b]))
+                    if run_budget[method] >= b else "-"
+                    for b in budgets
+                ]  # fmt: skip
+                self.add(
+                    f"| {method} | " + " | ".join(cells) + f" | {run_id} ({run_budget[method]}) | "
+                    f"{_duration(queries.run_seconds(session, run_id))} |"
+                )
         self.add("")
-        self.figures(list(runs.values()), ("budget",))
+        full = [run_id for m, run_id in runs.items() if run_budget[m] >= budget]
+        self.figures(full, ("budget",))
+        if len(full) < len(runs):
+            self.figures(list(runs.values()), ("budget",))
 
     def predictors(self) -> None:
         a = self.args
@@ -256,6 +267,13 @@ def _list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
+def _existence(best: list[tuple[bool, int]]) -> str:
+    """``share with a correct chain / mean length of the best correct chain`` for one cell."""
+    correct = [length for ok, length in best if ok]
+    mean = sum(correct) / len(correct) if correct else float("nan")
+    return f"{_pct(len(correct) / len(best) if best else None)} / {mean:.1f}"
+
+
 def _pct(share: float | None) -> str:
     return "n/a" if share is None else f"{100 * share:.1f}%"
 
@@ -278,9 +296,10 @@ def main() -> None:
         "",
     )
     sections = _list(args.sections)
-    mcts_run = job.table_1() if "table1" in sections else None
+    if "table1" in sections:
+        job.table_1()
     if "methods" in sections and args.methods:
-        job.methods(mcts_run)
+        job.methods()
     if "predictors" in sections and args.train_limit:
         job.predictors()
     if "gsm8k" in sections and args.gsm8k_limit:

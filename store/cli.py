@@ -266,7 +266,8 @@ layers: per layer, mean applications in the best chains and the shares that skip
   correct against originally wrong documents (Figure 2). pareto: score against chain length,
   for one document with --doc_id, else the share of documents with a correct chain of at most
   each length. budget: the share of documents with a correct chain within the first b
-  evaluations, one curve per run (e.g. one run per search method). Without --kind, all four."""
+  evaluations, one curve per run (e.g. one run per search method), on the documents every
+  run finished. Without --kind, all four."""
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:

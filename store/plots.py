@@ -145,12 +145,16 @@ def _run_front(ax, shortest: list[int | None], n_layers: int) -> None:
 def budget_curves(store: Store, run_ids: Sequence[int]) -> Figure:
     figure, ax = plt.subplots(figsize=(8, 4.5))
     with store.session() as session:
+        documents = queries.common_documents(session, run_ids)
+        if not documents:
+            raise ValueError(f"runs {', '.join(map(str, run_ids))} have no finished document "
+                             "in common: compare runs of the same task")  # fmt: skip
         for run_id in run_ids:
             run = session.get(Run, run_id)
-            steps = queries.first_correct_step(session, run_id)
+            steps = queries.first_correct_step(session, run_id, documents)
             budgets = list(range(1, run.budget + 1))
             share = [sum(s is not None and s <= b for s in steps) / len(steps) for b in budgets]
-            ax.plot(budgets, share, label=f"{run.method} (run {run_id}, {len(steps)} documents)")
+            ax.plot(budgets, share, label=f"{run.method} (run {run_id}, budget {run.budget})")
         first = session.get(Run, run_ids[0])
         task, model = first.task.name, _short(first.model.name)
     ax.set_xlabel("chain evaluations per document (budget)")
@@ -159,7 +163,11 @@ def budget_curves(store: Store, run_ids: Sequence[int]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     runs = ", ".join(map(str, run_ids))
-    ax.set_title(f"Existence rate against budget: {task}, {model}\nruns {runs}", fontsize=10)
+    ax.set_title(
+        f"Existence rate against budget: {task}, {model}\n"
+        f"runs {runs}, on the {len(documents)} documents every run finished",
+        fontsize=10,
+    )
     figure.tight_layout()
     return figure
 

@@ -385,16 +385,44 @@ def shortest_correct(session: Session, run_id: int) -> list[int | None]:
     return list(rows.scalars())
 
 
-def first_correct_step(session: Session, run_id: int) -> list[int | None]:
-    """Per document, how many evaluations the search needed before its first correct chain
-    (1: the full model was correct; None: none was). A document's evaluations are written in
-    the order the search made them, in one insert, so their ids follow that order."""
-    step = func.row_number().over(partition_by=Evaluation.document_id, order_by=Evaluation.id)
-    ordered = (
-        select(Evaluation.document_id, Evaluation.correct, step.label("step"))
-        .where(Evaluation.run_id == run_id)
-        .subquery()
+def common_documents(session: Session, run_ids: Sequence[int]) -> list[int]:
+    """The documents (store ids) that every one of the runs has finished: the set on which
+    methods are compared, since runs of different methods may have got to different counts."""
+    wanted = set(run_ids)
+    rows = session.execute(
+        select(RunDocument.document_id)
+        .where(RunDocument.run_id.in_(wanted))
+        .group_by(RunDocument.document_id)
+        .having(func.count(RunDocument.run_id.distinct()) == len(wanted))
+        .order_by(RunDocument.document_id)
     )
+    return list(rows.scalars())
+
+
+def _in_order(run_id: int, documents: Sequence[int] | None) -> Subquery:
+    """The run's evaluations of ``documents`` (all when None), numbered per document in the
+    order the search made them: a document's evaluations are written in one insert, in that
+    order, so their ids follow it."""
+    step = func.row_number().over(partition_by=Evaluation.document_id, order_by=Evaluation.id)
+    query = select(
+        Evaluation.document_id,
+        Evaluation.chain,
+        Evaluation.score,
+        Evaluation.length,
+        Evaluation.correct,
+        step.label("step"),
+    ).where(Evaluation.run_id == run_id)
+    if documents is not None:
+        query = query.where(Evaluation.document_id.in_(documents))
+    return query.subquery()
+
+
+def first_correct_step(
+    session: Session, run_id: int, documents: Sequence[int] | None = None
+) -> list[int | None]:
+    """Per document (of ``documents``, or all the run has), how many evaluations the search
+    needed before its first correct chain (1: the full model was correct; None: none was)."""
+    ordered = _in_order(run_id, documents)
     rows = session.execute(
         select(func.min(case((ordered.c.correct, ordered.c.step)))).group_by(ordered.c.document_id)
     )
@@ -418,23 +446,14 @@ def _depth(session: Session, run_id: int) -> int:
     return n_layers
 
 
-def best_within_budget(session: Session, run_id: int, budget: int) -> list[tuple[bool, int]]:
-    """Per document, (correct, length) of the best chain (highest score, then shortest) among
-    the first ``budget`` evaluations the search made: what a run with that budget would have
-    found, for methods that do not plan with their total budget (none of ours does)."""
-    step = func.row_number().over(partition_by=Evaluation.document_id, order_by=Evaluation.id)
-    ordered = (
-        select(
-            Evaluation.document_id,
-            Evaluation.chain,
-            Evaluation.score,
-            Evaluation.length,
-            Evaluation.correct,
-            step.label("step"),
-        )
-        .where(Evaluation.run_id == run_id)
-        .subquery()
-    )
+def best_within_budget(
+    session: Session, run_id: int, budget: int, documents: Sequence[int] | None = None
+) -> list[tuple[bool, int]]:
+    """Per document (of ``documents``, or all the run has), (correct, length) of the best chain
+    (highest score, then shortest) among the first ``budget`` evaluations the search made:
+    what a run with that budget would have found, for methods that do not plan with their
+    total budget (none of ours does)."""
+    ordered = _in_order(run_id, documents)
     order = (ordered.c.score.desc(), ordered.c.length, ordered.c.chain)
     rank = func.row_number().over(partition_by=ordered.c.document_id, order_by=order)
     ranked = (

@@ -53,8 +53,26 @@ def test_budget_curves_count_documents_solved_within_each_budget(store):
     figure = plots.budget_curves(store, [1])
     curve = next(line for line in lines(figure) if len(line) == 4)
     assert curve == [(1, 3 / 6), (2, 5 / 6), (3, 5 / 6), (4, 5 / 6)]
-    assert "grid (run 1, 6 documents)" in figure.axes[0].get_legend().get_texts()[0].get_text()
+    assert "grid (run 1, budget 4)" in figure.axes[0].get_legend().get_texts()[0].get_text()
+    assert "on the 6 documents every run finished" in figure.axes[0].get_title()
     plt.close(figure)
+
+
+def test_methods_are_compared_on_the_documents_every_run_finished(store):
+    """mcts-a (run 2) finished documents 0 and 1 only; on those, grid's identity is correct at
+    once, so its curve is 2/2 from budget 1, not the 3/6 it reads over all six documents."""
+    with store.session() as session:
+        common = queries.common_documents(session, [1, 2])
+        assert len(common) == 2 and queries.common_documents(session, [1]) != common
+        assert queries.best_within_budget(session, 1, 1, common) == [(True, 4), (True, 4)]
+        assert sorted(queries.first_correct_step(session, 2, common)) == [1, 1]
+    figure = plots.budget_curves(store, [1, 2])
+    grid, mcts = [line for line in lines(figure) if len(line) > 1]
+    assert grid == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)] and mcts == [(1, 1.0), (2, 1.0)]
+    assert "on the 2 documents every run finished" in figure.axes[0].get_title()
+    plt.close(figure)
+    with pytest.raises(ValueError, match="no finished document in common"):
+        plots.budget_curves(store, [1, 3])
 
 
 def test_layer_usage_bars_are_the_stats(store):
