@@ -143,6 +143,8 @@ def _add_runs(commands: argparse._SubParsersAction) -> None:
 
 def _runs(args: argparse.Namespace) -> None:
     """The table shows the main columns; csv and json give every column."""
+    import pandas as pd
+
     from lm_eval_cola.store import frames
 
     with frames.opened(args.store) as store:
@@ -155,9 +157,12 @@ def _runs(args: argparse.Namespace) -> None:
         return
     runs["done"] = runs["done"].astype(str) + "/" + runs["n_documents"].astype(str)
     runs["started"] = runs["started_at"].dt.strftime("%Y-%m-%d %H:%M")
+    # A killed search stays "running": when it last finished a document tells the two apart.
+    last = pd.to_datetime(runs["last_document_at"])
+    runs["last document"] = last.dt.strftime("%Y-%m-%d %H:%M")
     shown = runs.rename(columns={"original_accuracy": "original", "oracle_accuracy": "oracle"})
     columns = ["id", "name", "method", "model", "task", "status", "budget", "done"]
-    table = shown[[*columns, "evaluations", "original", "oracle", "started"]]
+    table = shown[[*columns, "evaluations", "original", "oracle", "started", "last document"]]
     _write(table, "table", args.output, "runs")
 
 

@@ -180,6 +180,9 @@ class RunSummary:
     done: int
     evaluations: int
     started_at: datetime
+    #: When the run last finished a document: the store cannot tell a live search from a
+    #: killed one (both leave the status "running"), but an old time here points to the latter.
+    last_document_at: datetime | None
     finished_at: datetime | None
     original_accuracy: float | None
     oracle_accuracy: float | None
@@ -216,7 +219,11 @@ def run_summaries(session: Session) -> list[RunSummary]:
         .subquery()
     )
     done = (
-        select(RunDocument.run_id, func.count().label("done"))
+        select(
+            RunDocument.run_id,
+            func.count().label("done"),
+            func.max(RunDocument.finished_at).label("last"),
+        )
         .group_by(RunDocument.run_id)
         .subquery()
     )
@@ -235,6 +242,7 @@ def run_summaries(session: Session) -> list[RunSummary]:
             func.coalesce(done.c.done, 0),
             func.coalesce(per_run.c.evaluations, 0),
             Run.started_at,
+            done.c.last,
             Run.finished_at,
             per_run.c.original,
             per_run.c.oracle,

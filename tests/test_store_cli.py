@@ -122,6 +122,9 @@ def test_runs_frame_has_progress_and_headline_numbers(url: str) -> None:
     assert list(runs["status"]) == ["finished", "running", "running"]
     assert list(runs["done"]) == [6, 2, 0]
     assert list(runs["n_documents"]) == [6, 6, 6]
+    last = runs["last_document_at"]
+    assert runs.loc[1, "started_at"] <= last[1] <= runs.loc[2, "started_at"] <= last[2]
+    assert pd.isna(last[3])  # the tpe run has finished no document
     assert list(runs["evaluations"]) == [16, 3, 0]
     assert list(runs["model"]) == ["tiny"] * 3 and list(runs["task"]) == ["cola_mc"] * 3
     # mcts-a: only document 1 has the identity chain; both documents have a correct chain
@@ -196,7 +199,7 @@ def test_runs_command(url: str, capsys) -> None:
     header, *rows = out.splitlines()
     assert header.split() == [
         *("id", "name", "method", "model", "task", "status", "budget", "done"),
-        *("evaluations", "original", "oracle", "started"),
+        *("evaluations", "original", "oracle", "started", "last", "document"),
     ]
     cells = [row.split()[:11] for row in rows]
     assert cells[0] == [
@@ -206,6 +209,8 @@ def test_runs_command(url: str, capsys) -> None:
     mcts = ("mcts-a", "mcts", "tiny", "cola_mc", "running", "2", "2/6", "3", "1.000", "1.000")
     assert cells[1][1:] == list(mcts)
     assert cells[2][1:] == ["-", "tpe", "tiny", "cola_mc", "running", "8", "0/6", "0", "-", "-"]
+    # when each run last finished a document: never, for the tpe run
+    assert rows[2].split()[-1] == "-" and re.fullmatch(r"\d\d:\d\d", rows[1].split()[-1])
     status, out, _ = cola(capsys, "db", "runs", "--store", url, "--format", "json")
     listed = json.loads(out)
     assert status == 0 and [run["done"] for run in listed] == [6, 2, 0]
