@@ -24,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Run
@@ -93,6 +94,7 @@ def chain_lengths(store: Store, run_id: int) -> Figure:
     ax.axvline(n_layers, color="black", ls="--", lw=1, label=f"model depth {n_layers}")
     ax.set_xlabel("length of the best correct chain (layers applied)")
     ax.set_ylabel("documents")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, never 0.2 of a document
     ax.legend(fontsize=8)
     ax.set_title(f"Best chain lengths\n{describe(store, run_id)}", fontsize=10)
     figure.tight_layout()

@@ -85,6 +85,14 @@ def test_layer_usage_bars_are_the_stats(store):
     plt.close(figure)
 
 
+def test_chain_length_histogram_counts_whole_documents(store):
+    figure = plots.chain_lengths(store, 1)
+    heights = sorted(bar.get_height() for bar in figure.axes[0].patches if bar.get_height())
+    assert heights == [1] * 5  # best correct lengths: C->C 3, 4, 5; W->C 5, 3 (one bar each)
+    assert all(tick == int(tick) for tick in figure.axes[0].get_yticks())
+    plt.close(figure)
+
+
 def test_every_figure_has_a_title_axes_labels_and_its_run(store):
     for kind in plots.KINDS:
         figure = plots.render(store, kind, [1, 2], doc_id=2 if kind == "pareto" else None)
