@@ -59,7 +59,8 @@ def parse_args() -> argparse.Namespace:
     add("--methods", default="mcts,tpe,random,cmaes,nsga2,gp,qmc")
     add("--method_limit", type=int, help="documents for the method comparison (--limit)")
     add("--method_budget", type=int, help="evaluations per document there (--budget)")
-    add("--method_budgets", default="", help="a smaller budget for slow methods, e.g. gp=50")
+    add("--method_budgets", type=_budgets, default={}, help="smaller budgets for slow methods, "
+        "e.g. gp=50")  # fmt: skip
     add("--budgets", default="25,50,100,200", help="budgets the comparison reports")
     add("--train_limit", type=int, default=200, help="train-split documents (0: no predictors)")
     add("--train_budget", type=int, default=50)
@@ -149,8 +150,10 @@ class Reproduction:
         smaller budget (``--method_budgets gp=50``) and then sits out the larger columns."""
         a = self.args
         limit, budget = a.method_limit or a.limit, a.method_budget or a.budget
-        own = {m: int(b) for m, b in (item.split("=") for item in _list(a.method_budgets))}
-        runs = {m: self.search(a.task, m, own.get(m, budget), limit) for m in _list(a.methods)}
+        runs = {
+            m: self.search(a.task, m, a.method_budgets.get(m, budget), limit)
+            for m in _list(a.methods)
+        }
         budgets = [b for b in map(int, _list(a.budgets)) if b <= budget]
         with self.store.session() as session:
             run_budget = {m: session.get(Run, run_id).budget for m, run_id in runs.items()}
@@ -267,6 +270,15 @@ class Reproduction:
 
 def _list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
+
+
+def _budgets(text: str) -> dict[str, int]:
+    """``gp=50,cmaes=100`` as {method: budget}."""
+    try:
+        return {m: int(b) for m, b in (item.split("=") for item in _list(text))}
+    except ValueError:
+        message = f"{text!r}: give METHOD=BUDGET pairs, e.g. gp=50"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _existence(best: list[tuple[bool, int]]) -> str:
