@@ -59,8 +59,12 @@ def parse_args() -> argparse.Namespace:
     add("--methods", default="mcts,tpe,random,cmaes,nsga2,gp,qmc")
     add("--method_limit", type=int, help="documents for the method comparison (--limit)")
     add("--method_budget", type=int, help="evaluations per document there (--budget)")
-    add("--method_budgets", type=_budgets, default={}, help="smaller budgets for slow methods, "
-        "e.g. gp=50")  # fmt: skip
+    add(
+        "--method_budgets",
+        type=_budgets,
+        default={},
+        help="smaller budgets for slow methods, e.g. gp=50",
+    )
     add("--budgets", default="25,50,100,200", help="budgets the comparison reports")
     add("--train_limit", type=int, default=200, help="train-split documents (0: no predictors)")
     add("--train_budget", type=int, default=50)
