@@ -31,11 +31,11 @@ from lm_eval_cola.lm import load
 from lm_eval_cola.predict import predictors as predicting
 from lm_eval_cola.predict.dataset import build_training_set
 from lm_eval_cola.predict.evaluate import evaluate
-from lm_eval_cola.search.objective import load_tasks
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import load_tasks
 
 SECTIONS = ("table1", "methods", "predictors", "gsm8k")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}

@@ -1,89 +1,158 @@
-"""What the hidden-state prefix cache saves: MCTS on ARC-Easy, with and without it, in one run.
+"""Search against its physical limit: the same MCTS three ways over the same documents, in one run.
 
-The same search (MCTS, ``--budget`` simulations, same seeds) runs twice over the same documents,
-once with the prefix cache off and once with ``--prefix_cache_mb`` of it. The script checks that
-both find exactly the same chains with the same scores, then prints layer applications, wall
-time and peak memory (resident set size of this process) and their ratios. Targets: at least 2x
-fewer layer applications and 1.6x less wall time with the cache, peak memory under 4 GB.
+1. naive: every request of every evaluation as a row of its own through HFLM's code, one
+   document at a time, nothing reused (the path ``--model cola chain=...`` takes);
+2. new: each document's requests packed into one row (shared context once) and every chain
+   prefix computed once per document (prefix cache), one document at a time;
+3. new with ``--parallel_docs`` documents per forward pass.
 
-Example (after ``cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy``):
+The script checks that all three store the same chains with the same correctness and scores
+(within 1e-5), then prints token-layer applications (token positions x layers, padding
+included) against naive and against the physical limit (each distinct chain prefix once over
+each document's distinct token positions), wall time, forward passes per 100 evaluations and
+peak memory, with the issue's targets. It exits with status 1 when a check fails.
 
-    python benchmarks/search.py --limit 20 --budget 200
+Example (after ``cola data import --tasks arc_easy``):
+
+    python benchmarks/search.py --limit 20 --budget 200 --parallel_docs 16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from lm_eval.tasks import TaskManager, get_task_dict
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from lm_eval_cola.executor import Work
 from lm_eval_cola.lm import load
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
-from lm_eval_cola.store.schema import Evaluation
+from lm_eval_cola.store.schema import Evaluation, RunDocument
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import load_tasks
+
+TOLERANCE = 1e-5
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="example: python benchmarks/search.py --limit 20 --budget 200",
+        epilog="example: python benchmarks/search.py --limit 20 --budget 200 --parallel_docs 16",
     )
     parser.add_argument("--model_args", default="", help="cola model args (default: SmolLM2)")
     parser.add_argument("--task", default="arc_easy")
     parser.add_argument("--limit", type=int, default=20, help="documents searched")
     parser.add_argument("--budget", type=int, default=200, help="MCTS simulations a document")
-    parser.add_argument("--prefix_cache_mb", type=float, default=1024)
+    parser.add_argument("--parallel_docs", type=int, default=16)
+    parser.add_argument("--prefix_cache_mb", type=float, default=4096)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--skip_naive", action="store_true", help="only the new path (no ratios to naive)"
+    )
     return parser.parse_args()
 
 
-def timed_search(lm, task, budget: int, limit: int, cache_mb: float, folder: str):
-    """(seconds, layer applications, every evaluation) of one search over the documents."""
-    settings = SearchSettings(method="mcts", budget=budget, limit=limit)
-    before = lm.executor.layer_applications
-    start = time.perf_counter()
-    with Store(os.path.join(folder, f"cache{cache_mb:g}.db")) as store:
-        run = SearchRun(lm, task, store, settings, prefix_cache_mb=cache_mb)
+@dataclasses.dataclass
+class Measured:
+    seconds: float
+    work: Work
+    rows: list[tuple]  #: (document, chain, correct, score) per evaluation
+    limit: int | None  #: the physical limit of these searches
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.rows)
+
+
+def measured_search(lm, task, args, folder: str, name: str, **how) -> Measured:
+    """Search the documents into a new store and read back what it recorded."""
+    shared = how.pop("shared_context", True)
+    settings = SearchSettings(method="mcts", budget=args.budget, limit=args.limit)
+    with Store(os.path.join(folder, f"{name}.db")) as store:
+        run = SearchRun(lm, task, store, settings, **how)
+        run.objective.options = dataclasses.replace(run.objective.options, shared_context=shared)
+        before, start = dataclasses.replace(lm.executor.work), time.perf_counter()
         run_id = run.run()
-        seconds = time.perf_counter() - start
+        seconds, work = time.perf_counter() - start, lm.executor.work - before
         with store.session() as session:
-            rows = session.execute(
-                select(Evaluation.document_id, Evaluation.chain, Evaluation.score).where(
-                    Evaluation.run_id == run_id
-                )
+            found = session.execute(
+                select(Evaluation.document_id, Evaluation.chain, Evaluation.correct,
+                       Evaluation.score).where(Evaluation.run_id == run_id)
+            )  # fmt: skip
+            limit = session.scalar(
+                select(func.sum(RunDocument.token_layer_limit)).where(RunDocument.run_id == run_id)
             )
-            found = sorted(rows.all())
-    return seconds, lm.executor.layer_applications - before, found
+            rows = sorted(found.all())
+    print(f"{name}: {seconds:.1f} s, {work}", flush=True)
+    return Measured(seconds, work, rows, limit)
 
 
-def main() -> None:
+def same_searches(a: Measured, b: Measured) -> bool:
+    """The same chains on the same documents, the same correctness, scores within 1e-5."""
+    if [row[:3] for row in a.rows] != [row[:3] for row in b.rows]:
+        return False
+    return all(abs(x[3] - y[3]) <= TOLERANCE for x, y in zip(a.rows, b.rows, strict=True))
+
+
+def main() -> int:
     args = parse_args()
     lm = load(args.model_args, args.device)
-    task = get_task_dict([args.task], TaskManager())[args.task]
-    task.set_config(key="num_fewshot", value=0)
-    results = {}
+    task = load_tasks(args.task)[args.task]
+    runs: dict[str, Measured] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for cache_mb in (0.0, args.prefix_cache_mb):
-            results[cache_mb] = timed_search(lm, task, args.budget, args.limit, cache_mb, folder)
-            seconds, applications, _ = results[cache_mb]
-            print(f"prefix cache {cache_mb:g} MB: {seconds:.1f} s, {applications:,} layer "
-                  f"applications", flush=True)  # fmt: skip
-    (plain_s, plain_n, plain_found), (cached_s, cached_n, cached_found) = results.values()
+        if not args.skip_naive:
+            runs["naive"] = measured_search(lm, task, args, folder, "naive", shared_context=False)
+        cache = args.prefix_cache_mb
+        runs["new"] = measured_search(lm, task, args, folder, "new", prefix_cache_mb=cache)
+        runs["parallel"] = measured_search(
+            lm, task, args, folder, f"new, {args.parallel_docs} documents at a time",
+            prefix_cache_mb=cache, parallel_docs=args.parallel_docs,
+        )  # fmt: skip
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\nMCTS, {args.budget} simulations on {args.limit} {args.task} documents, {args.device}")
-    print(f"  same chains and scores with and without the cache: {plain_found == cached_found}")
-    print(f"  layer applications  {plain_n / cached_n:.2f}x fewer with the cache (target >= 2)")
-    print(f"  wall time           {plain_s / cached_s:.2f}x less with the cache (target >= 1.6)")
-    print(f"  peak memory         {peak_gb:.2f} GB (target < 4)")
+    new, parallel = runs["new"], runs["parallel"]
+    checks = {"parallel documents search exactly as one at a time": same_searches(new, parallel)}
+    print(f"\nMCTS, {args.budget} simulations, {args.limit} {args.task} documents, {args.device}")
+    print(f"  evaluations: {new.evaluations:,}; physical limit: {new.limit:,} token-layers")
+    if "naive" in runs:
+        naive = runs["naive"]
+        checks["the new path finds what the naive path finds"] = same_searches(naive, new)
+        print(f"  limit / naive token-layers               {new.limit / _tokens(naive):.3f}")
+        print(f"  token-layers  new / naive                {_tokens(new) / _tokens(naive):.3f}"
+              "  (target <= 0.22)")  # fmt: skip
+        print(f"  wall time     new / naive                {new.seconds / naive.seconds:.3f}"
+              "  (target <= 0.3)")  # fmt: skip
+        print(f"  wall time     parallel / naive           {parallel.seconds / naive.seconds:.3f}")
+    print(f"  token-layers  new / limit                {_tokens(new) / new.limit:.3f}"
+          "  (target <= 1.15)")  # fmt: skip
+    print(
+        f"  token-layers  parallel / limit           {_tokens(parallel) / new.limit:.3f}"
+        f"  (of which padding {parallel.work.padding_token_layers / new.limit:.3f})"
+    )
+    calls = [r.work.forward_calls * 100 / r.evaluations for r in (new, parallel)]
+    print(f"  forward passes per 100 evaluations       {calls[0]:.1f} one at a time, "
+          f"{calls[1]:.1f} with {args.parallel_docs}: {calls[1] / calls[0]:.3f}"
+          "  (target <= 1/8)")  # fmt: skip
+    print(f"  wall time     parallel / one at a time   {parallel.seconds / new.seconds:.3f}")
+    per_minute = [60 * args.limit / r.seconds for r in (new, parallel)]
+    print(f"  documents searched per minute            {per_minute[0]:.1f} one at a time, "
+          f"{per_minute[1]:.1f} with {args.parallel_docs}")  # fmt: skip
+    print(f"  peak memory                              {peak_gb:.2f} GB")
+    for check, passed in checks.items():
+        print(f"  {'PASS' if passed else 'FAIL'}: {check}")
+    return 0 if all(checks.values()) else 1
+
+
+def _tokens(run: Measured) -> int:
+    return run.work.token_layer_applications
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

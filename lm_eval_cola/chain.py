@@ -46,6 +46,14 @@ class Chain:
                 raise ChainError(f"layer {layer} is negative: layer indices start at 0")
 
     @classmethod
+    def derived(cls, layers: tuple[int, ...]) -> Chain:
+        """A chain of indices taken from valid chains (a search action's result), made without
+        checking them again: a search makes hundreds of candidates per step."""
+        chain = object.__new__(cls)
+        object.__setattr__(chain, "layers", layers)
+        return chain
+
+    @classmethod
     def identity(cls, n_layers: int) -> Chain:
         """The model's own order, ``0 .. n_layers-1``."""
         return cls(tuple(range(n_layers)))

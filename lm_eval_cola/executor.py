@@ -1,4 +1,4 @@
-"""Run a Hugging Face causal LM through a chain of its own decoder layers.
+"""Run a Hugging Face causal LM through chains of its own decoder layers.
 
 The executor does not re-implement any model's forward pass. It temporarily replaces the
 decoder's layer list with one entry per chain position and lets the model's own ``forward``
@@ -6,18 +6,27 @@ and ``generate`` run unchanged. That keeps everything a model family does around
 (embedding scaling, per-layer-type masks and RoPE, final norm, logit soft-capping) exact, so
 the identity chain is bit-identical to the stock model.
 
-Each chain position gets its own KV-cache slot: while position ``p`` runs, its layer's
-attention reports ``layer_idx = p``, and the config reports one layer (and one layer type)
-per position, so the cache holds ``len(chain)`` independent slots. A repeated layer therefore
-never reads or overwrites the keys and values of another pass through the same weights.
+Two ways to apply chains:
+
+- :meth:`ChainExecutor.apply`: one chain for the whole batch, for scoring and generation.
+  Each chain position gets its own KV-cache slot: while position ``p`` runs, its layer's
+  attention reports ``layer_idx = p``, and the config reports one layer (and one layer type)
+  per position, so the cache holds ``len(chain)`` independent slots. A repeated layer therefore
+  never reads or overwrites the keys and values of another pass through the same weights.
+- :meth:`ChainExecutor.apply_rows`: a different chain per row of a packed batch
+  (:mod:`lm_eval_cola.packing`), for scoring. Each call runs one layer on every row that needs
+  it (see :class:`RowsRun`); rows whose chain has ended pass through. With a
+  :class:`PrefixCache`, a row resumes from the deepest prefix of its chain already computed on
+  the same row, so over a search every distinct (chain prefix, token) is computed once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -31,91 +40,120 @@ TESTED_MODEL_TYPES = frozenset(
 )
 
 
+#: Rows a layer runs on at one position are packed into sequences of up to this many tokens
+#: (or the longest row's), one call for all: a call's fixed cost is that of tens of tokens on a
+#: CPU, while attention within a sequence grows with its square.
+SEQUENCE_TOKENS = 256
+
+
 class UnsupportedModelError(ValueError):
     """The model's layout is not one the executor can re-sequence without changing its output."""
 
 
+@dataclass
+class Work:
+    """Compute spent by decoder layers.
+
+    ``layer_applications`` counts rows x layers; ``token_layer_applications`` counts token
+    positions x layers, the real measure of work (a row of a packed document holds all its
+    requests). Totals include padding, which ``padding_token_layers`` counts apart.
+    """
+
+    layer_applications: int = 0
+    token_layer_applications: int = 0
+    padding_token_layers: int = 0
+    forward_calls: int = 0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Work)))
+
+    def __sub__(self, other: Work) -> Work:
+        return Work(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(Work)))
+
+
 class PrefixCache:
-    """Layer outputs by (input batch, chain prefix), least recently used first out, in bytes.
+    """Layer outputs of packed rows by (row content, chain prefix), least recently used out.
 
     Chains explored by a search share prefixes: a child differs from its parent from the edit
-    onwards. For the same input batch, the output of position ``p`` depends only on the chain's
-    first ``p + 1`` layers, so it can be looked up instead of computed. Only for scoring: a
-    generating model also needs every layer's KV cache, which a looked-up output does not fill.
+    onwards. For the same row, the output of position ``p`` depends only on the chain's first
+    ``p + 1`` layers, so a row resumes from the deepest prefix found here. Scoring only: a
+    generating model also needs every position's KV cache, which a stored output does not fill.
     """
 
     def __init__(self, max_mb: float) -> None:
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
 
-    def get(self, key: tuple):
-        entry = self._entries.get(key)
-        if entry is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry[0]
+    def deepest(self, row: str, chain: Chain) -> tuple[int, torch.Tensor | None]:
+        """(positions already computed, the output after them) for ``chain`` on ``row``."""
+        for length in range(len(chain), 0, -1):
+            output = self._entries.get((row, chain.layers[:length]))
+            if output is not None:
+                self._entries.move_to_end((row, chain.layers[:length]))
+                self.hits += 1
+                return length, output
+        self.misses += 1
+        return 0, None
 
-    def put(self, key: tuple, output) -> None:
-        size = sum(t.numel() * t.element_size() for t in _tensors(output))
-        if size > self.max_bytes or key in self._entries:
+    def put(self, row: str, prefix: tuple[int, ...], output: torch.Tensor) -> None:
+        size = output.numel() * output.element_size()
+        if size > self.max_bytes or (row, prefix) in self._entries:
             return
-        self._entries[key] = (output, size)
+        self._entries[(row, prefix)] = output
         self.bytes += size
         while self.bytes > self.max_bytes:
-            _, (_, evicted) = self._entries.popitem(last=False)
-            self.bytes -= evicted
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
+    def drop(self, rows: set[str]) -> None:
+        """Forget the given rows (a document whose search is over)."""
+        for key in [key for key in self._entries if key[0] in rows]:
+            evicted = self._entries.pop(key)
+            self.bytes -= evicted.numel() * evicted.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
-def _tensors(output) -> list[torch.Tensor]:
-    return [t for t in (output if isinstance(output, tuple) else (output,)) if t is not None]
+class Rows(Protocol):
+    """A left-padded batch of rows (:class:`lm_eval_cola.packing.PackedBatch`)."""
+
+    lengths: list[int]
+    keys: list[str]
+    width: int
+    device: torch.device
+
+    def allowed(self, window: int | None) -> torch.Tensor: ...
 
 
 class _ChainPosition(nn.Module):
     """One chain position: calls a shared decoder layer under this position's cache index."""
 
-    def __init__(
-        self, layer: nn.Module, position: int, prefix: tuple[int, ...], executor: ChainExecutor
-    ) -> None:
+    def __init__(self, layer: nn.Module, position: int, executor: ChainExecutor) -> None:
         super().__init__()
         # Plain attributes, not submodules: the wrapper must not own or re-register weights.
         object.__setattr__(self, "layer", layer)
         object.__setattr__(self, "executor", executor)
         self.position = position
-        self.prefix = prefix
         self._indexed = [
             m for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)
         ]
 
-    def forward(self, *args, **kwargs):
-        cache, batch = self.executor.prefix_cache, self.executor.batch_key
-        if cache is not None:
-            output = cache.get((batch, self.prefix))
-            if output is not None:
-                return output
-        output = self._run(*args, **kwargs)
-        if cache is not None:
-            cache.put((batch, self.prefix), output)
-        return output
-
-    def _run(self, *args, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
         saved = [m.layer_idx for m in self._indexed]
         for module in self._indexed:
             module.layer_idx = self.position
         try:
-            output = self.layer(*args, **kwargs)
+            output = self.layer(hidden_states, *args, **kwargs)
         finally:
             for module, idx in zip(self._indexed, saved, strict=True):
                 module.layer_idx = idx
-        hidden = output[0] if isinstance(output, tuple) else output
-        self.executor.layer_applications += hidden.shape[0]
+        work = self.executor.work
+        work.forward_calls += self.position == 0
+        work.layer_applications += hidden_states.shape[0]
+        work.token_layer_applications += hidden_states.shape[0] * hidden_states.shape[1]
         return output
 
     def __getattr__(self, name: str):
@@ -126,8 +164,211 @@ class _ChainPosition(nn.Module):
             return getattr(object.__getattribute__(self, "layer"), name)
 
 
+class _RowsPosition(nn.Module):
+    """One position of a batch whose rows run different chains (see :class:`RowsRun`)."""
+
+    def __init__(self, position: int, run: RowsRun) -> None:
+        super().__init__()
+        object.__setattr__(self, "run", run)
+        self.position = position
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.run.step(self.position, hidden_states, args, kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Rows share each position's layer type (ChainExecutor.signature), so any row's
+            # layer answers for all of them.
+            return getattr(object.__getattribute__(self, "run").layer_at(self.position), name)
+
+
+class RowsRun:
+    """The state of one forward pass over rows with chains of their own.
+
+    Row ``r`` of a left-padded batch occupies its last ``lengths[r]`` columns. A row starts at
+    the deepest prefix of its chain in the prefix cache; every position it computes is stored
+    there. ``work[r]`` is the compute spent on row ``r`` (its real tokens only).
+
+    Each call of a layer reads all its weights, however few tokens it runs on, so the fewer the
+    calls, the faster. When the model hands every layer the same arguments (one layer type), a
+    row's position does not matter to a call: the first position runs everything, each call
+    running one layer on every row that needs it next, wherever that is in its chain. Models
+    with several layer types pick each position's mask and RoPE by type, so there rows advance
+    a position at a time, each distinct layer running once per position.
+    """
+
+    def __init__(
+        self,
+        executor: ChainExecutor,
+        rows: Rows,
+        chains: Sequence[Chain],
+        cache: PrefixCache | None,
+    ) -> None:
+        self.executor, self.rows, self.chains, self.cache = executor, rows, list(chains), cache
+        self.across_positions = all(executor.signature(chain) == () for chain in self.chains)
+        self.work = [Work() for _ in self.chains]
+        self.start, self.resume = [], []
+        for key, chain in zip(rows.keys, self.chains, strict=True):
+            found, output = cache.deepest(key, chain) if cache is not None else (0, None)
+            self.start.append(found)
+            self.resume.append(output)
+
+    def layer_at(self, position: int) -> nn.Module:
+        chain = next(c for c in self.chains if len(c) > position)
+        return self.executor.layers[chain.layers[position]]
+
+    def step(self, position: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        if position == 0:
+            self.executor.work.forward_calls += 1
+            hidden = hidden.clone()  # written in place below; the embedding output stays intact
+            if self.across_positions:
+                self._run_all(hidden, args, kwargs)
+        if not self.across_positions:
+            self._run_position(position, hidden, args, kwargs)
+        return (hidden,) if self.executor.layers_return_tuples else hidden
+
+    def _run_all(self, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """Every row's remaining positions, the layer most rows need next first."""
+        for r, output in enumerate(self.resume):
+            if output is not None:
+                hidden[r, hidden.shape[1] - self.rows.lengths[r] :] = output
+        done = list(self.start)
+        while True:
+            waiting: dict[int, list[int]] = {}
+            for r, chain in enumerate(self.chains):
+                if done[r] < len(chain):
+                    waiting.setdefault(chain.layers[done[r]], []).append(r)
+            if not waiting:
+                return
+            layer, rows = max(waiting.items(), key=lambda item: (len(item[1]), -item[0]))
+            self._run_layer(layer, rows, [done[r] for r in rows], hidden, args, kwargs)
+            for r in rows:
+                done[r] += 1
+
+    def _run_position(self, position: int, hidden: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """Every row's layer at ``position``, each distinct layer once."""
+        by_layer: dict[int, list[int]] = {}
+        for r, chain in enumerate(self.chains):
+            if self.start[r] == position + 1:  # its output at this position is in the cache
+                hidden[r, hidden.shape[1] - self.rows.lengths[r] :] = self.resume[r]
+            elif self.start[r] <= position < len(chain):
+                by_layer.setdefault(chain.layers[position], []).append(r)
+        for layer, rows in sorted(by_layer.items()):
+            self._run_layer(layer, rows, [position] * len(rows), hidden, args, kwargs)
+
+    def _run_layer(
+        self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs
+    ) -> None:
+        """Layer ``layer`` once, on ``rows`` packed into few sequences (:class:`_Packing`), at
+        each row's chain position in ``positions``."""
+        module = self.executor.layers[layer]
+        packing = _Packing(rows, self.rows.lengths, hidden.shape[1], hidden.device)
+        allowed = self.rows.allowed(self.executor.sliding_window(module))
+        packed = {
+            name: packing.mask(allowed, hidden.dtype)
+            if name == "attention_mask"
+            else packing.take(value)
+            for name, value in kwargs.items()
+        }
+        output = module(packing.take(hidden), *args, **packed)
+        packing.put(hidden, output[0] if isinstance(output, tuple) else output)
+        total, lengths, width = self.executor.work, self.rows.lengths, hidden.shape[1]
+        total.layer_applications += len(rows)
+        total.token_layer_applications += packing.size
+        total.padding_token_layers += packing.padding
+        for r, position in zip(rows, positions, strict=True):
+            self.work[r].layer_applications += 1
+            self.work[r].token_layer_applications += lengths[r]
+            if self.cache is not None:
+                state = hidden[r, width - lengths[r] :].clone()
+                self.cache.put(self.rows.keys[r], self.chains[r].layers[: position + 1], state)
+
+
+class _Packing:
+    """Rows of a left-padded batch laid end to end in few sequences, for one layer call.
+
+    Rows go first-fit, longest first, into sequences of :data:`SEQUENCE_TOKENS` tokens (or the
+    longest row's); a row attends only within itself, so the result is each row's own. Per-token
+    arguments (hidden states, positions, RoPE tables) are gathered into the same layout.
+    """
+
+    def __init__(self, rows: list[int], lengths: list[int], width: int, device) -> None:
+        if len(rows) == 1:  # the common case: the row's own columns, as views
+            (self.row,) = rows
+            self.width, self.span = width, lengths[self.row]
+            self.size, self.padding = self.span, 0
+            return
+        self.row = None
+        capacity = max(SEQUENCE_TOKENS, *(lengths[r] for r in rows))
+        sequences: list[list[int]] = []
+        fills: list[int] = []
+        for row in sorted(rows, key=lambda r: -lengths[r]):
+            free = next(
+                (s for s, fill in enumerate(fills) if fill + lengths[row] <= capacity), None
+            )
+            if free is None:
+                sequences.append([])
+                fills.append(0)
+                free = len(fills) - 1
+            sequences[free].append(row)
+            fills[free] += lengths[row]
+        span = max(fills)
+        row_of = torch.full((len(sequences), span), -1, dtype=torch.long)
+        column_of = torch.zeros((len(sequences), span), dtype=torch.long)
+        for s, members in enumerate(sequences):
+            start = 0
+            for row in members:
+                row_of[s, start : start + lengths[row]] = row
+                column_of[s, start : start + lengths[row]] = torch.arange(
+                    width - lengths[row], width
+                )
+                start += lengths[row]
+        self.width, self.span = width, span
+        self.size, self.padding = row_of.numel(), row_of.numel() - sum(fills)
+        self.real = (row_of >= 0).to(device)
+        self.rows, self.columns = row_of.clamp(min=0).to(device), column_of.to(device)
+
+    def take(self, value):
+        """The packed layout of a per-token argument; anything else passes unchanged."""
+        if isinstance(value, tuple):
+            return tuple(self.take(item) for item in value)
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 1 and value.shape[0] == self.width:  # cache positions
+                return torch.arange(self.span, device=value.device)
+            if value.dim() >= 2 and value.shape[1] == self.width:
+                if self.row is not None:
+                    first = self.row if value.shape[0] > 1 else 0
+                    return value[first : first + 1, self.width - self.span :]
+                return value[self.rows if value.shape[0] > 1 else 0, self.columns]
+        return value
+
+    def mask(self, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (S, 1, span, span) mask: each token sees what ``allowed`` (B, T, T) lets it
+        see within its own row; slack positions see only themselves."""
+        if self.row is not None:
+            rows = slice(self.row, self.row + 1)
+            ok = allowed[rows, self.width - self.span :, self.width - self.span :]
+            additive = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+            return additive.masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+        queries, keys = (self.rows[:, :, None], self.columns[:, :, None]), self.columns[:, None, :]
+        ok = allowed[queries[0], queries[1], keys] & (queries[0] == self.rows[:, None, :])
+        ok &= self.real[:, :, None] & self.real[:, None, :]
+        ok |= torch.eye(self.span, dtype=torch.bool, device=ok.device)
+        additive = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+        return additive.masked_fill_(~ok, torch.finfo(dtype).min)[:, None]
+
+    def put(self, hidden: torch.Tensor, output: torch.Tensor) -> None:
+        """Write the packed output back into each row of ``hidden``."""
+        if self.row is not None:
+            hidden[self.row, self.width - self.span :] = output[0]
+            return
+        hidden[self.rows[self.real], self.columns[self.real]] = output[self.real]
+
+
 class ChainExecutor:
-    """Applies chains to one model; counts layer applications (rows × layers run)."""
+    """Applies chains to one model and counts the work its layers do."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -135,58 +376,89 @@ class ChainExecutor:
         self.config = self.decoder.config
         self.layers: nn.ModuleList = self.decoder.layers
         self.n_layers = len(self.layers)
-        self.layer_applications = 0
-        self.prefix_cache: PrefixCache | None = None
-        self.batch_key: str | None = None
+        self.work = Work()
+        #: whether decoder layers return a tuple (transformers 4.x) or a tensor (5.x); the
+        #: probe in :meth:`check` finds out
+        self.layers_return_tuples: bool | None = None
         self._active = False
 
     def validate(self, chain: Chain, max_length: int | None = None) -> Chain:
         return chain.validate(self.n_layers, max_length)
 
     @contextlib.contextmanager
-    def apply(self, chain: Chain | None, prefix_cache: PrefixCache | None = None) -> Iterator[None]:
-        """Within the block, the model runs ``chain``; ``None`` leaves it untouched.
-
-        With a ``prefix_cache``, layer outputs for a chain prefix already computed on the same
-        input batch are looked up instead of computed (scoring only; see :class:`PrefixCache`).
-        """
+    def apply(self, chain: Chain | None) -> Iterator[None]:
+        """Within the block, the model runs ``chain``; ``None`` leaves it untouched."""
         if chain is None:
             yield
             return
+        chain.check_range(self.n_layers)
+        positions = [_ChainPosition(self.layers[layer], p, self) for p, layer in enumerate(chain)]
+        with self._swapped(positions, [self._layer_type(layer) for layer in chain]):
+            yield
+
+    @contextlib.contextmanager
+    def apply_rows(
+        self, rows: Rows, chains: Sequence[Chain], cache: PrefixCache | None = None
+    ) -> Iterator[RowsRun]:
+        """Within the block, row ``r`` of a packed batch runs ``chains[r]`` (scoring only:
+        call the model without a KV cache). All chains must share :meth:`signature`."""
+        if self.layers_return_tuples is None:
+            self.check(rows.device)
+        if len({self.signature(chain) for chain in chains}) > 1:
+            raise ValueError("rows of one batch must share a layer-type signature")
+        for chain in chains:
+            chain.check_range(self.n_layers)
+        run = RowsRun(self, rows, chains, cache)
+        longest = max(chains, key=len)
+        types = [self._layer_type(longest.layers[p]) for p in range(len(longest))]
+        with self._swapped([_RowsPosition(p, run) for p in range(len(longest))], types):
+            yield run
+
+    def signature(self, chain: Chain) -> tuple:
+        """What rows of one mixed batch must share: the layer type at every position, for
+        models with several (their forward picks each position's mask and RoPE by type)."""
+        types = getattr(self.config, "layer_types", None)
+        if types is None or len(set(types)) <= 1:
+            return ()
+        return tuple(types[layer] for layer in chain)
+
+    def sliding_window(self, layer: nn.Module) -> int | None:
+        """The sliding window of a layer's attention: the attention's own (families with
+        per-layer types), else the config's, which such families apply to every layer."""
+        attention = getattr(layer, "self_attn", None)
+        if attention is not None and hasattr(attention, "sliding_window"):
+            return attention.sliding_window
+        return getattr(self.config, "sliding_window", None)
+
+    def _layer_type(self, layer: int) -> str | None:
+        types = getattr(self.config, "layer_types", None)
+        if types is None:
+            return None
+        if len(types) <= layer:
+            raise ChainError(
+                f"config.layer_types has {len(types)} entries, layer {layer} needs more"
+            )
+        return types[layer]
+
+    @contextlib.contextmanager
+    def _swapped(self, positions: list[nn.Module], types: list[str | None]) -> Iterator[None]:
+        """The decoder runs ``positions`` as its layers, and its config describes them."""
         if self._active:
             raise RuntimeError("a chain is already applied to this model; chains do not nest")
-        chain.check_range(self.n_layers)
-        positions = nn.ModuleList(
-            _ChainPosition(self.layers[layer], pos, chain.layers[: pos + 1], self)
-            for pos, layer in enumerate(chain)
-        )
-        saved = _swap_config(self.config, chain)
-        self.decoder._modules["layers"] = positions
-        hook = None
-        if prefix_cache is not None:
-            hook = self.decoder.register_forward_pre_hook(self._key_batch, with_kwargs=True)
-        self.prefix_cache, self._active = prefix_cache, True
+        saved = {"num_hidden_layers": self.config.num_hidden_layers}
+        if getattr(self.config, "layer_types", None) is not None:
+            saved["layer_types"] = self.config.layer_types
+            self.config.layer_types = types
+        self.config.num_hidden_layers = len(positions)
+        self.decoder._modules["layers"] = nn.ModuleList(positions)
+        self._active = True
         try:
             yield
         finally:
             self.decoder._modules["layers"] = self.layers
-            _restore_config(self.config, saved)
-            if hook is not None:
-                hook.remove()
-            self.prefix_cache, self.batch_key, self._active = None, None, False
-
-    def _key_batch(self, _module, args, kwargs) -> None:
-        """Identify the decoder's input batch: cached layer outputs are only valid for it."""
-        digest = hashlib.blake2b(digest_size=16)
-        inputs = [args[0] if args else kwargs.get("input_ids")]
-        inputs += [kwargs.get(name) for name in ("attention_mask", "position_ids", "inputs_embeds")]
-        for tensor in inputs:
-            if tensor is None:
-                digest.update(b"-")
-            else:
-                digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
-        self.batch_key = digest.hexdigest()
+            for key, value in saved.items():
+                setattr(self.config, key, value)
+            self._active = False
 
     def check(self, device: torch.device | str | None = None) -> None:
         """Prove on a 2-token input that the model's forward really walks the swapped list.
@@ -200,6 +472,7 @@ class ChainExecutor:
             layer.register_forward_pre_hook(lambda _m, _a, i=i: seen.append(i))
             for i, layer in enumerate(self.layers)
         ]
+        hooks.append(self.layers[0].register_forward_hook(self._note_output_kind))
         device = device or getattr(self.model, "device", "cpu")
         try:
             with torch.no_grad(), self.apply(probe):
@@ -213,6 +486,9 @@ class ChainExecutor:
                 f"'{type(self.decoder).__name__}.layers' in order (probe chain {list(probe)} "
                 f"ran {seen}); chains cannot be applied to it without changing its output"
             )
+
+    def _note_output_kind(self, _module, _args, output) -> None:
+        self.layers_return_tuples = isinstance(output, tuple)
 
 
 def find_decoder(model: nn.Module) -> nn.Module:
@@ -233,23 +509,3 @@ def find_decoder(model: nn.Module) -> nn.Module:
         "lm-eval-cola supports decoder-only Hugging Face models with the standard layout "
         f"(tested: {', '.join(sorted(TESTED_MODEL_TYPES))})"
     )
-
-
-def _swap_config(config, chain: Chain) -> dict:
-    """Make the config describe the chain: one layer, and one layer type, per position."""
-    saved = {"num_hidden_layers": config.num_hidden_layers}
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        if len(layer_types) < max(chain) + 1:
-            raise ChainError(
-                f"config.layer_types has {len(layer_types)} entries, chain '{chain}' needs more"
-            )
-        saved["layer_types"] = layer_types
-        config.layer_types = [layer_types[i] for i in chain]
-    config.num_hidden_layers = len(chain)
-    return saved
-
-
-def _restore_config(config, saved: dict) -> None:
-    for key, value in saved.items():
-        setattr(config, key, value)

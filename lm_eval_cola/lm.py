@@ -1,21 +1,34 @@
 """``--model cola``: lm-eval's HFLM with its decoder layers run as chains.
 
-HFLM keeps doing everything it does (tokenising, batching, the one-token logits cache, auto
-batch size, data parallelism, peft, gguf). This backend only decides, per request, which chain
-the model runs: ``chain=`` for every document, ``chains=`` for a per-document source. Requests
-are grouped by chain *before* HFLM sees them, so HFLM's batching and logits cache never mix
-two chains, and results are put back in the order lm-eval asked for them.
+HFLM keeps doing everything it does (tokenising, the one-token logits cache, auto batch size,
+data parallelism, peft, gguf). This backend decides, per request, which chain the model runs:
+``chain=`` for every document, ``chains=`` for a per-document source, and runs them in one of
+two ways (:meth:`ColaLM.run_requests`, the one place requests run under chains):
+
+- by chain: requests are grouped by chain *before* HFLM sees them and each group runs through
+  HFLM's own code, so batching and its logits cache never mix two chains. Without a chain, or
+  with the identity chain, results are exactly those of ``--model hf``.
+- packed (``shared_context``, the default with ``chains=``, and the search's way): each
+  document's loglikelihood requests run as one row in which their shared context is computed
+  once (:mod:`lm_eval_cola.packing`), and rows of different chains share a batch
+  (:meth:`ChainExecutor.apply_rows`). Log-likelihoods equal the grouped path's up to float
+  rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import inspect
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import transformers
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
@@ -23,11 +36,40 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.executor import ChainExecutor
+from lm_eval_cola.executor import ChainExecutor, PrefixCache, Work
 from lm_eval_cola.fingerprint import identify
-from lm_eval_cola.sources import ChainSource, ChainSourceError, open_source, requests_by_document
+from lm_eval_cola.packing import PackedBatch, PackedRow, pack
+from lm_eval_cola.sources import ChainSource, ChainSourceError, document_keys, open_source
 
 logger = logging.getLogger("lm_eval.cola")
+#: Packed rows remembered per model, by their requests (a search packs each document once).
+PACKED_ROWS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How :meth:`ColaLM.run_requests` computes.
+
+    ``shared_context``: a document's loglikelihood requests run as one packed row, their shared
+    context computed once, and rows of different chains share batches; off, requests run
+    through HFLM's own code, one chain group at a time. ``prefix_cache``: packed rows resume
+    from the deepest chain prefix already computed on them (a search's memory; other request
+    types, which run by chain, do not use it). ``one_batch``:
+    all requests in one forward pass (per chain group where chains cannot mix), so a
+    document sees the same batch whatever else runs: the search's documents in parallel.
+    """
+
+    shared_context: bool = True
+    prefix_cache: PrefixCache | None = None
+    one_batch: bool = False
+
+
+@dataclass
+class RunResult:
+    """lm-eval's outputs, one per request, and the work each document cost."""
+
+    outputs: list
+    work: dict[Hashable, Work]
 
 
 class MissingChainError(ChainSourceError):
@@ -41,8 +83,9 @@ class ColaLM(HFLM):
     Model args added to HFLM's: ``chain`` (one chain, e.g. ``0-11.11-29``), ``chains`` (a
     per-document source, e.g. ``chains.jsonl``), ``strict_chains`` (a document missing from
     the source is an error instead of running ``chain``, or the full model), and
-    ``max_chain_length`` (default: 4 x the model's depth). Without ``pretrained`` the embedded
-    SmolLM2-135M-Instruct is used.
+    ``max_chain_length`` (default: 4 x the model's depth), and ``shared_context`` (a
+    document's loglikelihood requests as one packed row; default: on with ``chains``). Without
+    ``pretrained`` the embedded SmolLM2-135M-Instruct is used.
     """
 
     def __init__(
@@ -52,12 +95,16 @@ class ColaLM(HFLM):
         chains: str | None = None,
         strict_chains: bool = False,
         max_chain_length: int | None = None,
+        shared_context: bool | None = None,
         **kwargs,
     ) -> None:
         self.static_chain = Chain.parse(chain) if chain is not None else None
         self.source: ChainSource | None = open_source(chains) if chains is not None else None
         self.strict_chains = bool(strict_chains)
         self.max_chain_length = max_chain_length
+        self.shared_context = self.source is not None if shared_context is None else shared_context
+        self._rows: OrderedDict[tuple, PackedRow] = OrderedDict()
+        self._auto_batch_size: int | None = None
         name = None
         if pretrained is None:
             from lm_eval_cola.default_model import DISPLAY_NAME, default_model_path
@@ -68,6 +115,7 @@ class ColaLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         self.executor = ChainExecutor(self.model)
         self.executor.check(self.device)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         name = name or (pretrained if isinstance(pretrained, str) else self.model.name_or_path)
         self.identity = identify(self.model, name, kwargs.get("revision"), self.executor.n_layers)
         if self.source is not None:
@@ -81,31 +129,199 @@ class ColaLM(HFLM):
         if self.source is not None:
             self.source.validate(n_layers, self.max_chain_length)
 
-    # -- the three request types, each dispatched by chain -------------------------------------
+    # -- the three request types, each run under the documents' chains ------------------------
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False):
-        return self._dispatch(HFLM.loglikelihood, requests, disable_tqdm)
+        return self._run("loglikelihood", requests, disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False):
-        return self._dispatch(HFLM.loglikelihood_rolling, requests, disable_tqdm)
+        return self._run("loglikelihood_rolling", requests, disable_tqdm)
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False):
-        return self._dispatch(HFLM.generate_until, requests, disable_tqdm)
+        return self._run("generate_until", requests, disable_tqdm)
 
-    def _dispatch(self, method: Callable, requests: list[Instance], disable_tqdm: bool) -> list:
-        """Run ``method`` once per chain group and return results in request order."""
-        chains = self._chains_for(requests)
+    def _run(self, request_type: str, requests: list[Instance], disable_tqdm: bool) -> list:
+        chains, documents = self._chains_for(requests)
+        options = RunOptions(shared_context=self.shared_context)
+        result = self.run_requests(request_type, requests, chains, options, documents, disable_tqdm)
+        return result.outputs
+
+    def run_requests(
+        self,
+        request_type: str,
+        requests: Sequence[Instance],
+        chains: Sequence[Chain | None],
+        options: RunOptions | None = None,
+        documents: Sequence[Hashable] | None = None,
+        disable_tqdm: bool = True,
+    ) -> RunResult:
+        """Run lm-eval ``requests`` of one type, request ``i`` under ``chains[i]`` (``None``:
+        the model unchanged), and return lm-eval's outputs with the work each document cost.
+
+        ``documents`` names the document of each request (default: task and ``doc_hash``); a
+        document's requests must share a chain. The only way this package runs requests:
+        ``--model cola``, the search and the predictors all come through here.
+        """
+        options = options or RunOptions()
+        if documents is None:
+            documents = document_keys(requests)
+        if request_type == "loglikelihood" and options.shared_context:
+            return self._packed_loglikelihood(requests, chains, documents, options, disable_tqdm)
+        return self._by_chain(request_type, requests, chains, documents, options, disable_tqdm)
+
+    def _packed_loglikelihood(
+        self,
+        requests: Sequence[Instance],
+        chains: Sequence[Chain | None],
+        documents: Sequence[Hashable],
+        options: RunOptions,
+        disable_tqdm: bool,
+    ) -> RunResult:
+        """Each document's requests as one packed row (:mod:`lm_eval_cola.packing`), rows of
+        different chains in one batch (:meth:`ChainExecutor.apply_rows`)."""
+        members: dict[Hashable, list[int]] = {}
+        for index, document in enumerate(documents):
+            members.setdefault(document, []).append(index)
+        chain_of = {doc: _one_chain(doc, [chains[i] for i in idx]) for doc, idx in members.items()}
+        identity = Chain.identity(self.executor.n_layers)
+        rows = {
+            doc: self.packed_row([requests[i].args for i in idx]) for doc, idx in members.items()
+        }
+        outputs: list = [None] * len(requests)
+        work: dict[Hashable, Work] = {}
+        batches = self._row_batches(rows, chain_of, members, options.one_batch)
+        for batch_docs in tqdm(
+            batches,
+            desc="Running loglikelihood requests, one packed row a document",
+            disable=disable_tqdm or self.rank != 0,
+        ):
+            batch = PackedBatch([rows[doc] for doc in batch_docs], 0, self.device)
+            batch_chains = [chain_of[doc] or identity for doc in batch_docs]
+            with self.executor.apply_rows(batch, batch_chains, options.prefix_cache) as run:
+                logprobs = self._packed_logprobs(batch)
+            for doc, answers, spent in zip(
+                batch_docs, batch.scores(logprobs), run.work, strict=True
+            ):
+                work[doc] = spent
+                for index, answer in zip(members[doc], answers, strict=True):
+                    outputs[index] = answer
+                    self.cache_hook.add_partial("loglikelihood", requests[index].args, answer)
+        return RunResult(outputs, work)
+
+    def _packed_logprobs(self, batch: PackedBatch) -> torch.Tensor:
+        """Log-probabilities at the batch's read positions, rows one after another, as HFLM
+        computes them. The LM head sees only those positions: a pre-hook gathers them from the
+        kept ones, and what the model does after the head (soft-capping, scaling) is per
+        logit, so it applies unchanged."""
+        keep = {"logits_to_keep": batch.keep} if self._keeps_logits else {}
+        head = self.model.get_output_embeddings()
+        handle = head.register_forward_pre_hook(
+            lambda _module, args: (batch.gather(args[0])[None],)
+        )
+        try:
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    device_type=self.device.type,
+                    dtype=self.mixed_precision_dtype,
+                    enabled=self.mixed_precision_dtype is not None,
+                ),
+            ):
+                logits = self.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.mask(None, self.model.dtype),
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                    **keep,
+                ).logits
+        finally:
+            handle.remove()
+        return F.log_softmax(logits.flatten(0, -2), dim=-1, dtype=self.softmax_dtype)
+
+    def packed_row(self, pairs: list[tuple[str, str]]) -> PackedRow:
+        """The packed row of a document's requests, tokenized as HFLM tokenizes them
+        (remembered: a search packs the same document once per chain it tries)."""
+        key = tuple(pairs)
+        row = self._rows.get(key)
+        if row is None:
+            row = pack([self._request_tokens(*pair) for pair in pairs], self.max_length)
+            self._rows[key] = row
+            if len(self._rows) > PACKED_ROWS_KEPT:
+                self._rows.popitem(last=False)
+        return row
+
+    def _request_tokens(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's ``TemplateLM.loglikelihood`` tokenization: an empty context becomes the
+        prefix token (BOS or EOS), unless the continuation already starts with it."""
+        if context == "":
+            tokens = self.tok_encode(continuation, add_special_tokens=False)
+            if self.prefix_token_id != tokens[0]:
+                return [self.prefix_token_id], tokens
+            return tokens[:1], tokens[1:]
+        return self._encode_pair(context, continuation)
+
+    def _row_batches(
+        self,
+        rows: dict[Hashable, PackedRow],
+        chain_of: dict[Hashable, Chain | None],
+        members: dict[Hashable, list[int]],
+        one_batch: bool,
+    ) -> list[list[Hashable]]:
+        """Documents in batches: rows whose chains can share a forward pass (one layer-type
+        signature), longest first, up to the batch size in requests; all in one with
+        ``one_batch``."""
+        identity = Chain.identity(self.executor.n_layers)
+        groups: dict[tuple, list[Hashable]] = {}
+        for doc, chain in chain_of.items():
+            groups.setdefault(self.executor.signature(chain or identity), []).append(doc)
+        if one_batch:
+            return list(groups.values())
+        size, batches = self._requests_per_batch(), []
+        for docs in groups.values():
+            current, count = [], 0
+            for doc in sorted(docs, key=lambda d: -len(rows[d])):
+                if current and count + len(members[doc]) > size:
+                    batches.append(current)
+                    current, count = [], 0
+                current.append(doc)
+                count += len(members[doc])
+            batches.append(current)
+        return batches
+
+    def _requests_per_batch(self) -> int:
+        if self.batch_size_per_gpu == "auto":
+            if self._auto_batch_size is None:
+                self._auto_batch_size = self._detect_batch_size()
+            return self._auto_batch_size
+        return int(self.batch_size_per_gpu)
+
+    def _by_chain(
+        self,
+        request_type: str,
+        requests: Sequence[Instance],
+        chains: Sequence[Chain | None],
+        documents: Sequence[Hashable],
+        options: RunOptions,
+        disable_tqdm: bool,
+    ) -> RunResult:
+        """HFLM's own method once per chain group, results back in request order. Work is
+        shared among a group's documents by their number of requests."""
+        method = getattr(HFLM, request_type)
         groups: dict[str, list[int]] = {}
         for index, chain in enumerate(chains):
             groups.setdefault(_key(chain), []).append(index)
         keys = self._keys_on_all_ranks(groups)
-        if len(keys) <= 1:  # one chain: exactly HFLM's own path, collectives included
+        work: dict[Hashable, Work] = {doc: Work() for doc in documents}
+        if len(keys) <= 1 and not options.one_batch:  # exactly HFLM's path, collectives included
+            before = dataclasses.replace(self.executor.work)
             with self.executor.apply(chains[0] if chains else None):
-                return method(self, requests, disable_tqdm=disable_tqdm)
-        results: list = [None] * len(requests)
+                outputs = method(self, list(requests), disable_tqdm=disable_tqdm)
+            _share(self.executor.work - before, [documents[i] for i in range(len(requests))], work)
+            return RunResult(outputs, work)
+        outputs: list = [None] * len(requests)
         progress = tqdm(
             keys,
-            desc=f"Running {method.__name__} requests by chain",
+            desc=f"Running {request_type} requests by chain",
             disable=disable_tqdm or self.rank != 0,
         )
         with self._independent_groups():
@@ -113,26 +329,41 @@ class ColaLM(HFLM):
                 indices = groups.get(key, [])
                 if not indices:
                     continue
-                with self.executor.apply(chains[indices[0]]):
-                    outputs = method(self, [requests[i] for i in indices], disable_tqdm=True)
-                for index, output in zip(indices, outputs, strict=True):
-                    results[index] = output
-        return results
+                before = dataclasses.replace(self.executor.work)
+                with (
+                    self.executor.apply(chains[indices[0]]),
+                    self._batch_size(len(indices) if options.one_batch else None),
+                ):
+                    found = method(self, [requests[i] for i in indices], disable_tqdm=True)
+                _share(self.executor.work - before, [documents[i] for i in indices], work)
+                for index, output in zip(indices, found, strict=True):
+                    outputs[index] = output
+        return RunResult(outputs, work)
 
-    def _chains_for(self, requests: list[Instance]) -> list[Chain | None]:
-        """The chain of each request; ``None`` runs the model unchanged."""
+    @contextlib.contextmanager
+    def _batch_size(self, size: int | None) -> Iterator[None]:
+        """All of a group's requests in one batch (``size``), so every chain sees the same."""
+        saved = self.batch_size_per_gpu
+        if size is not None:
+            self.batch_size_per_gpu = max(size, 1)
+        try:
+            yield
+        finally:
+            self.batch_size_per_gpu = saved
+
+    def _chains_for(self, requests: list[Instance]) -> tuple[list[Chain | None], list[Hashable]]:
+        """The chain of each request (``None`` runs the model unchanged) and its document."""
+        documents = document_keys(requests)
         if self.source is None:
-            return [self.static_chain] * len(requests)
-        documents = requests_by_document(requests)
-        self.source.prepare(documents, self)
-        found = {key: self.source.lookup(*key) for key in documents}
+            return [self.static_chain] * len(requests), documents
+        grouped: dict[Hashable, list[Instance]] = {}
+        for request, document in zip(requests, documents, strict=True):
+            grouped.setdefault(document, []).append(request)
+        self.source.prepare(grouped, self)
+        found = {key: self.source.lookup(*key) for key in grouped}
         self._report_missing({key for key, chain in found.items() if chain is None}, len(found))
-        chain_of = {
-            id(request): found[key] if found[key] is not None else self.static_chain
-            for key, group in documents.items()
-            for request in group
-        }
-        return [chain_of[id(request)] for request in requests]
+        chains = [found[key] if found[key] is not None else self.static_chain for key in documents]
+        return chains, documents
 
     def _report_missing(self, missing: set[tuple[str, str]], n_docs: int) -> None:
         if not missing:
@@ -207,6 +438,7 @@ class ColaLM(HFLM):
             "chain": str(self.static_chain) if self.static_chain else None,
             "chains": self.source.fingerprint() if self.source else None,
             "strict": self.strict_chains,
+            "shared_context": self.shared_context,
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -221,6 +453,21 @@ def load(model_args: str = "", device: str | None = None) -> ColaLM:
 
 def _key(chain: Chain | None) -> str:
     return "" if chain is None else str(chain)
+
+
+def _one_chain(document: Hashable, chains: list[Chain | None]) -> Chain | None:
+    if len(set(chains)) > 1:
+        raise ValueError(f"document {document} has requests under different chains")
+    return chains[0]
+
+
+def _share(spent: Work, documents: list[Hashable], work: dict[Hashable, Work]) -> None:
+    """Add ``spent`` to the documents of the requests that spent it, a share per request."""
+    for field in dataclasses.fields(Work):
+        share, rest = divmod(getattr(spent, field.name), len(documents))
+        for position, document in enumerate(documents):
+            total = getattr(work[document], field.name) + share + (position < rest)
+            setattr(work[document], field.name, total)
 
 
 def _depth_from_config(pretrained: str, kwargs: dict) -> int:

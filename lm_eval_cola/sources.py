@@ -10,34 +10,27 @@ bare path ending in ``.jsonl`` opens a :class:`JsonlChains`.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from lm_eval_cola.chain import Chain, ChainError
 from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.registry import Registry
+from lm_eval_cola.tasks import doc_hash
 
 
-def doc_hash(doc: Mapping) -> str:
-    """The hash lm-eval logs as ``doc_hash`` for a document (same serialisation, same digest)."""
-    from lm_eval.utils import handle_non_serializable
-
-    text = json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def requests_by_document(requests: Iterable) -> dict[tuple[str, str], list]:
-    """Requests grouped by (task, document hash), each document hashed once: a document's
-    requests (its choices, its rolling windows) all run its one chain."""
+def document_keys(requests: Iterable) -> list[tuple[str, str]]:
+    """Each request's (task, document hash), each document hashed once: a document's requests
+    (its choices, its rolling windows) all run its one chain."""
     hashes: dict[int, str] = {}
-    documents: dict[tuple[str, str], list] = {}
+    keys = []
     for request in requests:
         if id(request.doc) not in hashes:
             hashes[id(request.doc)] = doc_hash(request.doc)
-        documents.setdefault((request.task_name, hashes[id(request.doc)]), []).append(request)
-    return documents
+        keys.append((request.task_name, hashes[id(request.doc)]))
+    return keys
 
 
 class ChainSourceError(ValueError):
@@ -75,35 +68,29 @@ class ChainSource(ABC):
                 raise ChainSourceError(f"{where}: {err}") from None
 
 
-#: Source name -> class, or "module:Class" for sources imported only when used.
-_SOURCES: dict[str, Callable[[str], ChainSource] | str] = {
-    "store": "lm_eval_cola.store.source:StoreChains",
-    "predictor": "lm_eval_cola.predict.source:PredictedChains",
-}
+#: Every chain source by name (``chains=NAME:ARGUMENT``).
+SOURCES: Registry[ChainSource] = Registry(
+    "chain source",
+    {
+        "store": "lm_eval_cola.store.source:StoreChains",
+        "predictor": "lm_eval_cola.predict.source:PredictedChains",
+    },
+)
 
 
 def register_source(name: str):
     """Class decorator: make ``chains=<name>:<argument>`` open this source."""
-
-    def decorate(cls):
-        _SOURCES[name] = cls
-        return cls
-
-    return decorate
+    return SOURCES.register(name)
 
 
 def open_source(spec: str) -> ChainSource:
     """Open the source named by a ``chains=`` value, before any model is loaded."""
     kind, sep, argument = spec.partition(":")
-    if sep and kind in _SOURCES:
-        source = _SOURCES[kind]
-        if isinstance(source, str):
-            module, _, name = source.partition(":")
-            source = getattr(importlib.import_module(module), name)
-        return source(argument)
+    if sep and kind in SOURCES:
+        return SOURCES.get(kind)(argument)
     if spec.endswith(".jsonl"):
         return JsonlChains(spec)
-    known = ", ".join(f"'{name}:...'" for name in sorted(_SOURCES))
+    known = ", ".join(f"'{name}:...'" for name in SOURCES)
     raise ChainSourceError(
         f"unknown chain source '{spec}': use a path ending in .jsonl or one of {known}"
     )

@@ -12,7 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-KINDS = ("static", "knn", "network", "program")
+from lm_eval_cola.predict import PREDICTORS
+
 EPILOG_TRAIN = """example:
   cola search --tasks arc_easy --split train --limit 300 --budget 50 --store cola.db
   cola predict train --store cola.db --run 1 --output_dir predictors/
@@ -57,7 +58,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output_dir", required=True, help="writes KIND.pt per predictor")
     parser.add_argument(
-        "--kinds", default=",".join(KINDS), help="comma-separated, of " + "/".join(KINDS)
+        "--kinds",
+        default=",".join(PREDICTORS),
+        help="comma-separated, of " + "/".join(PREDICTORS) + " (default: all)",
     )
     parser.add_argument("--candidates", type=int, default=16, help="chains to choose from")
     parser.add_argument("--layer", type=int, help="prompt states after this many layers (N/2)")
@@ -99,9 +102,9 @@ def train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     kinds = [k for k in args.kinds.split(",") if k]
-    unknown = sorted(set(kinds) - set(KINDS))
+    unknown = sorted(set(kinds) - set(PREDICTORS))
     if unknown or args.candidates < 1:
-        return _fail(f"--kinds {','.join(unknown)}: choose from {', '.join(KINDS)}"
+        return _fail(f"--kinds {','.join(unknown)}: choose from {', '.join(PREDICTORS)}"
                      if unknown else "--candidates must be at least 1")  # fmt: skip
     try:
         store = Store(args.store, read_only=True)
@@ -129,7 +132,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from lm_eval_cola.predict.evaluate import LeakError, check_no_leak
     from lm_eval_cola.predict.evaluate import evaluate as judge
     from lm_eval_cola.predict.predictors import PredictorFileError, load
-    from lm_eval_cola.search.objective import load_tasks, task_documents
+    from lm_eval_cola.tasks import load_tasks, task_documents
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

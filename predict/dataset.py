@@ -21,13 +21,15 @@ from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
-from lm_eval_cola.search.objective import Document, Objective, load_tasks, task_documents
-from lm_eval_cola.search.runner import describe_task
+from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Model, Run, Task
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import Document, config_hash, load_tasks, task_documents
 
 logger = logging.getLogger("lm_eval.cola")
+#: Documents scored in one forward pass while filling in the score table.
+DOCUMENTS_AT_ONCE = 16
 
 
 class TrainingDataError(ValueError):
@@ -77,7 +79,7 @@ def build_training_set(
         max_gen_toks=settings.get("max_gen_toks"),
         split=info.task.split,
     )[info.task.name]
-    if describe_task(task).config_hash != info.task.config_hash:
+    if config_hash(task) != info.task.config_hash:
         raise TrainingDataError(
             f"task '{info.task.name}' is configured differently from when runs "
             f"{info.run_ids} searched it (prompt, data or metric changed); search it again"
@@ -167,10 +169,22 @@ def _fill_missing(
     scores: list[list[float]],
     correct: list[list[bool]],
 ) -> int:
-    """Evaluate the candidates the search did not try on a document; returns how many."""
+    """Evaluate the candidates the search did not try on a document; returns how many.
+    Documents are scored many at a time, a candidate at a time, the identity first (the
+    reference of the others)."""
     todo = [(i, j) for i, row in enumerate(scores) for j, s in enumerate(row) if s != s]
-    for i, j in tqdm(todo, desc="Scoring candidates", disable=not todo):
-        trial = objective.score(documents[i], candidates[j], None if j == 0 else scores[i][0])
-        scores[i][j], correct[i][j] = trial.score, trial.correct
+    progress = tqdm(total=len(todo), desc="Scoring candidates", disable=not todo)
+    for j in sorted({j for _, j in todo}):
+        rows = [i for i, column in todo if column == j]
+        for start in range(0, len(rows), DOCUMENTS_AT_ONCE):
+            chunk = rows[start : start + DOCUMENTS_AT_ONCE]
+            proposals = [
+                Proposal(documents[i], candidates[j], None if j == 0 else scores[i][0])
+                for i in chunk
+            ]
+            for i, trial in zip(chunk, objective.score_many(proposals), strict=True):
+                scores[i][j], correct[i][j] = trial.score, trial.correct
+            progress.update(len(chunk))
+    progress.close()
     logger.info("Scored %d candidate chains the search had not tried", len(todo))
     return len(todo)

@@ -15,7 +15,8 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
-from lm_eval_cola.search.objective import Document, Objective, task_documents
+from lm_eval_cola.search.objective import Objective
+from lm_eval_cola.tasks import Document, task_documents
 
 
 class LeakError(ValueError):

@@ -39,6 +39,7 @@ from torch import nn
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict.dataset import TrainingSet
 from lm_eval_cola.predict.features import FeatureSpec, pooled
 from lm_eval_cola.predict.programs import MAX_SEGMENT, OPERATIONS, decode, longest, parse
@@ -114,18 +115,14 @@ class CandidatePredictor(Predictor):
         yield from self.candidates
 
 
-PREDICTORS: dict[str, type[Predictor]] = {}
-
-
 def register_predictor(cls: type[Predictor]) -> type[Predictor]:
-    PREDICTORS[cls.kind] = cls
-    return cls
+    """Class decorator: make ``--kinds KIND`` (the class's ``kind``) train this predictor."""
+    return PREDICTORS.register(cls.kind)(cls)
 
 
 def train(kind: str, data: TrainingSet, model: ModelIdentity, **options) -> Predictor:
     """Fit the predictor ``kind`` on ``data`` for ``model``."""
-    if kind not in PREDICTORS:
-        raise ValueError(f"unknown predictor '{kind}': choose from {', '.join(PREDICTORS)}")
+    predictor = PREDICTORS.get(kind)
     info = PredictorInfo(
         kind=kind,
         model=asdict(model),
@@ -138,7 +135,7 @@ def train(kind: str, data: TrainingSet, model: ModelIdentity, **options) -> Pred
         training_hashes=list(data.doc_hashes),
         options=options,
     )
-    return PREDICTORS[kind].fit(data, info, **options)
+    return predictor.fit(data, info, **options)
 
 
 def best_static(data: TrainingSet) -> int:
@@ -179,7 +176,7 @@ def load(path: str | Path) -> Predictor:
             f"'{path}' holds predictor '{info.kind}' in format {payload.get('format')}; this "
             f"release reads format {FORMAT_VERSION} ({', '.join(PREDICTORS)}); train it again"
         )
-    predictor = PREDICTORS[info.kind](info)
+    predictor = PREDICTORS.get(info.kind)(info)
     predictor.restore(payload["tensors"])
     return predictor
 

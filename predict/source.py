@@ -48,14 +48,14 @@ class PredictedChains(ChainSource):
         if not new:
             return
         encode = PromptStates(lm, self.predictor.info.spec) if self.predictor.reads_prompt else None
-        before = lm.executor.layer_applications
+        before = lm.executor.work.layer_applications
         for key in new:
             states = encode(prompt_of(documents[key])) if encode else None
             self._chains[key] = self.predictor.predict(states)
-        self.feature_layer_applications += lm.executor.layer_applications - before
+        self.feature_layer_applications += lm.executor.work.layer_applications - before
         logger.info(
             "%s: predicted chains for %d documents (%d layer applications for prompt states)",
-            self, len(new), lm.executor.layer_applications - before,
+            self, len(new), lm.executor.work.layer_applications - before,
         )  # fmt: skip
 
     def lookup(self, task: str, doc_hash: str) -> Chain | None:

@@ -1,9 +1,10 @@
 """The searcher interface: one small class per search method, all fed the same objective.
 
 In the style of Optuna's ``BaseSampler``: a :class:`Searcher` proposes chains for one document
-(:meth:`ask`) and is told how each scored (:meth:`tell`). :func:`run_search` owns the budget and
-the memo, so every method is charged the same way: one unit per distinct chain evaluated. A new
-method is one subclass registered with :func:`register_searcher`; nothing else names it.
+(:meth:`ask`) and is told how each scored (:meth:`tell`). :class:`DocumentSearch` owns the
+budget and the memo, so every method is charged the same way: one unit per distinct chain
+evaluated. A new method is one subclass registered with :func:`register_searcher`; nothing
+else names it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.registry import Registry
 from lm_eval_cola.search.space import ChainSpace
 
 #: Proposals that repeat an already evaluated chain cost no budget, but a method that keeps
@@ -31,6 +33,7 @@ class Trial:
     correct: bool
     metrics: dict[str, Any]
     layer_applications: int = 0
+    token_layer_applications: int = 0
     seconds: float = 0.0
 
     @property
@@ -43,18 +46,8 @@ class Searcher(ABC):
 
     name: ClassVar[str]
 
-    def __init__(
-        self,
-        space: ChainSpace,
-        budget: int,
-        seed: int,
-        storage: str | None = None,
-        study_name: str | None = None,
-    ) -> None:
-        """``storage`` and ``study_name`` say where a method that keeps its own records (an
-        Optuna study) puts this document's; methods that keep none ignore them."""
+    def __init__(self, space: ChainSpace, budget: int, seed: int) -> None:
         self.space, self.budget, self.seed = space, budget, seed
-        self.storage, self.study_name = storage, study_name
 
     @abstractmethod
     def ask(self) -> Chain:
@@ -64,52 +57,76 @@ class Searcher(ABC):
     def tell(self, trial: Trial) -> None:
         """The result of the chain last asked for."""
 
-    def close(self) -> None:
-        """Release what the method holds (e.g. a study's storage) once the document is done."""
+    def archive(self, storage: str, name: str) -> None:
+        """Keep the method's own record of the finished document (an Optuna study) at
+        ``storage`` under ``name``; methods that keep none have nothing to do."""
 
 
 _OPTUNA = "lm_eval_cola.search.optuna_searchers"
-#: Method name -> class, or "module:Class" for methods imported only when used.
-SEARCHERS: dict[str, type[Searcher] | str] = {
-    "mcts": "lm_eval_cola.search.mcts:MCTS",
-    "tpe": f"{_OPTUNA}:TPE",
-    "random": f"{_OPTUNA}:Random",
-    "cmaes": f"{_OPTUNA}:CmaEs",
-    "gp": f"{_OPTUNA}:GP",
-    "qmc": f"{_OPTUNA}:QMC",
-    "nsga2": f"{_OPTUNA}:NSGA2",
-}
+#: Every search method by name (``cola search --method``).
+SEARCHERS: Registry[Searcher] = Registry(
+    "method",
+    {
+        "mcts": "lm_eval_cola.search.mcts:MCTS",
+        "tpe": f"{_OPTUNA}:TPE",
+        "random": f"{_OPTUNA}:Random",
+        "cmaes": f"{_OPTUNA}:CmaEs",
+        "gp": f"{_OPTUNA}:GP",
+        "qmc": f"{_OPTUNA}:QMC",
+        "nsga2": f"{_OPTUNA}:NSGA2",
+    },
+)
 
 
 def register_searcher(cls: type[Searcher]) -> type[Searcher]:
-    SEARCHERS[cls.name] = cls
-    return cls
+    """Class decorator: make ``--method NAME`` (the class's ``name``) run this searcher."""
+    return SEARCHERS.register(cls.name)(cls)
 
 
 def searcher_class(name: str) -> type[Searcher]:
-    import importlib
+    return SEARCHERS.get(name)
 
-    if name not in SEARCHERS:
-        raise ValueError(f"unknown method '{name}': choose one of {', '.join(sorted(SEARCHERS))}")
-    found = SEARCHERS[name]
-    if isinstance(found, str):
-        module, _, attribute = found.partition(":")
-        found = SEARCHERS[name] = getattr(importlib.import_module(module), attribute)
-    return found
+
+class DocumentSearch:
+    """One document's search: a searcher's proposals until its budget of distinct chains is
+    spent. Proposals of chains already evaluated are answered from the memo at no cost; a
+    method that keeps proposing them stops after ``MAX_PROPOSALS_PER_EVALUATION`` x budget
+    proposals. Callers evaluate each chain :meth:`next_chain` returns and :meth:`record` it,
+    so many documents' searches can share one forward pass."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher = searcher
+        self.trials: dict[Chain, Trial] = {}
+        self._proposals = 0
+        self._pending: Chain | None = None
+
+    def next_chain(self) -> Chain | None:
+        """The next chain to evaluate, or ``None`` once the search is over."""
+        budget = self.searcher.budget
+        while len(self.trials) < budget and self._proposals < budget * MAX_PROPOSALS_PER_EVALUATION:
+            chain = self.searcher.ask()
+            self._proposals += 1
+            if chain not in self.trials:
+                self._pending = chain
+                return chain
+            self.searcher.tell(self.trials[chain])
+        return None
+
+    def record(self, trial: Trial) -> None:
+        """The result of the chain :meth:`next_chain` returned last."""
+        if trial.chain != self._pending:
+            raise ValueError(f"trial of chain '{trial.chain}', expected '{self._pending}'")
+        self.trials[trial.chain] = trial
+        self._pending = None
+        self.searcher.tell(trial)
 
 
 def run_search(searcher: Searcher, objective: Callable[[Chain], Trial]) -> list[Trial]:
-    """Evaluate what ``searcher`` asks for until its budget of distinct chains is spent."""
-    seen: dict[Chain, Trial] = {}
-    for _ in range(searcher.budget * MAX_PROPOSALS_PER_EVALUATION):
-        if len(seen) >= searcher.budget:
-            break
-        chain = searcher.ask()
-        if chain not in seen:
-            seen[chain] = objective(chain)
-        searcher.tell(seen[chain])
-    searcher.close()
-    return list(seen.values())
+    """Evaluate what ``searcher`` asks for, one chain at a time, until its budget is spent."""
+    search = DocumentSearch(searcher)
+    while (chain := search.next_chain()) is not None:
+        search.record(objective(chain))
+    return list(search.trials.values())
 
 
 def pareto_front(trials: list[Trial]) -> list[Trial]:

@@ -16,6 +16,7 @@ from lm_eval_cola.search.space import MODES
 
 EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
+  cola search --tasks arc_easy --limit 500 --parallel_docs 32 --device cuda --store cola.db
   cola search --model_args pretrained=Qwen/Qwen3-0.6B,dtype=bfloat16 --device cuda \\
       --tasks gsm8k --method tpe --budget 50 --max_gen_toks 64 --store cola.db
   cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
@@ -55,7 +56,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--metric", help="default: acc, exact_match or word_perplexity")
     search.add_argument("--filter", dest="filter_name", help="default: the task's first")
     search.add_argument("--max_gen_toks", type=int, help="cap on generated tokens")
-    search.add_argument("--prefix_cache_mb", type=float, default=512, help="0 turns it off")
+    search.add_argument(
+        "--parallel_docs",
+        type=int,
+        default=16,
+        help="documents searched at once, their chains in one forward pass (default: 16)",
+    )
+    search.add_argument(
+        "--prefix_cache_mb",
+        type=float,
+        default=4096,
+        help="memory for layer outputs of chain prefixes, reused across a search's chains; "
+        "0 turns it off (default: 4096)",
+    )
     where = parser.add_argument_group("where results go")
     where.add_argument("--store", default="cola.db", help="SQLite path or SQLAlchemy URL")
     where.add_argument("--run_name", help="default: task, method and a hash of all settings")
@@ -81,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             num_fewshot=args.num_fewshot,
             max_gen_toks=args.max_gen_toks,
         )
+        if args.parallel_docs < 1:
+            raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
         shard = _parse_shard(args.shard) if args.shard else shard_from_env()
         tasks = _load_tasks(args)
         store = _open_store(args.store)
@@ -89,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"cola search: error: {err}", file=sys.stderr)
         return 2
     for task in tasks.values():
-        search = SearchRun(lm, task, store, settings, args.prefix_cache_mb, args.run_name)
+        search = SearchRun(
+            lm, task, store, settings, args.prefix_cache_mb, args.run_name, args.parallel_docs
+        )
         run_id = search.run(shard)
         print(f"{task.config.task}: run {run_id} in {store}: searched {search.tally}")
         print(f"  see: cola db stats --store {args.store} --run {run_id}")
@@ -120,7 +137,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _load_tasks(args: argparse.Namespace) -> dict:
-    from lm_eval_cola.search.objective import load_tasks
+    from lm_eval_cola.tasks import load_tasks
 
     return load_tasks(
         args.tasks,

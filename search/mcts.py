@@ -53,9 +53,8 @@ class MCTS(Searcher):
         c: float = math.sqrt(2),
         length_penalty: float = 5.0,
         explore: float = 0.1,
-        **where: str | None,
     ) -> None:
-        super().__init__(space, budget, seed, **where)
+        super().__init__(space, budget, seed)
         self.c, self.length_penalty, self.explore = c, length_penalty, explore
         self.rng = random.Random(seed)
         self.root = Node(space.root, None)

@@ -8,8 +8,8 @@ is enqueued as the full model, so every method starts from the root.
 
 Single-objective samplers maximise ``score - length_weight * length / depth`` (a small weight:
 a correct chain always beats a wrong one, and of two equal scores the shorter wins); NSGA-II
-optimises (score, length) as two objectives. A study runs in memory and is saved, once the
-document is done, to ``storage`` (an Optuna storage URL, so ``optuna-dashboard`` can show it).
+optimises (score, length) as two objectives. A study runs in memory and is archived, once the
+document is done, to an Optuna storage URL (the store's, so ``optuna-dashboard`` shows it).
 """
 
 from __future__ import annotations
@@ -38,13 +38,12 @@ class OptunaSearcher(Searcher):
         seed: int,
         max_edits: int = 8,
         length_weight: float = 0.1,
-        **where: str | None,
     ) -> None:
-        super().__init__(space, budget, seed, **where)
+        super().__init__(space, budget, seed)
         self.max_edits, self.length_weight = max_edits, length_weight
         self.ops = OPS[space.mode]
         self.study = optuna.create_study(
-            study_name=self.study_name or self.name,
+            study_name=self.name,
             storage=optuna.storages.InMemoryStorage(),
             sampler=self.make_sampler(seed),
             directions=self.directions,
@@ -84,18 +83,17 @@ class OptunaSearcher(Searcher):
     def values(self, trial: Trial) -> float | list[float]:
         return trial.score - self.length_weight * trial.length / self.space.n_layers
 
-    def close(self) -> None:
-        """Save the finished study to ``storage``, in one go: a study in an RDB storage costs a
-        transaction per parameter while it runs (tens of seconds a document on SQLite)."""
-        if self.storage is None:
-            return
-        name = self.study.study_name
-        if name in optuna.get_all_study_names(storage=self.storage):
-            optuna.delete_study(study_name=name, storage=self.storage)  # from a killed attempt
+    def archive(self, storage: str, name: str) -> None:
+        """Copy the finished study to ``storage`` as ``name``, in one go: a study in an RDB
+        storage costs a transaction per parameter while it runs (tens of seconds a document
+        on SQLite)."""
+        if name in optuna.get_all_study_names(storage=storage):
+            optuna.delete_study(study_name=name, storage=storage)  # from a killed attempt
         optuna.copy_study(
-            from_study_name=name,
+            from_study_name=self.study.study_name,
             from_storage=self.study._storage,
-            to_storage=self.storage,
+            to_storage=storage,
+            to_study_name=name,
         )
 
 

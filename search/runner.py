@@ -1,10 +1,13 @@
 """A search run: every document of a task searched with one method, recorded in the store.
 
-Documents are searched one at a time and each is written to the store (all its evaluations
-and its done mark, in one transaction) as soon as it finishes. The run is named after
-everything that defines it, so the same command finds its run again after a crash and goes on
-with the documents not yet done; per-document seeds make the resumed run equal an uninterrupted
-one. Shards (``--shard i/n``, or the ranks of ``torchrun``) split the documents of one run.
+Up to ``parallel_docs`` documents are searched at once: each step, every active document's
+searcher proposes a chain and all proposals run in one forward pass (:mod:`objective`). Each
+document is written to the store (all its evaluations and its done mark, in one transaction)
+as soon as its search ends, and another takes its place. The run is named after everything
+that defines it, so the same command finds its run again after a crash and goes on with the
+documents not yet done; per-document seeds make the resumed run equal an uninterrupted one,
+whatever ``parallel_docs``. Shards (``--shard i/n``, or the ranks of ``torchrun``) split the
+documents of one run.
 """
 
 from __future__ import annotations
@@ -13,17 +16,19 @@ import hashlib
 import json
 import logging
 import os
-import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lm_eval.utils import handle_non_serializable
 from tqdm import tqdm
 
-from lm_eval_cola.search.base import Trial, run_search, searcher_class
-from lm_eval_cola.search.objective import Document, Objective, task_documents
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.search.base import DocumentSearch, Trial, searcher_class
+from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.search.space import ChainSpace
 from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
+from lm_eval_cola.tasks import Document, config_hash, task_documents, task_version
 
 logger = logging.getLogger("lm_eval.cola")
 
@@ -48,7 +53,7 @@ class SearchSettings:
             raise ValueError(f"budget {self.budget}: a search needs at least 1 evaluation")
         method = searcher_class(self.method)  # an unknown method fails here, before any compute
         try:  # and so do options it does not take
-            method(ChainSpace(2), 1, 0, **self.method_options).close()
+            method(ChainSpace(2), 1, 0, **self.method_options)
         except TypeError as err:
             raise ValueError(f"method {self.method}: {err}") from None
 
@@ -94,6 +99,20 @@ def shard_from_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+@dataclass
+class _Active:
+    """A document whose search is under way."""
+
+    document: Document
+    search: DocumentSearch
+
+    @property
+    def reference(self) -> float | None:
+        """The full model's score (the first chain every search evaluates)."""
+        first = next(iter(self.search.trials.values()), None)
+        return None if first is None else first.score
+
+
 class SearchRun:
     """Searches the documents of one task with one model, writing to one store."""
 
@@ -105,12 +124,16 @@ class SearchRun:
         settings: SearchSettings,
         prefix_cache_mb: float = 0.0,
         run_name: str | None = None,
+        parallel_docs: int = 1,
     ) -> None:
+        if parallel_docs < 1:
+            raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
         self.lm, self.task, self.store, self.settings = lm, task, store, settings
         self.space = ChainSpace(lm.executor.n_layers, **settings.space)
         self.objective = Objective(lm, task, settings.metric, settings.filter_name, prefix_cache_mb)
         self.documents = task_documents(task, settings.limit)
         self.run_name = run_name or self.default_name()
+        self.parallel_docs = parallel_docs
 
     def default_name(self) -> str:
         """The task, the method and a hash of the model and every setting but the limit: each
@@ -135,22 +158,64 @@ class SearchRun:
         done = self.store.finished_documents(run_id)
         mine = [d for d in self.documents[index::count] if ids[d.doc_hash] not in done]
         skipped = len(self.documents[index::count]) - len(mine)
+        if self.parallel_docs > 1:  # documents searched together pad each other less
+            mine.sort(key=lambda document: -(self.objective.row_tokens(document) or 0))
         logger.info(
-            "Run %d (%s): %d documents for shard %d/%d, %d already done",
-            run_id, self.run_name, len(mine), index, count, skipped,
+            "Run %d (%s): %d documents for shard %d/%d, %d already done, %d at a time",
+            run_id, self.run_name, len(mine), index, count, skipped, self.parallel_docs,
         )  # fmt: skip
         self.tally = tally = Tally()
-        progress = tqdm(mine, desc=f"Searching {self.task.config.task} ({self.settings.method})")
-        for document in progress:
-            start = time.perf_counter()
-            trials = self.search(document)
+        progress = tqdm(
+            total=len(mine), desc=f"Searching {self.task.config.task} ({self.settings.method})"
+        )
+        for document, trials in self.searches(mine):
             evaluations = [_evaluation_info(t) for t in trials]
-            seconds = time.perf_counter() - start
-            self.store.record_document(run_id, ids[document.doc_hash], evaluations, seconds)
+            seconds = sum(t.seconds for t in trials)
+            limit = self._token_layer_limit(document, trials)
+            self.store.record_document(run_id, ids[document.doc_hash], evaluations, seconds, limit)
             tally.add(trials, self.space.n_layers)
+            progress.update()
             progress.set_postfix(tally.postfix())
+        progress.close()
         self.store.finish_run_if_done(run_id)
         return run_id
+
+    def searches(self, documents: list[Document]) -> Iterator[tuple[Document, list[Trial]]]:
+        """Search the documents, ``parallel_docs`` at a time; yields each as it finishes with
+        all the chains its method evaluated (the first is the full model)."""
+        waiting, active = iter(documents), []
+        while True:
+            while len(active) < self.parallel_docs and (document := next(waiting, None)):
+                active.append(_Active(document, DocumentSearch(self._searcher(document))))
+            if not active:
+                return
+            asked = [(search, search.search.next_chain()) for search in active]
+            for search, chain in asked:
+                if chain is None:
+                    active.remove(search)
+                    self._archive(search)
+                    yield search.document, list(search.search.trials.values())
+            asked = [(search, chain) for search, chain in asked if chain is not None]
+            if asked:
+                proposals = [Proposal(s.document, chain, s.reference) for s, chain in asked]
+                trials = self.objective.score_many(proposals)
+                for (search, _), trial in zip(asked, trials, strict=True):
+                    search.search.record(trial)
+
+    def _searcher(self, document: Document):
+        seed = _document_seed(self.settings.seed, document.doc_hash)
+        method = searcher_class(self.settings.method)
+        return method(self.space, self.settings.budget, seed, **self.settings.method_options)
+
+    def _archive(self, search: _Active) -> None:
+        name = f"{self.run_name}-{search.document.doc_hash[:16]}"
+        search.search.searcher.archive(self.store.url_for_studies(), name)
+
+    def _token_layer_limit(self, document: Document, trials: list[Trial]) -> int | None:
+        """The physical limit of the document's search: each distinct chain prefix evaluated,
+        once, over the document's distinct token positions (loglikelihood tasks only)."""
+        tokens = self.objective.row_tokens(document)
+        return None if tokens is None else tokens * distinct_prefixes(t.chain for t in trials)
 
     def _named_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self.settings).items() if k != "limit"}
@@ -167,38 +232,18 @@ class SearchRun:
             name=self.run_name,
         )
 
-    def search(self, document: Document) -> list[Trial]:
-        """All chains the method evaluates on the document; the first is the full model."""
-        if self.objective.cache is not None:
-            self.objective.cache.clear()
-        searcher = searcher_class(self.settings.method)(
-            self.space,
-            self.settings.budget,
-            _document_seed(self.settings.seed, document.doc_hash),
-            storage=self.store.url_for_studies(),
-            study_name=f"{self.run_name}-{document.doc_hash[:16]}",
-            **self.settings.method_options,
-        )
-        reference: list[float] = []
 
-        def evaluate(chain):
-            trial = self.objective.score(document, chain, reference[0] if reference else None)
-            reference.append(trial.score)
-            return trial
-
-        return run_search(searcher, evaluate)
+def distinct_prefixes(chains: Iterable[Chain]) -> int:
+    """How many different chain prefixes (of any length) the chains have."""
+    return len({chain.layers[:end] for chain in chains for end in range(1, len(chain) + 1)})
 
 
 def describe_task(task) -> TaskInfo:
-    """The task as the store records it; ``config_hash`` changes with any prompt, split or
-    metric change, so chains are never matched to documents of a changed task."""
-    config = task.dump_config()
+    """The task as the store records it (see :func:`lm_eval_cola.tasks.config_hash`)."""
     return TaskInfo(
         name=task.config.task,
-        version=str((config.get("metadata") or {}).get("version", task.VERSION)),
-        config_hash=hashlib.sha256(
-            json.dumps(config, sort_keys=True, default=str).encode()
-        ).hexdigest(),
+        version=task_version(task),
+        config_hash=config_hash(task),
         split=task.config.test_split or task.config.validation_split,
         output_type=task.get_config("output_type"),
     )
@@ -221,5 +266,6 @@ def _evaluation_info(trial: Trial) -> EvaluationInfo:
         score=trial.score,
         correct=trial.correct,
         layer_applications=trial.layer_applications,
+        token_layer_applications=trial.token_layer_applications,
         seconds=trial.seconds,
     )

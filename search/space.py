@@ -9,6 +9,7 @@ or ``both`` (the default).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -32,8 +33,8 @@ class Action:
         layers = chain.layers
         end = self.start + self.size
         if self.kind == "skip":
-            return Chain(layers[: self.start] + layers[end:])
-        return Chain(layers[:end] + layers[self.start : end] * self.times + layers[end:])
+            return Chain.derived(layers[: self.start] + layers[end:])
+        return Chain.derived(layers[:end] + layers[self.start : end] * self.times + layers[end:])
 
     def length_after(self, length: int) -> int:
         """The length of a chain of ``length`` after this action."""
@@ -85,9 +86,13 @@ class ChainSpace:
     def root(self) -> Chain:
         return Chain.identity(self.n_layers)
 
-    def actions(self, chain: Chain) -> list[Action]:
+    def actions(self, chain: Chain) -> tuple[Action, ...]:
         """Every action that keeps ``chain`` within the length bounds, in a fixed order."""
-        length = len(chain)
+        return self._actions(len(chain))
+
+    @functools.cache  # noqa: B019 (spaces are few, small and immutable)
+    def _actions(self, length: int) -> tuple[Action, ...]:
+        """The actions of a chain depend only on its length."""
         found = []
         for size in range(1, min(self.max_block, length) + 1):
             for start in range(length - size + 1):
@@ -101,7 +106,7 @@ class ChainSpace:
                 found += [
                     a for a in candidates if self.lower <= a.length_after(length) <= self.upper
                 ]
-        return found
+        return tuple(found)
 
     def children(self, chain: Chain) -> dict[Chain, Action]:
         """Distinct chains one action away (different actions can give the same chain)."""

@@ -240,6 +240,7 @@ def _stats_text(result: RunStats) -> str:
         "originally wrong that some chain corrects": share(result.corrected_share),
         "mean length of the best chains": f"{result.mean_chosen_length:.2f} "
         f"(model depth {result.n_layers})",
+        "token-layer applications computed": _work_text(result),
     }
     width = max(map(len, lines))
     layers = _layer_table(result)
@@ -252,6 +253,15 @@ def _stats_text(result: RunStats) -> str:
             layers,
         ]
     )
+
+
+def _work_text(result: RunStats) -> str:
+    computed, limit = result.token_layer_applications, result.token_layer_limit
+    if computed is None:
+        return "not recorded (searched before schema 0002)"
+    if not limit:
+        return f"{computed:,}"
+    return f"{computed:,} ({computed / limit:.2f}x the physical limit, {limit:,})"
 
 
 def _layer_table(result: RunStats) -> str:

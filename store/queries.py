@@ -99,6 +99,10 @@ class RunStats:
     usage: list[float]
     skip_rate: list[float]
     repeat_rate: list[float]
+    #: token positions x layers the search computed, and its physical limit (each distinct
+    #: chain prefix once over each document's distinct tokens); None where not recorded
+    token_layer_applications: int | None = None
+    token_layer_limit: int | None = None
 
 
 def per_document(session: Session, run_id: int, n_layers: int) -> list[tuple]:
@@ -137,7 +141,27 @@ def stats(session: Session, run_id: int) -> RunStats:
         ],
         skip_rate=_layer_rates(chosen, n_layers, lambda count: count == 0),
         repeat_rate=_layer_rates(chosen, n_layers, lambda count: count > 1),
+        **_work(session, run_id),
     )
+
+
+def _work(session: Session, run_id: int) -> dict[str, int | None]:
+    """The run's token-layer applications and their physical limit, each only when every
+    document (or evaluation) recorded it: a partial sum would mislead."""
+    evaluations = select(
+        func.sum(Evaluation.token_layer_applications), func.count(Evaluation.id),
+        func.count(Evaluation.token_layer_applications),
+    ).where(Evaluation.run_id == run_id)  # fmt: skip
+    limits = RunDocument.token_layer_limit
+    documents = select(func.sum(limits), func.count(), func.count(limits)).where(
+        RunDocument.run_id == run_id
+    )
+    computed, rows, known = session.execute(evaluations).one()
+    limit, finished, limited = session.execute(documents).one()
+    return {
+        "token_layer_applications": computed if rows and known == rows else None,
+        "token_layer_limit": limit if finished and limited == finished else None,
+    }
 
 
 def _share(part: int, whole: int) -> float | None:

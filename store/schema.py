@@ -118,6 +118,10 @@ class RunDocument(Base):
     document_id: Mapped[int] = mapped_column(ForeignKey("documents.id"), primary_key=True)
     evaluations: Mapped[int] = mapped_column(doc="chains evaluated on it")
     seconds: Mapped[float] = mapped_column(doc="wall time spent on it")
+    token_layer_limit: Mapped[int | None] = mapped_column(
+        doc="the search's physical limit: distinct chain prefixes evaluated x the document's "
+        "distinct token positions (loglikelihood tasks; None otherwise and before schema 0002)"
+    )
     finished_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -138,5 +142,8 @@ class Evaluation(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(doc="the task's own metric values")
     score: Mapped[float] = mapped_column(doc="the run's chosen metric")
     correct: Mapped[bool]
-    layer_applications: Mapped[int] = mapped_column(doc="executor's count for this evaluation")
+    layer_applications: Mapped[int] = mapped_column(doc="rows x layers computed for it")
+    token_layer_applications: Mapped[int | None] = mapped_column(
+        doc="token positions x layers computed for it (None before schema 0002)"
+    )
     seconds: Mapped[float]

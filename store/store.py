@@ -64,6 +64,7 @@ class EvaluationInfo:
     score: float
     correct: bool
     layer_applications: int = 0
+    token_layer_applications: int | None = None
     seconds: float = 0.0
 
 
@@ -216,7 +217,12 @@ class Store:
             return set(ids)
 
     def record_document(
-        self, run_id: int, document_id: int, evaluations: list[EvaluationInfo], seconds: float
+        self,
+        run_id: int,
+        document_id: int,
+        evaluations: list[EvaluationInfo],
+        seconds: float,
+        token_layer_limit: int | None = None,
     ) -> bool:
         """Write a finished document's evaluations and its done mark, all or nothing.
 
@@ -233,6 +239,7 @@ class Store:
                         document_id=document_id,
                         evaluations=len(rows),
                         seconds=seconds,
+                        token_layer_limit=token_layer_limit,
                     )
                 )
                 session.flush()

@@ -189,8 +189,8 @@ NEXT_MIGRATION = '''"""A later release's migration, made by tests/test_store.py.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0099"
+down_revision = "0002"
 
 
 def upgrade() -> None:
@@ -207,5 +207,5 @@ def next_release(tmp_path: Path) -> Path:
     """The store's migrations plus one more: what the next release would ship."""
     migrations = tmp_path / "migrations"
     shutil.copytree(engines.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_next.py").write_text(NEXT_MIGRATION)
+    (migrations / "versions" / "0099_next.py").write_text(NEXT_MIGRATION)
     return migrations

@@ -12,7 +12,14 @@ import torch
 import transformers
 
 from lm_eval_cola.chain import Chain, ChainError
-from lm_eval_cola.executor import ChainExecutor, PrefixCache, UnsupportedModelError, _ChainPosition
+from lm_eval_cola.executor import (
+    ChainExecutor,
+    PrefixCache,
+    UnsupportedModelError,
+    Work,
+    _ChainPosition,
+)
+from lm_eval_cola.packing import PackedBatch, pack
 from tests.tiny_models import FAMILIES, tiny_model
 
 ATTENTION = ["eager", "sdpa"]
@@ -210,11 +217,13 @@ def test_identity_is_exact_in_half_precision(dtype):
 
 
 @torch.no_grad()
-def test_counts_layer_applications():
+def test_counts_layer_and_token_layer_applications():
     executor = ChainExecutor(build("llama"))
     ids, _ = padded_batch()
     _run(executor, Chain.parse("0.1.1.1.3"), ids)
-    assert executor.layer_applications == 5 * 2
+    assert executor.work.layer_applications == 5 * 2
+    assert executor.work.token_layer_applications == 5 * 2 * 20
+    assert executor.work.forward_calls == 1
 
 
 def test_out_of_range_and_nested_chains_are_refused():
@@ -259,39 +268,145 @@ def test_check_passes_on_every_family():
         ChainExecutor(build(family)).check()
 
 
+# -- rows of different chains in one batch (packed documents) ---------------------------------
+
+#: Chains of several lengths, with repeats, skips and re-orderings. Rows of one batch must share
+#: a layer-type signature: for the families with two layer types, some of these do.
+ROW_CHAINS = ["0.1.1.3.2.2", "3.2.1.0", "0-3", "1.3", "1.0.3.2", "2.3.0.1", "0.0.2.2", "2.1.0.3"]
+
+
+def documents(seed: int = 0) -> list[list[tuple[list[int], list[int]]]]:
+    """Multiple-choice-like documents: a shared context longer than the sliding window (8),
+    continuations of 1-4 tokens, two sharing their first token, and one request of its own."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, 128, (n,), generator=generator).tolist()
+
+    found = []
+    for d in range(4):
+        context = tokens(11 + 3 * d)
+        choices = [tokens(k) for k in (1, 2, 3, 4)]
+        choices[3][0] = choices[2][0]
+        found.append([(context, c) for c in choices] + [(tokens(4), tokens(2))])
+    return found
+
+
+def mixed_chains(executor: ChainExecutor) -> list[Chain]:
+    """The largest set of ROW_CHAINS that can share a batch on this model."""
+    groups: dict[tuple, list[Chain]] = {}
+    for chain in map(Chain.parse, ROW_CHAINS):
+        groups.setdefault(executor.signature(chain), []).append(chain)
+    return max(groups.values(), key=len)
+
+
+def packed_scores(executor, rows, chains, cache=None):
+    """(per row, per request) log-likelihoods of one batch of rows under their chains."""
+    batch = PackedBatch(rows, 0, DEVICE)
+    with executor.apply_rows(batch, chains, cache) as run:
+        logits = executor.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.mask(None, DTYPE),
+            position_ids=batch.position_ids,
+            use_cache=False,
+            logits_to_keep=batch.keep,
+        ).logits
+    scores = batch.scores(torch.log_softmax(batch.gather(logits).float(), dim=-1))
+    return [[value for value, _ in row] for row in scores], run.work
+
+
+def request_scores(model, chain, requests):
+    """HFLM's way: each request alone, its continuation scored from its own row's logits."""
+    executor, found = ChainExecutor(model), []
+    for context, continuation in requests:
+        ids = torch.tensor([(context + continuation)[:-1]], device=DEVICE)
+        with executor.apply(chain):
+            logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        targets = torch.tensor(continuation, device=DEVICE)
+        picked = logprobs[ids.shape[1] - len(continuation) :]
+        found.append(float(picked.gather(1, targets[:, None]).sum()))
+    return found
+
+
+TOLERANCE = 1e-4 if torch.float32 == DTYPE else 0.1
+
+
+@torch.no_grad()
+def test_mixed_chain_batch_equals_each_chain_alone_and_per_request_scores(model):
+    """Rows with different chains (of different lengths) in one batch score what each row
+    scores alone, and what HFLM's request-per-row layout scores (shared context run once)."""
+    executor = ChainExecutor(model)
+    docs = documents()
+    chains = mixed_chains(executor)
+    assert len(chains) >= 3
+    chains = [chains[i % len(chains)] for i in range(len(docs))]
+    rows = [pack(requests, 256) for requests in docs]
+    together, _ = packed_scores(executor, rows, chains)
+    for requests, row, chain, scores in zip(docs, rows, chains, together, strict=True):
+        alone, _ = packed_scores(executor, [row], [chain])
+        assert scores == pytest.approx(alone[0], abs=TOLERANCE / 10), chain
+        assert scores == pytest.approx(request_scores(model, chain, requests), abs=TOLERANCE)
+
+
+@torch.no_grad()
+def test_a_packed_row_shares_its_context(model):
+    executor = ChainExecutor(model)
+    requests = documents()[0]
+    row = pack(requests, 256)
+    per_request = sum(len(c) + len(x) - 1 for c, x in requests)
+    assert len(row) < per_request
+    _, work = packed_scores(executor, [row], [Chain.parse("0.1.1.3")])
+    assert work[0].token_layer_applications == 4 * len(row)
+    assert executor.work.padding_token_layers == 0
+
+
 #: Chains as a search explores them: each shares a prefix with an earlier one.
 SEARCH_ORDER = ["0-3", "0-2", "0.1.1.2.3", "0.1.1.3", "0.1.2.2.3", "0-3.3", "0.2.3"]
 
 
 @torch.no_grad()
-def test_prefix_cache_gives_identical_logits_with_fewer_layer_applications(model):
-    ids, mask = padded_batch()
+def test_prefix_cache_gives_identical_scores_and_computes_each_prefix_once():
+    model = build("llama")
+    rows = [pack(requests, 256) for requests in documents()[:2]]
     plain, cached = ChainExecutor(model), ChainExecutor(model)
+    for executor in (plain, cached):
+        executor.check()
+        executor.work = Work()
     cache = PrefixCache(max_mb=64)
+    prefixes: set[tuple[int, ...]] = set()
     for chain in map(Chain.parse, SEARCH_ORDER):
-        with plain.apply(chain):
-            expected = model(ids, attention_mask=mask).logits
-        with cached.apply(chain, prefix_cache=cache):
-            got = model(ids, attention_mask=mask).logits
-        assert torch.equal(got, expected), chain
+        expected, _ = packed_scores(plain, rows, [chain, chain])
+        got, _ = packed_scores(cached, rows, [chain, chain], cache)
+        for row_got, row_expected in zip(got, expected, strict=True):
+            assert row_got == pytest.approx(row_expected, abs=1e-6), chain
+        prefixes |= {chain.layers[:end] for end in range(1, len(chain) + 1)}
     assert cache.hits > 0
-    assert cached.layer_applications < plain.layer_applications
+    limit = len(prefixes) * sum(len(row) for row in rows)  # each prefix once over each row
+    work = cached.work
+    assert work.token_layer_applications - work.padding_token_layers == limit
+    assert plain.work.token_layer_applications > 2 * limit
 
 
 @torch.no_grad()
-def test_prefix_cache_is_keyed_by_the_input_batch_and_bounded():
+def test_prefix_cache_is_keyed_by_row_content_and_bounded():
     model = build("llama")
     executor = ChainExecutor(model)
-    ids, mask = padded_batch(seed=1)
-    other, _ = padded_batch(seed=2)
+    first, other = (pack(requests, 256) for requests in documents()[:2])
     one_output = (
-        ids.numel() * model.config.hidden_size * torch.tensor([], dtype=DTYPE).element_size()
+        len(first) * model.config.hidden_size * torch.tensor([], dtype=DTYPE).element_size()
     )
     cache = PrefixCache(max_mb=2.5 * one_output / 2**20)  # room for two layer outputs
-    with executor.apply(Chain.parse("0-3"), prefix_cache=cache):
-        first = model(ids, attention_mask=mask).logits
-        assert cache.bytes <= cache.max_bytes and cache.hits == 0
-        assert not torch.equal(model(other, attention_mask=mask).logits, first)
-        assert cache.hits == 0  # another batch never reuses these states
-    with executor.apply(Chain.parse("0-3"), prefix_cache=cache):
-        assert torch.equal(model(ids, attention_mask=mask).logits, first)
+    chain = Chain.parse("0-3")
+    scores, _ = packed_scores(executor, [first], [chain], cache)
+    assert cache.bytes <= cache.max_bytes and len(cache) == 2 and cache.hits == 0
+    packed_scores(executor, [other], [chain], cache)
+    assert cache.hits == 0  # another row never reuses these states
+    again, _ = packed_scores(executor, [first], [chain], PrefixCache(64))
+    assert again == scores
+
+
+def test_rows_of_different_layer_types_are_refused():
+    executor = ChainExecutor(build("gemma3_text"))
+    rows = [pack(requests, 256) for requests in documents()[:2]]
+    with pytest.raises(ValueError, match="layer-type signature"):
+        packed_scores(executor, rows, [Chain.parse("0-3"), Chain.parse("1-3")])

@@ -100,7 +100,9 @@ def test_per_document_chains_apply_to_their_own_document(
 ):
     """Batch size 1: grouping by chain changes which requests share a batch, and on CPU a
     different batch shape can move a log-likelihood in its 6th digit. One request a batch makes
-    every run compute each request alone, so results must match exactly."""
+    every run compute each request alone, so results must match exactly. Packed documents
+    (``chains=``'s default) compute each shared context once: the same answers, and
+    log-likelihoods within 1e-4."""
     plan = {3: "0-9.14-29", 7: "0-15.15-29", 8: "0-9.14-29"}
     rows = [
         {"task": "arc_easy", "doc_hash": hf_samples[i]["doc_hash"], "chain": c}
@@ -112,12 +114,16 @@ def test_per_document_chains_apply_to_their_own_document(
     def run(name: str, model: str, model_args: str) -> dict[int, tuple]:
         return scores(lm_eval(offline_env, tmp_path / name, model, model_args, 10, 1))
 
-    mixed = run("mixed", "cola", f"chains={chains}")
+    mixed = run("mixed", "cola", f"chains={chains},shared_context=False")
+    packed = run("packed", "cola", f"chains={chains}")
     uniform = {chain: run(chain, "cola", f"chain={chain}") for chain in set(plan.values())}
     baseline = run("hf", "hf", f"pretrained={default_model}")
     for doc_id, result in mixed.items():
         expected = uniform[plan[doc_id]] if doc_id in plan else baseline
         assert result == expected[doc_id], doc_id
+        assert packed[doc_id][:2] == result[:2], doc_id
+        logliks = [float(value) for value in packed[doc_id][2]]  # logged as text
+        assert logliks == pytest.approx([float(value) for value in result[2]], abs=1e-4), doc_id
 
 
 def test_gguf_file_loads_through_hflm(offline_env, tmp_path):

@@ -15,9 +15,10 @@ import pytest
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from lm_eval_cola.chain import ChainError
+from lm_eval_cola.chain import Chain, ChainError
 from lm_eval_cola.lm import ColaLM, MissingChainError
-from lm_eval_cola.sources import ChainSourceError, doc_hash
+from lm_eval_cola.sources import ChainSourceError
+from lm_eval_cola.tasks import doc_hash, load_tasks, task_documents
 from tests.conftest import TASK_DOCS
 
 TASKS = ["cola_mc", "cola_gen", "cola_text"]
@@ -82,7 +83,8 @@ def test_per_document_chains_apply_only_to_their_own_document(
         for doc_id, chain in plan.items()
     ]
     chains = write_chains(tmp_path / "chains.jsonl", rows)
-    run = evaluate("cola", f"pretrained={tiny_llama_dir},chains={chains}", task_dir)
+    args = f"pretrained={tiny_llama_dir},chains={chains}"
+    run = evaluate("cola", args + ",shared_context=False", task_dir)
     uniform = {
         chain: evaluate("cola", f"pretrained={tiny_llama_dir},chain={chain}", task_dir)
         for chain in plan.values()
@@ -93,6 +95,52 @@ def test_per_document_chains_apply_only_to_their_own_document(
             assert result == expected[task][doc_id], (task, doc_id)
     # The duplicate prompt (doc 6) shares doc 0's tokens but not its chain: never merged.
     assert run["cola_mc"][6] == hf_run["cola_mc"][6] != run["cola_mc"][0]
+    packed = evaluate("cola", args, task_dir)  # chains= packs each document: float rounding
+    for task in TASKS:
+        for doc_id, (resps, _) in packed[task].items():
+            assert _logliks(resps) == pytest.approx(_logliks(run[task][doc_id][0]), abs=1e-4)
+
+
+def _logliks(resps) -> list:
+    """A logged sample's numbers (log-likelihoods; generated text stays as it is)."""
+    values = [r[0][0] if isinstance(r[0], list | tuple) else r[0] for r in resps]
+    return [float(v) if _is_number(v) else v for v in values]
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def test_packed_documents_in_mixed_batches_equal_each_document_alone(
+    tiny_llama_dir, task_dir, tmp_path
+):
+    """Every document its own chain, three documents a batch: each log-likelihood within 1e-5
+    of the document run alone, the same answers, and work counted per document."""
+    chains = ["0.1.1.3", "3.2.1.0", "0-3", "1.3", "0.2-3x2", "2.2.1", "0"]
+    rows = [
+        {"task": "cola_mc", "doc_hash": doc_hash(doc), "chain": chain}
+        for doc, chain in zip(TASK_DOCS["cola_mc"], chains, strict=True)
+    ]
+    path = write_chains(tmp_path / "mixed.jsonl", rows)
+    lm = ColaLM(pretrained=tiny_llama_dir, chains=path, device="cpu", batch_size=9)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["cola_mc"], task_manager=task_manager(task_dir), log_samples=True
+    )
+    task = load_tasks("cola_mc", task_dir)["cola_mc"]
+    for sample, document in zip(out["samples"]["cola_mc"], task_documents(task, None), strict=True):
+        assert sample["doc_hash"] == document.doc_hash
+        chain = Chain.parse(chains[sample["doc_id"]])
+        alone = lm.run_requests("loglikelihood", document.instances, [chain] * 3)
+        mixed = [float(r[0][0]) for r in sample["resps"]]
+        assert mixed == pytest.approx([value for value, _ in alone.outputs], abs=1e-5)
+        assert (work := alone.work[("cola_mc", document.doc_hash)]).layer_applications == len(chain)
+        assert work.token_layer_applications == len(chain) * len(
+            lm.packed_row([i.args for i in document.instances])
+        )
 
 
 def test_documents_missing_from_the_source(tiny_llama_dir, task_dir, tmp_path, caplog):

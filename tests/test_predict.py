@@ -21,11 +21,12 @@ from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet, build_t
 from lm_eval_cola.predict.evaluate import LeakError, evaluate
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
-from lm_eval_cola.search.objective import Objective, load_tasks, task_documents
+from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.sources import ChainSourceError, open_source
 from lm_eval_cola.store.schema import Task
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import load_tasks, task_documents
 
 SPEC = FeatureSpec(layer=2, max_tokens=64)
 #: Training options of each predictor in the fixture (small, for speed).

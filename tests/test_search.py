@@ -15,18 +15,19 @@ import lm_eval
 import optuna
 import pytest
 from lm_eval.tasks import TaskManager, get_task_dict
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.search.base import SEARCHERS, Trial, pareto_front, run_search, searcher_class
 from lm_eval_cola.search.mcts import MCTS
-from lm_eval_cola.search.objective import Objective, ObjectiveError, task_documents
+from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import Action, ChainSpace
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Evaluation, Run, RunDocument
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import TaskError, task_documents
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TASKS = ["cola_mc", "cola_gen", "cola_text"]
@@ -177,11 +178,11 @@ def test_prefix_cache_gives_identical_searches_with_fewer_layer_applications(lm,
     runs = {}
     for megabytes in (0, 64):
         objective = Objective(lm, mc, prefix_cache_mb=megabytes)
-        before = lm.executor.layer_applications
+        before = lm.executor.work.token_layer_applications
         trials = run_search(
             MCTS(ChainSpace(4), 30, seed=0), functools.partial(objective.score, document)
         )
-        runs[megabytes] = (trials, lm.executor.layer_applications - before)
+        runs[megabytes] = (trials, lm.executor.work.token_layer_applications - before)
     (plain, plain_cost), (cached, cached_cost) = runs[0], runs[64]
     assert [(t.chain, t.score, t.metrics) for t in plain] == [
         (t.chain, t.score, t.metrics) for t in cached
@@ -191,14 +192,14 @@ def test_prefix_cache_gives_identical_searches_with_fewer_layer_applications(lm,
 
 def test_task_without_gold_answer_and_unknown_metric_are_refused(lm, task_dir):
     mc = task(task_dir, "cola_mc")
-    with pytest.raises(ObjectiveError, match="has no metric 'f1'"):
+    with pytest.raises(TaskError, match="has no metric 'f1'"):
         Objective(lm, mc, metric="f1")
-    with pytest.raises(ObjectiveError, match="has no filter 'strict'"):
+    with pytest.raises(TaskError, match="has no filter 'strict'"):
         Objective(lm, mc, filter_name="strict")
     target = mc.config.doc_to_target
     mc.config.doc_to_target = None
     try:
-        with pytest.raises(ObjectiveError, match="no gold answer"):
+        with pytest.raises(TaskError, match="no gold answer"):
             Objective(lm, mc)
     finally:
         mc.config.doc_to_target = target
@@ -207,10 +208,12 @@ def test_task_without_gold_answer_and_unknown_metric_are_refused(lm, task_dir):
 # -- runs: store, oracle re-evaluation, shards, resume ---------------------------------------
 
 
-def search(lm, task_dir, store_path, name="cola_mc", shard=(0, 1), **settings):
+def search(lm, task_dir, store_path, name="cola_mc", shard=(0, 1), how=None, **settings):
+    """A search run into the store at ``store_path``; ``how`` is SearchRun's speed options."""
     settings = {"method": "mcts", "budget": 10, **settings}
     with Store(str(store_path)) as store:
-        return SearchRun(lm, task(task_dir, name), store, SearchSettings(**settings)).run(shard)
+        run = SearchRun(lm, task(task_dir, name), store, SearchSettings(**settings), **(how or {}))
+        return run.run(shard)
 
 
 def evaluations(store_path, run_id) -> set[tuple]:
@@ -243,6 +246,54 @@ def test_searched_chains_reevaluate_the_same_through_lm_eval(lm, task_dir, tmp_p
             assert metric == expected
         else:
             assert metric[0] / metric[1] == pytest.approx(expected)
+
+
+def scored(store_path, run_id) -> list[tuple]:
+    with Store(str(store_path), read_only=True).session() as session:
+        rows = session.execute(
+            select(Evaluation.document_id, Evaluation.chain, Evaluation.correct, Evaluation.score)
+            .where(Evaluation.run_id == run_id)
+            .order_by(Evaluation.document_id, Evaluation.chain)
+        )
+        return [tuple(row) for row in rows]
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_parallel_documents_store_what_one_at_a_time_stores(lm, task_dir, tmp_path, name):
+    """Same seeds, same result: the store after --parallel_docs 3 holds the rows one document
+    at a time writes (chains and correctness equal, scores within 1e-5), with a third of the
+    forward passes for a scoring task."""
+    calls = []
+    for path, how in [("one.db", {}), ("many.db", {"parallel_docs": 3, "prefix_cache_mb": 64})]:
+        before = lm.executor.work.forward_calls
+        search(lm, task_dir, tmp_path / path, name=name, budget=12, how=how)
+        calls.append(lm.executor.work.forward_calls - before)
+    one, many = scored(tmp_path / "one.db", 1), scored(tmp_path / "many.db", 1)
+    assert [row[:3] for row in many] == [row[:3] for row in one]
+    assert [row[3] for row in many] == pytest.approx([row[3] for row in one], abs=1e-5)
+    if name == "cola_mc":
+        assert calls[1] <= calls[0] / 2
+
+
+def test_a_search_records_its_work_and_reaches_the_physical_limit(lm, task_dir, tmp_path):
+    """With a prefix cache large enough, each distinct (chain prefix, token) is computed once:
+    the token-layer applications the store records per document equal its limit."""
+    run_id = search(lm, task_dir, tmp_path / "cola.db", budget=20, how={"prefix_cache_mb": 64})
+    with Store(str(tmp_path / "cola.db"), read_only=True).session() as session:
+        stats = queries.stats(session, run_id)
+        computed = session.execute(
+            select(Evaluation.document_id, func.sum(Evaluation.token_layer_applications))
+            .where(Evaluation.run_id == run_id)
+            .group_by(Evaluation.document_id)
+        )
+        limits = session.execute(select(RunDocument.document_id, RunDocument.token_layer_limit))
+        computed, limits = dict(computed.all()), dict(limits.all())
+    # The last document repeats the first one's prompt and choices: its packed row is the same,
+    # so it reuses the first one's prefixes and needs less than a document of its own.
+    *unique, repeated = sorted(limits)
+    assert {d: computed[d] for d in unique} == {d: limits[d] for d in unique}
+    assert computed[repeated] < limits[repeated]
+    assert stats.token_layer_limit == sum(limits.values()) > 0
 
 
 def test_shards_split_the_documents_of_one_run(lm, task_dir, tmp_path):
@@ -286,7 +337,7 @@ def test_a_killed_search_resumes_and_equals_an_uninterrupted_one(
     command = [
         sys.executable, "-m", "lm_eval_cola", "search", "--model_args",
         f"pretrained={tiny_llama_dir}", "--device", "cpu", "--tasks", "cola_mc",
-        "--include_path", task_dir, "--method", "tpe", "--budget", "12",
+        "--include_path", task_dir, "--method", "tpe", "--budget", "12", "--parallel_docs", "2",
     ]  # fmt: skip
     killed = tmp_path / "killed.db"
     process = subprocess.Popen([*command, "--store", str(killed)], stderr=subprocess.PIPE)

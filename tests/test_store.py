@@ -386,7 +386,7 @@ def test_older_store_names_the_command_that_upgrades_it(tmp_path, monkeypatch, n
     with pytest.raises(engines.StoreOutdated, match=re.escape(upgrade)):
         Store(path)
     engine = engines.create(path)
-    assert engines.upgrade(engine) == ("0001", "0002")
+    assert engines.upgrade(engine) == ("0002", "0099")
     engine.dispose()
     assert counts(path)["tasks"] == 1, "upgrading keeps the rows"
 
@@ -422,3 +422,40 @@ def test_chains_are_stored_in_canonical_form(tmp_path: Path) -> None:
         with store.session() as session:
             row = session.scalars(select(Evaluation)).one()
     assert (row.chain, row.length) == ("0-3", 4)
+
+
+def test_a_store_of_schema_0001_upgrades_keeping_every_evaluation(tmp_path, monkeypatch):
+    """Stores searched before token-layer counting (schema 0001) upgrade in place: their rows
+    stay, and the new counts read as unknown (NULL), never as zero."""
+    first_release = tmp_path / "migrations"
+    shutil.copytree(engines.MIGRATIONS, first_release, ignore=shutil.ignore_patterns("__py*"))
+    for later in (first_release / "versions").glob("0002_*.py"):
+        later.unlink()
+    path = str(tmp_path / "old.db")
+    with monkeypatch.context() as old:
+        old.setattr(engines, "MIGRATIONS", first_release)
+        with Store(path) as store:
+            model_id, task_id = store.model(MODEL), store.task(TASK)
+            (document_id,) = store.documents(task_id, [DocumentInfo("d" * 64, 0, {})]).values()
+            run_id = store.start_run(model_id, task_id, RunInfo("mcts", 2, 0, 1, name="old"))
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(
+            "INSERT INTO run_documents VALUES (?, ?, 1, 0.5, '2026-11-01 00:00:00')",
+            (run_id, document_id),
+        )
+        connection.execute(
+            "INSERT INTO evaluations (run_id, document_id, chain, length, metrics, score, "
+            "correct, layer_applications, seconds) VALUES (?, ?, '0-3', 4, '{}', 1.0, 1, 16, 0.5)",
+            (run_id, document_id),
+        )
+    with pytest.raises(engines.StoreOutdated, match="cola db upgrade"):
+        Store(path)
+    engine = engines.create(path)
+    assert engines.upgrade(engine) == ("0001", "0002")
+    engine.dispose()
+    with Store(path, read_only=True) as store, store.session() as session:
+        (evaluation,) = session.scalars(select(Evaluation)).all()
+        assert (evaluation.layer_applications, evaluation.token_layer_applications) == (16, None)
+        assert session.scalars(select(RunDocument.token_layer_limit)).all() == [None]
+        stats = queries.stats(session, run_id)
+    assert stats.original_accuracy == 1.0 and stats.token_layer_applications is None

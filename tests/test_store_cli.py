@@ -59,13 +59,18 @@ STATS = {
     "usage": [5 / 6, 7 / 6, 1.0, 5 / 6],  # applications per best chain, e.g. layer 1: 1+1+2+2+0+1
     "skip_rate": [1 / 6, 1 / 6, 0.0, 1 / 6],  # layer 0: 1-3; layer 1: 0.2-3; layer 3: 0-2
     "repeat_rate": [0.0, 2 / 6, 0.0, 0.0],  # layer 1 twice in 0-1.1-3, documents 2 and 3
+    # 10 tokens a layer; each document's limit is recorded as 100 token-layers
+    "token_layer_applications": 10 * sum(len(Chain.parse(c)) for doc in GRID for c, *_ in doc),
+    "token_layer_limit": 100 * 6,
 }
 
 
 def evaluation(chain: str, score: float, correct: bool) -> EvaluationInfo:
     parsed = Chain.parse(chain)
     metrics = {"acc": float(correct), "acc_norm": score}
-    return EvaluationInfo(str(parsed), len(parsed), metrics, score, correct)
+    return EvaluationInfo(
+        str(parsed), len(parsed), metrics, score, correct, token_layer_applications=10 * len(parsed)
+    )
 
 
 def fill(url: str) -> None:
@@ -81,7 +86,7 @@ def fill(url: str) -> None:
             run_id = store.start_run(model_id, task_id, RunInfo(method, budget, 0, 6, name=name))
             for document_id, chains in zip(ids[: len(done)], done, strict=True):
                 evaluations = [evaluation(*chain) for chain in chains]
-                store.record_document(run_id, document_id, evaluations, seconds=0.5)
+                store.record_document(run_id, document_id, evaluations, 0.5, token_layer_limit=100)
         store.finish_run(1)
         store.start_run(model_id, task_id, RunInfo("tpe", 8, 2, 6))
 
@@ -227,6 +232,7 @@ def test_stats_command(path: str, capsys) -> None:
         "originally correct with a shorter correct chain": "0.667",
         "originally wrong that some chain corrects": "0.667",
         "mean length of the best chains": "3.83 (model depth 4)",
+        "token-layer applications computed": "580 (0.97x the physical limit, 600)",
     }
     assert out.startswith("run 1: 6 documents evaluated")
     layers = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-4:]}
@@ -358,12 +364,12 @@ def test_upgrade_command(tmp_path: Path, capsys, monkeypatch, request) -> None:
     path = str(tmp_path / "cola.db")
     fill(path)
     status, out, _ = cola(capsys, "db", "upgrade", "--store", path)
-    assert status == 0 and out == f"store sqlite:///{path} is current (schema 0001)\n"
+    assert status == 0 and out == f"store sqlite:///{path} is current (schema 0002)\n"
     monkeypatch.setattr(engines, "MIGRATIONS", request.getfixturevalue("next_release"))
     status, _, err = cola(capsys, "db", "runs", "--store", path)
     assert status == 1 and f"upgrade it with cola db upgrade --store {path}" in err
     status, out, _ = cola(capsys, "db", "upgrade", "--store", path)
-    assert status == 0 and out == f"store sqlite:///{path} upgraded: schema 0001 -> 0002\n"
+    assert status == 0 and out == f"store sqlite:///{path} upgraded: schema 0002 -> 0099\n"
     assert frames.stats(path, 1).iloc[0]["oracle_accuracy"] == pytest.approx(5 / 6)
 
 

@@ -1,0 +1,139 @@
+"""lm-eval tasks as this package reads them: loaded, checked, and split into documents.
+
+The first step of the flow (task -> requests -> chain source -> executor -> results -> store).
+Documents and their requests are built by lm-eval's own task API, exactly as
+``lm_eval --tasks NAME`` builds them (same data, prompts, few-shot examples and generation
+settings), and a document is known by the hash lm-eval logs for it (``doc_hash``), so a chain
+is only ever applied to the document it was made for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lm_eval.api.instance import Instance
+from lm_eval.api.task import Task
+
+#: The metric scored by default, per output type.
+DEFAULT_METRICS = {
+    "multiple_choice": "acc",
+    "loglikelihood": "acc",
+    "generate_until": "exact_match",
+    "loglikelihood_rolling": "word_perplexity",
+}
+
+
+class TaskError(ValueError):
+    """The task cannot be used as asked; the message says why and what to change."""
+
+
+@dataclass
+class Document:
+    """One document of a task, with the requests lm-eval built for it."""
+
+    doc_id: int
+    doc: dict[str, Any]
+    doc_hash: str
+    instances: list[Instance]
+
+
+def doc_hash(doc: Mapping) -> str:
+    """The hash lm-eval logs as ``doc_hash`` for a document (same serialisation, same digest)."""
+    from lm_eval.utils import handle_non_serializable
+
+    text = json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def task_documents(task: Task, limit: int | None) -> list[Document]:
+    """The task's evaluation documents and their requests, built by lm-eval itself."""
+    task.build_all_requests(limit=limit, rank=0, world_size=1)
+    by_doc: dict[int, list[Instance]] = defaultdict(list)
+    for instance in task.instances:
+        by_doc[instance.doc_id].append(instance)
+    documents = []
+    for doc_id, instances in sorted(by_doc.items()):
+        instances.sort(key=lambda instance: instance.idx)
+        doc = instances[0].doc
+        documents.append(Document(doc_id, doc, doc_hash(doc), instances))
+    return documents
+
+
+def load_tasks(
+    names: str,
+    include_path: str | None = None,
+    *,
+    metric: str | None = None,
+    filter_name: str | None = None,
+    num_fewshot: int | None = None,
+    max_gen_toks: int | None = None,
+    split: str | None = None,
+) -> dict[str, Task]:
+    """lm-eval's tasks (comma-separated ``names``), configured as ``lm_eval`` configures them;
+    ``split`` replaces the split documents come from (e.g. train, to search chains for training
+    a predictor). Raises before any compute for an unknown task, metric, filter or split."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    manager = TaskManager(include_path=include_path)
+    wanted = [name for name in names.split(",") if name]
+    unknown = [name for name in wanted if name not in manager.all_tasks]
+    if unknown:
+        raise TaskError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks`")
+    tasks = get_task_dict(wanted, manager)
+    for task in tasks.values():
+        check_task(task, metric, filter_name)
+        if split is not None:
+            _use_split(task, split)
+        if num_fewshot is not None:
+            task.set_config(key="num_fewshot", value=num_fewshot)
+        elif task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
+        if max_gen_toks and task.get_config("output_type") == "generate_until":
+            task.set_config("generation_kwargs", {"max_gen_toks": max_gen_toks}, update=True)
+    return tasks
+
+
+def _use_split(task: Task, split: str) -> None:
+    splits = list(task.dataset or {})
+    if split not in splits:
+        raise TaskError(
+            f"task '{task.config.task}' has no split '{split}'; it has {', '.join(splits)}"
+        )
+    task.set_config(key="test_split", value=split)
+
+
+def check_task(task: Task, metric: str | None, filter_name: str | None) -> tuple[str, str]:
+    """The metric and filter to score with; raises before any compute if the task can't be
+    scored per document (unknown metric or filter, or no gold answer to score against)."""
+    name, output_type = task.config.task, task.get_config("output_type")
+    metric = metric or DEFAULT_METRICS.get(output_type)
+    metrics = list(task.higher_is_better())
+    if metric not in metrics:
+        raise TaskError(f"task '{name}' has no metric '{metric}'; it reports {', '.join(metrics)}")
+    filters = [f.name for f in task._filters]
+    filter_name = filter_name or filters[0]
+    if filter_name not in filters:
+        raise TaskError(f"task '{name}' has no filter '{filter_name}'; it has {', '.join(filters)}")
+    if task.config.doc_to_target is None and output_type != "loglikelihood_rolling":
+        raise TaskError(
+            f"task '{name}' has no gold answer (doc_to_target), so no chain can be scored"
+        )
+    return metric, filter_name
+
+
+def config_hash(task: Task) -> str:
+    """Changes with any prompt, split or metric change, so chains are never matched to
+    documents of a changed task."""
+    config = task.dump_config()
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def task_version(task: Task) -> str:
+    config = task.dump_config()
+    return str((config.get("metadata") or {}).get("version", task.VERSION))
