@@ -17,12 +17,13 @@ EPILOG = """examples:
   cola db stats --store cola.db --run 1
   cola plot --store cola.db --run 1 2 --output_dir figures/
   cola predict train --store cola.db --run 2 --output_dir predictors/
+  cola refingerprint --store cola.db   (results stored before the full weights fingerprint)
   cola lm_eval --model cola --model_args chain=0-11.11-29 --tasks arc_easy --limit 20
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lm_eval_cola import data_import
+    from lm_eval_cola import data_import, refingerprint
     from lm_eval_cola.predict import cli as predict_cli
     from lm_eval_cola.search import cli as search_cli
     from lm_eval_cola.store import cli as store_cli
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cli.add_plot_parser(sub)
     search_cli.add_parser(sub)
     predict_cli.add_parser(sub)
+    refingerprint.add_parser(sub)
     sub.add_parser(
         "lm_eval",
         help="the stock lm-eval CLI with --model cola registered",

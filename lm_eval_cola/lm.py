@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import ChainExecutor, PrefixCache, Work
-from lm_eval_cola.fingerprint import identify
+from lm_eval_cola.fingerprint import identify, is_sampled, reregister_hint, sampled_fingerprint
 from lm_eval_cola.packing import PackedBatch, PackedRow, pack
 from lm_eval_cola.sources import ChainSource, ChainSourceError, document_keys, open_source
 
@@ -158,14 +158,14 @@ class ColaLM(HFLM):
         """Run lm-eval ``requests`` of one type, request ``i`` under ``chains[i]`` (``None``:
         the model unchanged), and return lm-eval's outputs with the work each document cost.
 
-        ``documents`` names the document of each request (default: task and ``doc_hash``); a
-        document's requests must share a chain. The only way this package runs requests:
+        ``documents`` names the document of each request, which packing and the work counts
+        need (default: task and ``doc_hash`` for packing; without it the by-chain way counts no
+        work). A document's requests must share a chain. The only way this package runs requests:
         ``--model cola``, the search and the predictors all come through here.
         """
         options = options or RunOptions()
-        if documents is None:
-            documents = document_keys(requests)
         if request_type == "loglikelihood" and options.shared_context:
+            documents = document_keys(requests) if documents is None else documents
             return self._packed_loglikelihood(requests, chains, documents, options, disable_tqdm)
         return self._by_chain(request_type, requests, chains, documents, options, disable_tqdm)
 
@@ -300,7 +300,7 @@ class ColaLM(HFLM):
         request_type: str,
         requests: Sequence[Instance],
         chains: Sequence[Chain | None],
-        documents: Sequence[Hashable],
+        documents: Sequence[Hashable] | None,
         options: RunOptions,
         disable_tqdm: bool,
     ) -> RunResult:
@@ -311,12 +311,12 @@ class ColaLM(HFLM):
         for index, chain in enumerate(chains):
             groups.setdefault(_key(chain), []).append(index)
         keys = self._keys_on_all_ranks(groups)
-        work: dict[Hashable, Work] = {doc: Work() for doc in documents}
+        work: dict[Hashable, Work] = {doc: Work() for doc in documents or ()}
         if len(keys) <= 1 and not options.one_batch:  # exactly HFLM's path, collectives included
             before = dataclasses.replace(self.executor.work)
             with self.executor.apply(chains[0] if chains else None):
                 outputs = method(self, list(requests), disable_tqdm=disable_tqdm)
-            _share(self.executor.work - before, [documents[i] for i in range(len(requests))], work)
+            _share(self.executor.work - before, documents, work)
             return RunResult(outputs, work)
         outputs: list = [None] * len(requests)
         progress = tqdm(
@@ -335,7 +335,8 @@ class ColaLM(HFLM):
                     self._batch_size(len(indices) if options.one_batch else None),
                 ):
                     found = method(self, [requests[i] for i in indices], disable_tqdm=True)
-                _share(self.executor.work - before, [documents[i] for i in indices], work)
+                if documents is not None:
+                    _share(self.executor.work - before, [documents[i] for i in indices], work)
                 for index, output in zip(indices, found, strict=True):
                     outputs[index] = output
         return RunResult(outputs, work)
@@ -351,11 +352,14 @@ class ColaLM(HFLM):
         finally:
             self.batch_size_per_gpu = saved
 
-    def _chains_for(self, requests: list[Instance]) -> tuple[list[Chain | None], list[Hashable]]:
-        """The chain of each request (``None`` runs the model unchanged) and its document."""
-        documents = document_keys(requests)
+    def _chains_for(
+        self, requests: list[Instance]
+    ) -> tuple[list[Chain | None], list[Hashable] | None]:
+        """The chain of each request (``None`` runs the model unchanged) and its document
+        (hashed only where a source needs it)."""
         if self.source is None:
-            return [self.static_chain] * len(requests), documents
+            return [self.static_chain] * len(requests), None
+        documents = document_keys(requests)
         grouped: dict[Hashable, list[Instance]] = {}
         for request, document in zip(requests, documents, strict=True):
             grouped.setdefault(document, []).append(request)
@@ -424,6 +428,7 @@ class ColaLM(HFLM):
         dbdict = getattr(cache_hook, "dbdict", None)
         if dbdict is not None:
             table = f"cola_{self.cache_namespace()}"
+            self._warn_of_sampled_cache(dbdict, table)
             dbdict.conn.execute(
                 f'CREATE TABLE IF NOT EXISTS "{table}" (key TEXT PRIMARY KEY, value BLOB)'
             )
@@ -432,15 +437,30 @@ class ColaLM(HFLM):
             logger.info("Request cache table for this model and chain set: %s", table)
         super().set_cache_hook(cache_hook)
 
-    def cache_namespace(self) -> str:
+    def cache_namespace(self, fingerprint: str | None = None) -> str:
+        """The request-cache table's name for these weights and chains; ``fingerprint``
+        replaces the weights' own, to find tables written under another scheme."""
+        fingerprint = fingerprint or self.identity.fingerprint
         identity = {
-            "model": self.identity.fingerprint,
+            "model": fingerprint,
             "chain": str(self.static_chain) if self.static_chain else None,
             "chains": self.source.fingerprint() if self.source else None,
             "strict": self.strict_chains,
-            "shared_context": self.shared_context,
         }
+        if not is_sampled(fingerprint):  # tables of the sampled scheme predate the option
+            identity["shared_context"] = self.shared_context
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+    def _warn_of_sampled_cache(self, dbdict, table: str) -> None:
+        """Say so when this cache holds these weights' results under the sampled scheme."""
+        old = f"cola_{self.cache_namespace(sampled_fingerprint(self.model))}"
+        query = "SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?"
+        if dbdict.conn.select_one(query, (old,)) and not dbdict.conn.select_one(query, (table,)):
+            hint = reregister_hint(f"--use_cache {dbdict.filename}")
+            logger.warning(
+                "the request cache %s holds results of this run under table %s, which are not "
+                "reused: %s", dbdict.filename, old, hint,
+            )  # fmt: skip
 
 
 def load(model_args: str = "", device: str | None = None) -> ColaLM:
@@ -461,8 +481,10 @@ def _one_chain(document: Hashable, chains: list[Chain | None]) -> Chain | None:
     return chains[0]
 
 
-def _share(spent: Work, documents: list[Hashable], work: dict[Hashable, Work]) -> None:
+def _share(spent: Work, documents: Sequence[Hashable] | None, work: dict[Hashable, Work]) -> None:
     """Add ``spent`` to the documents of the requests that spent it, a share per request."""
+    if not documents:
+        return
     for field in dataclasses.fields(Work):
         share, rest = divmod(getattr(spent, field.name), len(documents))
         for position, document in enumerate(documents):

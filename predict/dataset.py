@@ -20,6 +20,7 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.fingerprint import is_sampled, reregister_hint
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.store import queries
@@ -123,9 +124,12 @@ def _check_runs(store: Store, runs: list[int | str], fingerprint: str) -> _RunsI
         for run in found:
             model = session.get(Model, run.model_id)
             if model.fingerprint != fingerprint:
+                why = "load that model"
+                if is_sampled(model.fingerprint):
+                    why = reregister_hint(f"--store {store.url}")
                 raise TrainingDataError(
                     f"run {run.id} was searched on {model.name} (fingerprint "
-                    f"{model.fingerprint[:12]}), not on the loaded model; load that model"
+                    f"{model.fingerprint[:17]}), not on the loaded model; {why}"
                 )
         task = session.scalars(select(Task).where(Task.id == found[0].task_id)).one()
         session.expunge(task)

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from lm_eval.api.instance import Instance
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.fingerprint import ModelIdentity, is_sampled, reregister_hint
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import PredictorFileError, file_digest, load
 from lm_eval_cola.sources import ChainSource, ChainSourceError
@@ -35,12 +35,18 @@ class PredictedChains(ChainSource):
 
     def bind(self, model: ModelIdentity) -> None:
         trained = self.predictor.info.model
-        if trained["fingerprint"] != model.fingerprint:
+        if trained["fingerprint"] == model.fingerprint:
+            return
+        if is_sampled(trained["fingerprint"]):
             raise ChainSourceError(
-                f"predictor '{self.path}' was trained for {trained['name']} (fingerprint "
-                f"{trained['fingerprint'][:12]}), not for the loaded {model.name} (fingerprint "
-                f"{model.fingerprint[:12]}); load that model or train a predictor for this one"
+                f"predictor '{self.path}' cannot be matched to the loaded {model.name}: "
+                + reregister_hint(f"--predictors {self.path}")
             )
+        raise ChainSourceError(
+            f"predictor '{self.path}' was trained for {trained['name']} (fingerprint "
+            f"{trained['fingerprint'][:17]}), not for the loaded {model.name} (fingerprint "
+            f"{model.fingerprint[:17]}); load that model or train a predictor for this one"
+        )
 
     def prepare(self, documents: Mapping[tuple[str, str], list[Instance]], lm) -> None:
         task = self.predictor.info.task

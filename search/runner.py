@@ -24,10 +24,18 @@ from lm_eval.utils import handle_non_serializable
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.fingerprint import reregister_hint
 from lm_eval_cola.search.base import DocumentSearch, Trial, searcher_class
 from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.search.space import ChainSpace
-from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
+from lm_eval_cola.store.store import (
+    DocumentInfo,
+    EvaluationInfo,
+    RunInfo,
+    Store,
+    TaskInfo,
+    default_run_name,
+)
 from lm_eval_cola.tasks import Document, config_hash, task_documents, task_version
 
 logger = logging.getLogger("lm_eval.cola")
@@ -136,14 +144,13 @@ class SearchRun:
         self.parallel_docs = parallel_docs
 
     def default_name(self) -> str:
-        """The task, the method and a hash of the model and every setting but the limit: each
-        document's search is the same whatever the limit, so a larger limit grows the run."""
-        key = json.dumps(
-            [self.lm.identity.fingerprint, self.task_info().config_hash, self._named_settings()],
-            sort_keys=True,
+        return default_run_name(
+            self.task.config.task,
+            self.settings.method,
+            self.lm.identity.fingerprint,
+            self.task_info().config_hash,
+            self._named_settings(),
         )
-        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return f"{self.task.config.task}-{self.settings.method}-{digest}"
 
     def task_info(self) -> TaskInfo:
         return describe_task(self.task)
@@ -151,6 +158,7 @@ class SearchRun:
     def run(self, shard: tuple[int, int] = (0, 1)) -> int:
         """Search this shard's documents that the run has not finished; returns the run id."""
         index, count = shard
+        self._warn_of_sampled_runs()
         model_id = self.store.model(self.lm.identity)
         task_id = self.store.task(self.task_info())
         ids = self.store.documents(task_id, [_document_info(d) for d in self.documents])
@@ -179,6 +187,15 @@ class SearchRun:
         progress.close()
         self.store.finish_run_if_done(run_id)
         return run_id
+
+    def _warn_of_sampled_runs(self) -> None:
+        stale = self.store.sampled_runs(self.lm.identity.name)
+        if stale:
+            logger.warning(
+                "%s holds %d run(s) of %s that this search will not resume: %s",
+                self.store, stale, self.lm.identity.name,
+                reregister_hint(f"--store {self.store.url}"),
+            )  # fmt: skip
 
     def searches(self, documents: list[Document]) -> Iterator[tuple[Document, list[Trial]]]:
         """Search the documents, ``parallel_docs`` at a time; yields each as it finishes with

@@ -145,6 +145,12 @@ def stats(session: Session, run_id: int) -> RunStats:
     )
 
 
+def sampled_scheme():
+    """Models registered under the earlier ``sampled`` fingerprint scheme (no scheme prefix:
+    see ``fingerprint.py``)."""
+    return Model.fingerprint.not_like("%:%")
+
+
 def _work(session: Session, run_id: int) -> dict[str, int | None]:
     """The run's token-layer applications and their physical limit, each only when every
     document (or evaluation) recorded it: a partial sum would mislead."""

@@ -23,10 +23,11 @@ from collections.abc import Iterator
 from sqlalchemy import select
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.fingerprint import ModelIdentity
+from lm_eval_cola.fingerprint import ModelIdentity, is_sampled, reregister_hint
 from lm_eval_cola.sources import ChainSource, ChainSourceError
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.engine import StoreError
+from lm_eval_cola.store.queries import sampled_scheme
 from lm_eval_cola.store.schema import Model, Run
 from lm_eval_cola.store.store import Store
 
@@ -37,6 +38,7 @@ OPTIONS = {"run", "pick", "on_mismatch"}
 class StoreChains(ChainSource):
     def __init__(self, argument: str) -> None:
         location, *options = argument.split(";")
+        self.location = location
         self.options = _parse_options(options)
         self.policy = self.options.get("pick", "best")
         if self.policy not in queries.PICKS:
@@ -74,9 +76,15 @@ class StoreChains(ChainSource):
             )
             run_ids = [run.id for run in runs if self._matches(session, run, model)]
             if not run_ids:
+                stale = session.scalars(select(Model.name).where(sampled_scheme())).all()
+                hint = ""
+                if stale:
+                    hint = f"; its runs of {', '.join(stale)}: " + reregister_hint(
+                        f"--store {self.location}"
+                    )
                 raise ChainSourceError(
                     f"{self.store} has no run of this model ({model.name}, fingerprint "
-                    f"{model.fingerprint[:12]}); search it first, or load the model it holds"
+                    f"{model.fingerprint[:17]}); search it first, or load the model it holds" + hint
                 )
             picks = queries.pick(session, run_ids, self.policy)
         self._chains = {(p.task, p.doc_hash): Chain.parse(p.chain) for p in picks}
@@ -93,10 +101,12 @@ class StoreChains(ChainSource):
             return True
         problem = (
             f"run {run.id} ({run.name or run.method}) of {self.store} was searched on "
-            f"{stored.name} ({stored.n_layers} layers, fingerprint {stored.fingerprint[:12]}), "
+            f"{stored.name} ({stored.n_layers} layers, fingerprint {stored.fingerprint[:17]}), "
             f"not on the loaded {model.name} ({model.n_layers} layers, fingerprint "
-            f"{model.fingerprint[:12]})"
+            f"{model.fingerprint[:17]})"
         )
+        if is_sampled(stored.fingerprint):
+            problem += "; " + reregister_hint(f"--store {self.location}")
         if self.on_mismatch == "error":
             raise ChainSourceError(f"{problem}; its chains are never applied to other weights")
         logger.warning("%s; skipping it (on_mismatch=skip)", problem)

@@ -10,18 +10,21 @@ get-or-create and safe when several processes do it at once.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import platform
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.store import engine as engines
+from lm_eval_cola.store.queries import sampled_scheme
 from lm_eval_cola.store.schema import (
     FINISHED,
     RUNNING,
@@ -79,6 +82,16 @@ class RunInfo:
     name: str | None = None
 
 
+def default_run_name(
+    task: str, method: str, fingerprint: str, config_hash: str, settings: dict[str, Any]
+) -> str:
+    """A search run's name unless given one: the task, the method and a hash of the weights,
+    the task's configuration and every setting of the search but its document limit (each
+    document's search is the same whatever the limit, so a larger limit grows the run)."""
+    key = json.dumps([fingerprint, config_hash, settings], sort_keys=True)
+    return f"{task}-{method}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
 class Store:
     """A chain store at a SQLAlchemy URL or SQLite path, opened for reading and writing."""
 
@@ -118,6 +131,14 @@ class Store:
 
     def model(self, info: ModelIdentity) -> int:
         return self._get_or_create(Model, {"fingerprint": info.fingerprint}, asdict(info))
+
+    def sampled_runs(self, name: str) -> int:
+        """Runs of models named ``name`` registered under the earlier ``sampled`` fingerprint
+        scheme, which no new search resumes until they are re-registered."""
+        with self.session() as session:
+            return session.scalar(
+                select(func.count(Run.id)).join(Model).where(sampled_scheme(), Model.name == name)
+            )
 
     def task(self, info: TaskInfo) -> int:
         key = {"name": info.name, "config_hash": info.config_hash}

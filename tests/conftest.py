@@ -150,18 +150,26 @@ def task_dir(tmp_path_factory) -> str:
 # -- backends ---------------------------------------------------------------------------------
 
 
+def _no_postgres(reason: str) -> None:
+    """Skip, saying why; a failure where ``COLA_REQUIRE_POSTGRES`` is set (CI), so that the
+    PostgreSQL tests cannot quietly drop out."""
+    if os.environ.get("COLA_REQUIRE_POSTGRES"):
+        pytest.fail(f"{reason}, and COLA_REQUIRE_POSTGRES is set")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def postgres_server() -> str:
     """The PostgreSQL URL to test against, or a skip that says why there is none."""
     url = os.environ.get("COLA_TEST_POSTGRES_URL")
     if not url:
-        pytest.skip("COLA_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
+        _no_postgres("COLA_TEST_POSTGRES_URL is not set: no PostgreSQL server to test against")
     engine = create_engine(url)
     try:
         with engine.connect():
             pass
     except OperationalError as err:
-        pytest.skip(f"PostgreSQL at COLA_TEST_POSTGRES_URL is unreachable: {err.orig}")
+        _no_postgres(f"PostgreSQL at COLA_TEST_POSTGRES_URL is unreachable: {err.orig}")
     finally:
         engine.dispose()
     return url

@@ -50,15 +50,13 @@ def trained(lm, task_dir, tmp_path_factory):
         settings = SearchSettings(method="mcts", budget=12)
         run_id = SearchRun(lm, split_task(task_dir, "train"), store, settings).run()
         data = build_training_set(lm, store, [run_id], 6, SPEC, task_dir)
-    paths = {
-        kind: P.save(P.train(kind, data, lm.identity, **options), folder / f"{kind}.pt")
-        for kind, options in OPTIONS.items()
-    }
-    return folder / "cola.db", run_id, data, paths
+    predictors = {kind: P.train(kind, data, lm.identity, **o) for kind, o in OPTIONS.items()}
+    paths = {kind: P.save(p, folder / f"{kind}.pt") for kind, p in predictors.items()}
+    return folder / "cola.db", run_id, data, paths, predictors
 
 
 def test_search_on_a_train_split_records_that_split(trained):
-    store, _, data, _ = trained
+    store, _, data, _, _ = trained
     with Store(str(store), read_only=True).session() as session:
         assert session.scalars(select(Task.split)).all() == ["train"]
     assert data.split == "train" and len(data.doc_hashes) == 14
@@ -66,7 +64,7 @@ def test_search_on_a_train_split_records_that_split(trained):
 
 def test_training_table_is_complete_and_measured(lm, task_dir, trained):
     """Stored scores are reused, the rest are evaluated: every cell equals the objective."""
-    _, _, data, _ = trained
+    _, _, data, _, _ = trained
     assert data.candidates[0] == Chain.identity(lm.executor.n_layers)
     assert data.filled > 0 and not torch.isnan(data.scores).any()
     objective = Objective(lm, split_task(task_dir, "train"))
@@ -78,7 +76,7 @@ def test_training_table_is_complete_and_measured(lm, task_dir, trained):
 
 
 def test_training_refuses_runs_of_another_model_or_a_changed_task(lm, task_dir, trained, tmp_path):
-    store, run_id, _, _ = trained
+    store, run_id, _, _, _ = trained
     other = ColaLM(pretrained=lm.pretrained, device="cpu", batch_size=1)
     with torch.no_grad():
         other.model.lm_head.weight.mul_(2)
@@ -165,14 +163,26 @@ def test_program_predictor_needs_a_correct_program_and_never_runs_an_empty_chain
     assert predictor.predict(synthetic().states[0]) == Chain.identity(4)
 
 
-def test_predictors_round_trip_through_their_files(trained, lm, task_dir):
-    _, _, data, paths = trained
+def test_predictors_round_trip_through_their_files(trained):
+    """The file gives back the predictor that was saved: the same choices, and, for the
+    networks, the same weights (a retrained one could differ)."""
+    _, _, data, paths, predictors = trained
     for kind, path in paths.items():
-        original = P.train(kind, data, lm.identity, **OPTIONS[kind])
-        loaded = P.load(path)
+        original, loaded = predictors[kind], P.load(path)
+        assert loaded.info == original.info
+        assert _same(loaded.tensors(), original.tensors()), kind
         assert loaded.info.training_hashes == data.doc_hashes
         predicted = [original.predict(s) for s in data.states]
         assert [loaded.predict(s) for s in data.states] == predicted
+
+
+def _same(a, b) -> bool:
+    """Equal saved states: tensors bit for bit, containers item by item."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
 
 
 def test_a_broken_predictor_file_is_a_clear_error(tmp_path):
@@ -186,7 +196,7 @@ def test_a_broken_predictor_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("kind", list(OPTIONS))
 def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, trained, kind):
-    _, _, _, paths = trained
+    _, _, _, paths, _ = trained
     predictor = P.load(paths[kind])
     out = lm_eval.simple_evaluate(
         model=ColaLM(
@@ -208,7 +218,7 @@ def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, train
 
 
 def test_predictor_of_other_weights_is_refused_when_the_model_loads(trained, tiny_llama_dir):
-    _, _, _, paths = trained
+    _, _, _, paths, _ = trained
     predictor = P.load(paths["knn"])
     predictor.info.model["fingerprint"] = "0" * 64
     forged = paths["knn"].with_name("forged.pt")
@@ -218,7 +228,7 @@ def test_predictor_of_other_weights_is_refused_when_the_model_loads(trained, tin
 
 
 def test_evaluation_refuses_training_documents_but_prediction_allows_them(lm, task_dir, trained):
-    _, _, data, paths = trained
+    _, _, data, paths, _ = trained
     predictors = [P.load(p) for p in paths.values()]
     with pytest.raises(LeakError, match="14 of the 14 evaluation documents were used to train"):
         evaluate(lm, split_task(task_dir, "train"), predictors)
@@ -232,7 +242,7 @@ def test_evaluation_refuses_training_documents_but_prediction_allows_them(lm, ta
 
 
 def test_held_out_evaluation_reports_against_identity_and_static(lm, task_dir, trained):
-    _, _, _, paths = trained
+    _, _, _, paths, _ = trained
     results = evaluate(lm, split_task(task_dir), [P.load(p) for p in paths.values()])
     task = split_task(task_dir)
     objective = Objective(lm, task)
@@ -242,5 +252,7 @@ def test_held_out_evaluation_reports_against_identity_and_static(lm, task_dir, t
         assert result.documents == 8 and result.identity_accuracy == identity
         assert result.feature_layers == (0 if result.predictor == "static" else SPEC.layer)
     static = next(r for r in results if r.predictor == "static")
-    assert static.accuracy == static.static_accuracy
-    assert static.differs_from_identity == float(static.static_chain != "0-3")
+    chain = Chain.parse(static.static_chain)
+    measured = sum(objective.score(d, chain, None).correct for d in documents) / 8
+    assert static.accuracy == static.static_accuracy == measured  # scored here, independently
+    assert static.differs_from_identity == float(chain != Chain.identity(4))

@@ -296,6 +296,22 @@ def test_a_search_records_its_work_and_reaches_the_physical_limit(lm, task_dir, 
     assert stats.token_layer_limit == sum(limits.values()) > 0
 
 
+def test_optuna_studies_are_read_from_the_store_url_by_optuna_itself(lm, task_dir, tmp_path):
+    """What ``optuna-dashboard <store URL>`` relies on: every document's study is in the store's
+    database, complete, with a trial for every chain the store recorded."""
+    path = tmp_path / "cola.db"
+    run_id = search(lm, task_dir, path, method="tpe", budget=6, limit=3)
+    url = Store(str(path), read_only=True).url_for_studies()
+    names = optuna.get_all_study_names(storage=url)
+    assert len(names) == 3 and all(name.startswith("cola_mc-tpe-") for name in names)
+    recorded = {row[0] for row in evaluations(path, run_id)}
+    assert len(recorded) == 3
+    for name in names:
+        trials = optuna.load_study(study_name=name, storage=url).trials
+        assert len(trials) >= 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        assert trials[0].params["edit0_op"] == 0  # the full model first, as every method
+
+
 def test_shards_split_the_documents_of_one_run(lm, task_dir, tmp_path):
     whole = search(lm, task_dir, tmp_path / "whole.db")
     first = search(lm, task_dir, tmp_path / "split.db", shard=(0, 2))
