@@ -76,6 +76,7 @@ setup(
         "gguf>=0.10",
         "safetensors>=0.4",
         "tqdm>=4.59",
+        "xxhash>=3.0",
         "matplotlib>=3.7",
     ],
     extras_require={

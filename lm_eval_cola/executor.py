@@ -205,8 +205,10 @@ class RowsRun:
         rows: Rows,
         chains: Sequence[Chain],
         cache: PrefixCache | None,
+        share_calls: bool,
     ) -> None:
         self.executor, self.rows, self.chains, self.cache = executor, rows, list(chains), cache
+        self.share_calls = share_calls
         self.across_positions = all(executor.signature(chain) == () for chain in self.chains)
         self.work = [Work() for _ in self.chains]
         self.start, self.resume = [], []
@@ -243,7 +245,7 @@ class RowsRun:
             if not waiting:
                 return
             layer, rows = max(waiting.items(), key=lambda item: (len(item[1]), -item[0]))
-            self._run_layer(layer, rows, [done[r] for r in rows], hidden, args, kwargs)
+            self._run_layer(layer, rows, done, hidden, args, kwargs)
             for r in rows:
                 done[r] += 1
 
@@ -256,13 +258,19 @@ class RowsRun:
             elif self.start[r] <= position < len(chain):
                 by_layer.setdefault(chain.layers[position], []).append(r)
         for layer, rows in sorted(by_layer.items()):
-            self._run_layer(layer, rows, [position] * len(rows), hidden, args, kwargs)
+            self._run_layer(layer, rows, [position] * len(self.chains), hidden, args, kwargs)
 
     def _run_layer(
         self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs
     ) -> None:
-        """Layer ``layer`` once, on ``rows`` packed into few sequences (:class:`_Packing`), at
-        each row's chain position in ``positions``."""
+        """Layer ``layer`` on ``rows``, row ``r`` at chain position ``positions[r]``: in one
+        call, packed into few sequences (:class:`_Packing`), or a call a row."""
+        for group in [rows] if self.share_calls else [[row] for row in rows]:
+            self._call(layer, group, positions, hidden, args, kwargs)
+
+    def _call(
+        self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs
+    ) -> None:
         module = self.executor.layers[layer]
         packing = _Packing(rows, self.rows.lengths, hidden.shape[1], hidden.device)
         allowed = self.rows.allowed(self.executor.sliding_window(module))
@@ -278,7 +286,8 @@ class RowsRun:
         total.layer_applications += len(rows)
         total.token_layer_applications += packing.size
         total.padding_token_layers += packing.padding
-        for r, position in zip(rows, positions, strict=True):
+        for r in rows:
+            position = positions[r]
             self.work[r].layer_applications += 1
             self.work[r].token_layer_applications += lengths[r]
             if self.cache is not None:
@@ -398,17 +407,27 @@ class ChainExecutor:
 
     @contextlib.contextmanager
     def apply_rows(
-        self, rows: Rows, chains: Sequence[Chain], cache: PrefixCache | None = None
+        self,
+        rows: Rows,
+        chains: Sequence[Chain],
+        cache: PrefixCache | None = None,
+        share_calls: bool = False,
     ) -> Iterator[RowsRun]:
         """Within the block, row ``r`` of a packed batch runs ``chains[r]`` (scoring only:
-        call the model without a KV cache). All chains must share :meth:`signature`."""
+        call the model without a KV cache). All chains must share :meth:`signature`.
+
+        Each row runs in layer calls of its own, so its results are bit for bit those of the
+        row alone (CPU BLAS rounds a row differently in a product of more rows);
+        ``share_calls`` runs a layer's rows in one call, packed end to end, for speed (see
+        :class:`RowsRun`).
+        """
         if self.layers_return_tuples is None:
             self.check(rows.device)
         if len({self.signature(chain) for chain in chains}) > 1:
             raise ValueError("rows of one batch must share a layer-type signature")
         for chain in chains:
             chain.check_range(self.n_layers)
-        run = RowsRun(self, rows, chains, cache)
+        run = RowsRun(self, rows, chains, cache, share_calls)
         longest = max(chains, key=len)
         types = [self._layer_type(longest.layers[p]) for p in range(len(longest))]
         with self._swapped([_RowsPosition(p, run) for p in range(len(longest))], types):

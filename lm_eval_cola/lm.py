@@ -57,11 +57,16 @@ class RunOptions:
     types, which run by chain, do not use it). ``one_batch``:
     all requests in one forward pass (per chain group where chains cannot mix), so a
     document sees the same batch whatever else runs: the search's documents in parallel.
+    ``share_calls``: packed rows share layer and LM-head calls, which reads each layer's
+    weights once for all of them (faster, the search's way), but rounds each row's numbers as
+    part of a larger product; off, each row is computed as if alone, bit for bit, whatever else
+    is in its batch.
     """
 
     shared_context: bool = True
     prefix_cache: PrefixCache | None = None
     one_batch: bool = False
+    share_calls: bool = False
 
 
 @dataclass
@@ -197,8 +202,10 @@ class ColaLM(HFLM):
         ):
             batch = PackedBatch([rows[doc] for doc in batch_docs], 0, self.device)
             batch_chains = [chain_of[doc] or identity for doc in batch_docs]
-            with self.executor.apply_rows(batch, batch_chains, options.prefix_cache) as run:
-                logprobs = self._packed_logprobs(batch)
+            with self.executor.apply_rows(
+                batch, batch_chains, options.prefix_cache, options.share_calls
+            ) as run:
+                logprobs = self._packed_logprobs(batch, options.share_calls)
             for doc, answers, spent in zip(
                 batch_docs, batch.scores(logprobs), run.work, strict=True
             ):
@@ -208,16 +215,29 @@ class ColaLM(HFLM):
                     self.cache_hook.add_partial("loglikelihood", requests[index].args, answer)
         return RunResult(outputs, work)
 
-    def _packed_logprobs(self, batch: PackedBatch) -> torch.Tensor:
+    def _packed_logprobs(self, batch: PackedBatch, share_calls: bool) -> torch.Tensor:
         """Log-probabilities at the batch's read positions, rows one after another, as HFLM
-        computes them. The LM head sees only those positions: a pre-hook gathers them from the
-        kept ones, and what the model does after the head (soft-capping, scaling) is per
-        logit, so it applies unchanged."""
+        computes them. The LM head sees only those positions, gathered from the kept ones by
+        hooks: in one call (``share_calls``) or in a call a row. What the model does after the
+        head (soft-capping, scaling) is per logit, so it applies unchanged."""
         keep = {"logits_to_keep": batch.keep} if self._keeps_logits else {}
         head = self.model.get_output_embeddings()
-        handle = head.register_forward_pre_hook(
-            lambda _module, args: (batch.gather(args[0])[None],)
-        )
+        read: list[torch.Tensor] = []
+
+        def gather(_module, args):
+            read.append(batch.gather(args[0])[None])
+            return (read[0] if share_calls else read[0][:, :0],)
+
+        def row_by_row(module, _args, output):
+            if share_calls:
+                return output
+            spans = zip(batch.read_starts, batch.read_starts[1:], strict=False)
+            return torch.cat([module.forward(read[0][:, a:b]) for a, b in spans], dim=1)
+
+        handles = [
+            head.register_forward_pre_hook(gather),
+            head.register_forward_hook(row_by_row),
+        ]
         try:
             with (
                 torch.no_grad(),
@@ -235,7 +255,8 @@ class ColaLM(HFLM):
                     **keep,
                 ).logits
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return F.log_softmax(logits.flatten(0, -2), dim=-1, dtype=self.softmax_dtype)
 
     def packed_row(self, pairs: list[tuple[str, str]]) -> PackedRow:

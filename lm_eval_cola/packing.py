@@ -122,9 +122,10 @@ class PackedBatch:
         self._read_columns = torch.tensor(
             [self.keep - row.n_read + i for row in rows for i in range(row.n_read)]
         )
-        self._read_starts = [0]
+        #: where each row's read positions start among all of them; the last is their number
+        self.read_starts = [0]
         for row in rows:
-            self._read_starts.append(self._read_starts[-1] + row.n_read)
+            self.read_starts.append(self.read_starts[-1] + row.n_read)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)
@@ -170,7 +171,7 @@ class PackedBatch:
         continuation), from log-probabilities at the read positions (:meth:`gather`)."""
         results = []
         for r, row in enumerate(self.rows):
-            offset = self._read_starts[r] - row.n_unread
+            offset = self.read_starts[r] - row.n_unread
             found = []
             for read in row.reads:
                 positions = torch.tensor([offset + node for node in read.nodes])

@@ -57,7 +57,9 @@ class Objective:
         self.higher_is_better = task.higher_is_better().get(self.metric, True)
         self.binary = self.metric.startswith(BINARY_PREFIXES)
         cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
-        self.options = RunOptions(shared_context=True, prefix_cache=cache, one_batch=True)
+        self.options = RunOptions(
+            shared_context=True, prefix_cache=cache, one_batch=True, share_calls=True
+        )
 
     def score(self, document: Document, chain: Chain, reference: float | None = None) -> Trial:
         return self.score_many([Proposal(document, chain, reference)])[0]

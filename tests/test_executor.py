@@ -331,6 +331,37 @@ def request_scores(model, chain, requests):
 TOLERANCE = 1e-4 if torch.float32 == DTYPE else 0.1
 
 
+def row_states(executor, rows, chains, share_calls: bool) -> list[torch.Tensor]:
+    """Each row's hidden states after its chain (the decoder only, no LM head)."""
+    batch = PackedBatch(rows, 0, DEVICE)
+    with executor.apply_rows(batch, chains, share_calls=share_calls):
+        states = executor.decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.mask(None, DTYPE),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+    return [states[r, batch.width - len(row) :] for r, row in enumerate(rows)]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("share_calls", [False, True], ids=["call-a-row", "shared-calls"])
+def test_a_row_in_a_mixed_batch_is_the_row_alone(model, share_calls):
+    """Computed a call a row (the backend's default), a row is bit for bit what it is alone,
+    whatever shares its batch; rows sharing calls differ only by float rounding."""
+    executor = ChainExecutor(model)
+    chains = mixed_chains(executor)
+    rows = [pack(requests, 256) for requests in documents()]
+    chains = [chains[i % len(chains)] for i in range(len(rows))]
+    together = row_states(executor, rows, chains, share_calls)
+    for row, chain, state in zip(rows, chains, together, strict=True):
+        (alone,) = row_states(executor, [row], [chain], share_calls)
+        if share_calls:
+            torch.testing.assert_close(state, alone, rtol=0, atol=TOLERANCE / 10)
+        else:
+            assert torch.equal(state, alone), chain
+
+
 @torch.no_grad()
 def test_mixed_chain_batch_equals_each_chain_alone_and_per_request_scores(model):
     """Rows with different chains (of different lengths) in one batch score what each row

@@ -220,7 +220,7 @@ def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, train
 def test_predictor_of_other_weights_is_refused_when_the_model_loads(trained, tiny_llama_dir):
     _, _, _, paths, _ = trained
     predictor = P.load(paths["knn"])
-    predictor.info.model["fingerprint"] = "0" * 64
+    predictor.info.model["fingerprint"] = "xxh3:" + "0" * 32  # other weights
     forged = paths["knn"].with_name("forged.pt")
     P.save(predictor, forged)
     with pytest.raises(ChainSourceError, match=r"trained for .* not for the loaded"):
