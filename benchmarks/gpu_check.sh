@@ -13,7 +13,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 venv=${COLA_GPU_VENV:-/tmp/cola-gpu-venv}
-data=${COLA_SHARED_DATA:-../shared/data}
 
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 python3 -m venv --system-site-packages "$venv"
@@ -31,7 +30,7 @@ done
 
 echo "== overhead benchmark on cuda, bfloat16"
 export HF_HOME=${HF_HOME:-/tmp/cola-gpu-hf}
-cola data import --tasks arc_easy --data_dir "$data/arc_easy"
+cola data import --tasks arc_easy
 python benchmarks/overhead.py --device cuda --dtype bfloat16 --limit 500 --batch_size 32 --repeats 3 \
     || echo "overhead.py reported a failed check (bfloat16 rounding depends on batch shapes)"
 

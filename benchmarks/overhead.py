@@ -14,7 +14,7 @@ script prints the median wall time of each and the two ratios the project target
 
 It exits with status 1 when a check fails.
 
-Example (after ``cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy``):
+Example (after ``cola data import --tasks arc_easy``):
 
     python benchmarks/overhead.py --limit 200 --batch_size 8 --repeats 3
 """

@@ -12,7 +12,7 @@ included) against naive and against the physical limit (each distinct chain pref
 each document's distinct token positions), wall time, forward passes per 100 evaluations and
 peak memory, with the issue's targets. It exits with status 1 when a check fails.
 
-Example (after ``cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy``):
+Example (after ``cola data import --tasks arc_easy``):
 
     python benchmarks/search.py --limit 20 --budget 200 --parallel_docs 16
 """

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
-  cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
+  cola data import --tasks arc_easy   (ARC-Easy ships with the package)
   cola db stats --store cola.db --run 1
   cola plot --store cola.db --run 1 2 --output_dir figures/
   cola predict train --store cola.db --run 2 --output_dir predictors/

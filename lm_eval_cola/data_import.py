@@ -1,5 +1,9 @@
 """``cola data import``: fill the Hugging Face *datasets* cache from local JSONL files.
 
+ARC-Easy ships with the package (``lm_eval_cola/data``, CC BY-SA 4.0, see its README), so
+``cola data import --tasks arc_easy`` needs no files at all; other data sets come from a
+``--data_dir``.
+
 Why: a stock lm-eval task calls ``datasets.load_dataset(dataset_path, dataset_name)``. Without
 the hub, datasets (4 and later) falls back only to its own Arrow cache,
 ``$HF_DATASETS_CACHE/<org>___<name>/<config>/<version>/<hash>/``; a file placed in the hub cache
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -28,14 +33,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
-EPILOG = """example (on a machine without hub access):
-  cola data import --tasks arc_easy --data_dir ../shared/data/arc_easy
+EPILOG = """examples (on a machine without hub access):
+  cola data import --tasks arc_easy      (the copy that ships with the package)
+  cola data import --tasks arc_challenge --data_dir ../shared/data/arc_challenge
   HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 lm_eval --model hf --tasks arc_easy ...
 
-DATA_DIR holds one <split>.jsonl per split (train.jsonl, validation.jsonl, test.jsonl, ...), one
-JSON object a line, with the columns of the hub data set; all of them are imported, in file order.
-Re-running replaces the previous import of the same data set and config.
+DATA_DIR holds one <split>.jsonl (or <split>.jsonl.gz) per split (train, validation, test, ...),
+one JSON object a line, with the columns of the hub data set; all of them are imported, in file
+order. Re-running replaces the previous import of the same data set and config.
 """
+
+#: Tasks whose data ships with the package: imported without --data_dir.
+PACKAGED = {"arc_easy": Path(__file__).parent / "data" / "arc_easy"}
 
 VERSION = "0.0.0"  # the version folder that datasets writes for hub data sets without a script
 TMP_PREFIX = ".cola-import-"  # dot-named, so datasets' cache lookup (a glob of "*") skips it
@@ -116,14 +125,29 @@ def dataset_of(task: str, cfg: dict) -> DatasetRef:
     return DatasetRef(path, cfg.get("dataset_name"))
 
 
+def data_dir_of(task: str, data_dir: Path | None) -> Path:
+    """``data_dir``, or the copy of the task's data that ships with the package."""
+    if data_dir is not None:
+        return data_dir
+    if task in PACKAGED:
+        return PACKAGED[task]
+    raise DataImportError(
+        f"No data for '{task}' ships with lm-eval-cola (only {', '.join(PACKAGED)}): pass "
+        "--data_dir DIR, where DIR holds <split>.jsonl files (train.jsonl, test.jsonl, ...)."
+    )
+
+
 def find_splits(data_dir: Path) -> dict[str, Path]:
-    """``<split>.jsonl`` files of ``data_dir``, keyed by split name."""
+    """``<split>.jsonl`` (or ``.jsonl.gz``) files of ``data_dir``, keyed by split name."""
     if not data_dir.is_dir():
         raise DataImportError(
             f"Data directory {data_dir} does not exist: pass --data_dir DIR, where DIR holds "
             "<split>.jsonl files (train.jsonl, validation.jsonl, test.jsonl, ...)."
         )
-    splits = {path.stem: path for path in sorted(data_dir.glob("*.jsonl"))}
+    files = sorted([*data_dir.glob("*.jsonl"), *data_dir.glob("*.jsonl.gz")])
+    splits = {path.name.split(".")[0]: path for path in files}
+    if len(splits) < len(files):
+        raise DataImportError(f"{data_dir} holds a split both as .jsonl and .jsonl.gz: keep one")
     if not splits:
         raise DataImportError(
             f"No *.jsonl file in {data_dir}: put one <split>.jsonl per split there "
@@ -198,8 +222,10 @@ def rows_digest(rows: Iterable[dict]) -> SplitDigest:
 
 
 def jsonl_rows(path: Path) -> Iterable[dict]:
-    """The rows of a JSONL file, blank lines skipped (as datasets' JSON builder does)."""
-    with path.open(encoding="utf-8") as lines:
+    """The rows of a JSONL file (gzipped or not), blank lines skipped (as datasets' JSON
+    builder does)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
         yield from (json.loads(line) for line in lines if line.strip())
 
 
@@ -267,7 +293,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--tasks", required=True, help="one lm-eval task name, e.g. arc_easy")
     parser.add_argument(
-        "--data_dir", required=True, type=Path, help="folder of <split>.jsonl files"
+        "--data_dir",
+        type=Path,
+        help="folder of <split>.jsonl files (default for arc_easy: the copy in the package)",
     )
     parser.add_argument(
         "--cache_dir",
@@ -283,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if "," in args.tasks:
             raise DataImportError("Pass one task to --tasks per call, each with its --data_dir.")
-        splits = find_splits(args.data_dir)
+        splits = find_splits(data_dir_of(args.tasks, args.data_dir))
         ref = task_dataset(args.tasks, args.include_path)
         cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
         where = import_dataset(ref, splits, cache_dir)

@@ -23,11 +23,12 @@ import sqlite3
 import sys
 
 EPILOG = """examples:
-  cola refingerprint --store cola.db
+  cola refingerprint --store cola.db --predictors predictors/*.pt
   cola refingerprint --model_args pretrained=Qwen/Qwen3-0.6B --store postgresql://host/cola
-  cola refingerprint --model_args chains=predictor:knn.pt --predictors knn.pt
   cola refingerprint --model_args chain=0-11.11-29 --use_cache lmcache_rank0.db
-  (--model_args as in the run that stored the results; default: the embedded SmolLM2)
+  (--model_args: the model the results came from, default the embedded SmolLM2; for a cache,
+  also its chain settings, as in the run that wrote it; re-register a store or predictor
+  before a cache written with chains= from it)
 """
 
 

@@ -205,3 +205,38 @@ def test_cli_takes_one_task_per_call(tmp_path, arc_data, capsys):
     argv = ["data", "import", "--tasks", "arc_easy,gsm8k", "--data_dir", str(tmp_path / "data")]
     assert cli.main(argv) == 1
     assert "one task" in capsys.readouterr().err
+
+
+SHARED = Path(
+    os.environ.get("COLA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+def test_arc_easy_ships_with_the_package_and_imports_without_files(tmp_path, capsys):
+    """No --data_dir: the packaged, gzipped ARC-Easy becomes the stock task's offline data,
+    all three splits, row for row."""
+    argv = ["data", "import", "--tasks", "arc_easy", "--cache_dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for split, rows in [("train", 2251), ("validation", 570), ("test", 2376)]:
+        assert f"ARC-Easy {split}: {rows} rows" in out
+    assert out.count("loads back identical offline") == 3
+
+
+def test_the_packaged_copy_is_the_shared_data_set():
+    """The packaged files hold exactly the rows of ../shared/data/arc_easy (hub schema)."""
+    from lm_eval_cola.data_import import PACKAGED, jsonl_rows, rows_digest
+
+    if not (SHARED / "arc_easy").is_dir():
+        pytest.skip(f"no shared data at {SHARED} to compare the packaged ARC-Easy with")
+    packaged = find_splits(PACKAGED["arc_easy"])
+    assert sorted(packaged) == ["test", "train", "validation"]
+    for split, path in packaged.items():
+        assert rows_digest(jsonl_rows(path)) == rows_digest(
+            jsonl_rows(SHARED / "arc_easy" / f"{split}.jsonl")
+        ), split
+
+
+def test_a_task_without_packaged_data_needs_a_data_dir(capsys):
+    assert cli.main(["data", "import", "--tasks", "gsm8k"]) == 1
+    assert "pass --data_dir" in capsys.readouterr().err

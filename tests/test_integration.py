@@ -1,7 +1,7 @@
 """The real thing: SmolLM2-135M-Instruct on ARC-Easy, through the stock ``lm_eval`` CLI.
 
-ARC-Easy comes from ``../shared/data`` (or ``$COLA_SHARED_DATA``) through ``cola data import``
-into a private datasets cache, exactly as an air-gapped user would do it.
+ARC-Easy comes from the copy that ships with the package, through ``cola data import`` into a
+private datasets cache, exactly as an air-gapped user would do it.
 """
 
 from __future__ import annotations
@@ -14,26 +14,22 @@ from pathlib import Path
 
 import pytest
 
+from lm_eval_cola.data_import import PACKAGED, jsonl_rows
 from lm_eval_cola.default_model import DISPLAY_NAME
 
 pytestmark = pytest.mark.integration
 
-SHARED_DATA = Path(
-    os.environ.get("COLA_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
 LIMIT = 50
 
 
 @pytest.fixture(scope="module")
 def offline_env(tmp_path_factory) -> dict[str, str]:
     """An environment whose datasets cache holds ARC-Easy, imported by ``cola data import``."""
-    if not (SHARED_DATA / "arc_easy" / "test.jsonl").is_file():
-        pytest.fail(f"ARC-Easy JSONL files not found under {SHARED_DATA}; set COLA_SHARED_DATA")
     home = tmp_path_factory.mktemp("hf_home")
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("HF_DATASETS_CACHE", None)
     subprocess.run(
-        ["cola", "data", "import", "--tasks", "arc_easy", "--data_dir", SHARED_DATA / "arc_easy"],
+        ["cola", "data", "import", "--tasks", "arc_easy"],
         env=env,
         check=True,
     )
@@ -78,8 +74,8 @@ def hf_samples(offline_env, default_model, tmp_path_factory):
 
 
 def test_data_import_gives_the_stock_task_the_local_documents(hf_samples):
-    rows = (SHARED_DATA / "arc_easy" / "test.jsonl").read_text().splitlines()[:LIMIT]
-    expected = [json.loads(row)["id"] for row in rows]
+    rows = list(jsonl_rows(PACKAGED["arc_easy"] / "test.jsonl.gz"))[:LIMIT]
+    expected = [row["id"] for row in rows]
     assert [hf_samples[i]["doc"]["id"] for i in range(LIMIT)] == expected
 
 
