@@ -58,7 +58,14 @@ setup(
         "lm_eval_cola.predict": "predict",
     },
     package_data={
-        "lm_eval_cola": [PTH, "data/README.md", "data/arc_easy/*.jsonl.gz"],
+        "lm_eval_cola": [
+            PTH,
+            "data/README.md",
+            "data/arc_easy/*.jsonl.gz",
+            "task_configs/*.yaml",
+            "task_configs/*_yaml",
+            "task_configs/README.md",
+        ],
         "lm_eval_cola.store": ["migrations/*.py", "migrations/versions/*.py"],
     },
     install_requires=[

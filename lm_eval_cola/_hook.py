@@ -1,16 +1,23 @@
-"""Register ``--model cola`` with lm-eval's model registry, for the stock ``lm_eval`` CLI.
+"""Register ``--model cola`` and this package's tasks with lm-eval, for the stock ``lm_eval`` CLI.
 
 lm-eval 0.4.13 reads no plugin entry points, so ``lm_eval_cola.pth`` imports this module at
 interpreter start. It only installs an import watcher: when ``lm_eval.models`` (the module that
 fills the registry with the built-in backends) has finished executing, ``cola`` is added as a
-lazy placeholder. Nothing of lm-eval, torch or this package is imported before lm-eval itself
-is, and the built-ins stay resolvable because registration happens after them.
+lazy placeholder; when ``lm_eval.tasks.manager`` has, every ``TaskManager`` also indexes
+``lm_eval_cola/task_configs`` (``arc_easy_gen``, ``arc_challenge_gen``, ``gsm8k_direct``), so
+``lm_eval --tasks arc_easy_gen`` needs no ``--include_path``. Nothing of lm-eval, torch or this
+package is imported before lm-eval itself is, and the built-ins stay resolvable because
+registration happens after them.
 """
 
+import functools
+import inspect
 import sys
+from pathlib import Path
 
-_WATCHED = "lm_eval.models"
 _TARGET = "lm_eval_cola.lm:ColaLM"
+#: This package's lm-eval task folder.
+TASKS_DIR = Path(__file__).parent / "task_configs"
 
 
 def register() -> None:
@@ -21,12 +28,40 @@ def register() -> None:
         model_registry.register("cola", target=_TARGET)
 
 
+def register_tasks() -> None:
+    """Make every ``TaskManager`` index :data:`TASKS_DIR` after lm-eval's own tasks and before
+    the user's ``include_path`` (whose tasks of the same name win, as later paths do)."""
+    from lm_eval.tasks.manager import TaskManager
+
+    original = TaskManager.__init__
+    if getattr(original, "_cola_tasks", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        if bound.arguments.get("include_defaults", True):
+            given = bound.arguments.get("include_path") or []
+            given = list(given) if isinstance(given, list | tuple) else [given]
+            bound.arguments["include_path"] = [str(TASKS_DIR), *given]
+        original(*bound.args, **bound.kwargs)
+
+    __init__._cola_tasks = True
+    TaskManager.__init__ = __init__
+
+
+#: Module -> what to run right after it executes.
+_WATCHED = {"lm_eval.models": register, "lm_eval.tasks.manager": register_tasks}
+
+
 class _Watcher:
-    """A meta-path finder that runs :func:`register` right after ``lm_eval.models`` executes."""
+    """A meta-path finder that runs a registration right after its module executes."""
 
     @classmethod
     def find_spec(cls, fullname, path=None, target=None):
-        if fullname != _WATCHED:
+        action = _WATCHED.get(fullname)
+        if action is None:
             return None
         from importlib.machinery import PathFinder
 
@@ -38,9 +73,9 @@ class _Watcher:
         def exec_then_register(module):
             exec_module(module)
             try:
-                register()
+                action()
             except Exception as err:  # never break lm-eval itself
-                print(f"lm-eval-cola: could not register --model cola: {err}", file=sys.stderr)
+                print(f"lm-eval-cola: could not register with lm-eval: {err}", file=sys.stderr)
 
         spec.loader.exec_module = exec_then_register
         return spec
@@ -48,15 +83,19 @@ class _Watcher:
 
 def register_now() -> None:
     """Register at once, importing lm-eval's built-in backends first (see the module doc)."""
-    import lm_eval.models  # noqa: F401  (runs the watcher, or registers the built-ins)
+    # importing runs the watchers (or the built-ins are already registered)
+    import lm_eval.models
+    import lm_eval.tasks.manager  # noqa: F401
 
     register()
+    register_tasks()
 
 
 def install() -> None:
-    if _WATCHED in sys.modules:
-        register()
-    elif _Watcher not in sys.meta_path:
+    for name, action in _WATCHED.items():
+        if name in sys.modules:
+            action()
+    if _Watcher not in sys.meta_path:
         sys.meta_path.insert(0, _Watcher)
 
 

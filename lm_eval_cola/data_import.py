@@ -43,8 +43,9 @@ one JSON object a line, with the columns of the hub data set; all of them are im
 order. Re-running replaces the previous import of the same data set and config.
 """
 
-#: Tasks whose data ships with the package: imported without --data_dir.
-PACKAGED = {"arc_easy": Path(__file__).parent / "data" / "arc_easy"}
+#: Data sets that ship with the package (hub id, config): imported without --data_dir, for
+#: every task that loads them (arc_easy, arc_easy_gen, ...).
+PACKAGED = {("allenai/ai2_arc", "ARC-Easy"): Path(__file__).parent / "data" / "arc_easy"}
 
 VERSION = "0.0.0"  # the version folder that datasets writes for hub data sets without a script
 TMP_PREFIX = ".cola-import-"  # dot-named, so datasets' cache lookup (a glob of "*") skips it
@@ -125,15 +126,17 @@ def dataset_of(task: str, cfg: dict) -> DatasetRef:
     return DatasetRef(path, cfg.get("dataset_name"))
 
 
-def data_dir_of(task: str, data_dir: Path | None) -> Path:
-    """``data_dir``, or the copy of the task's data that ships with the package."""
+def data_dir_of(task: str, ref: DatasetRef, data_dir: Path | None) -> Path:
+    """``data_dir``, or the copy of the task's data set that ships with the package."""
     if data_dir is not None:
         return data_dir
-    if task in PACKAGED:
-        return PACKAGED[task]
+    packaged = PACKAGED.get((ref.path, ref.name))
+    if packaged is not None:
+        return packaged
+    shipped = ", ".join(f"{path}:{name}" for path, name in PACKAGED)
     raise DataImportError(
-        f"No data for '{task}' ships with lm-eval-cola (only {', '.join(PACKAGED)}): pass "
-        "--data_dir DIR, where DIR holds <split>.jsonl files (train.jsonl, test.jsonl, ...)."
+        f"No copy of {ref}, which '{task}' loads, ships with lm-eval-cola (only {shipped}): "
+        "pass --data_dir DIR, where DIR holds <split>.jsonl files (train.jsonl, test.jsonl, ...)."
     )
 
 
@@ -311,8 +314,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if "," in args.tasks:
             raise DataImportError("Pass one task to --tasks per call, each with its --data_dir.")
-        splits = find_splits(data_dir_of(args.tasks, args.data_dir))
         ref = task_dataset(args.tasks, args.include_path)
+        splits = find_splits(data_dir_of(args.tasks, ref, args.data_dir))
         cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
         where = import_dataset(ref, splits, cache_dir)
         lines = verify(ref, splits, cache_dir)

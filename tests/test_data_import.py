@@ -229,7 +229,7 @@ def test_the_packaged_copy_is_the_shared_data_set():
 
     if not (SHARED / "arc_easy").is_dir():
         pytest.skip(f"no shared data at {SHARED} to compare the packaged ARC-Easy with")
-    packaged = find_splits(PACKAGED["arc_easy"])
+    packaged = find_splits(PACKAGED[("allenai/ai2_arc", "ARC-Easy")])
     assert sorted(packaged) == ["test", "train", "validation"]
     for split, path in packaged.items():
         assert rows_digest(jsonl_rows(path)) == rows_digest(
@@ -240,3 +240,10 @@ def test_the_packaged_copy_is_the_shared_data_set():
 def test_a_task_without_packaged_data_needs_a_data_dir(capsys):
     assert cli.main(["data", "import", "--tasks", "gsm8k"]) == 1
     assert "pass --data_dir" in capsys.readouterr().err
+
+
+def test_every_task_on_the_packaged_data_set_imports_it(tmp_path, capsys):
+    """arc_easy_gen loads the same hub data set as arc_easy, so it needs no --data_dir either."""
+    argv = ["data", "import", "--tasks", "arc_easy_gen", "--cache_dir", str(tmp_path / "cache")]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.count("loads back identical offline") == 3
