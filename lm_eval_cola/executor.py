@@ -13,6 +13,8 @@ Two ways to apply chains:
   attention reports ``layer_idx = p``, and the config reports one layer (and one layer type)
   per position, so the cache holds ``len(chain)`` independent slots. A repeated layer therefore
   never reads or overwrites the keys and values of another pass through the same weights.
+  Within it, :meth:`ChainExecutor.reuse_prefill` resumes a generation's prompt prefill from the
+  deepest prefix of the chain already computed on the same prompt (:class:`PrefillReuse`).
 - :meth:`ChainExecutor.apply_rows`: a different chain per row of a packed batch
   (:mod:`lm_eval_cola.packing`), for scoring. Each call runs one layer on every row that needs
   it (see :class:`RowsRun`); rows whose chain has ended pass through. With a
@@ -63,6 +65,9 @@ class Work:
     token_layer_applications: int = 0
     padding_token_layers: int = 0
     forward_calls: int = 0
+    #: token-layers of generation's decoding steps (after the prompt's prefill), which depend
+    #: on the whole chain and so are never shared between chains
+    decode_token_layers: int = 0
 
     def __add__(self, other: Work) -> Work:
         return Work(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(Work)))
@@ -71,23 +76,32 @@ class Work:
         return Work(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(Work)))
 
 
+class Stored(Protocol):
+    """What the prefix cache holds: a layer output (a tensor) or a :class:`Prefill`."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
 class PrefixCache:
-    """Layer outputs of packed rows by (row content, chain prefix), least recently used out.
+    """Work done on a row under chain prefixes, by (row content, chain prefix), least recently
+    used out.
 
     Chains explored by a search share prefixes: a child differs from its parent from the edit
     onwards. For the same row, the output of position ``p`` depends only on the chain's first
-    ``p + 1`` layers, so a row resumes from the deepest prefix found here. Scoring only: a
-    generating model also needs every position's KV cache, which a stored output does not fill.
+    ``p + 1`` layers, so a row resumes from the deepest prefix found here. A packed scoring row
+    stores its output there; a generation's prompt stores a :class:`Prefill`, which also holds
+    what every position wrote to the KV cache.
     """
 
     def __init__(self, max_mb: float) -> None:
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.hits = self.misses = 0
-        self._entries: OrderedDict[tuple[str, tuple[int, ...]], torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], Stored] = OrderedDict()
 
-    def deepest(self, row: str, chain: Chain) -> tuple[int, torch.Tensor | None]:
-        """(positions already computed, the output after them) for ``chain`` on ``row``."""
+    def deepest(self, row: str, chain: Chain) -> tuple[int, Stored | None]:
+        """(positions already computed, what they left) for ``chain`` on ``row``."""
         for length in range(len(chain), 0, -1):
             output = self._entries.get((row, chain.layers[:length]))
             if output is not None:
@@ -97,21 +111,20 @@ class PrefixCache:
         self.misses += 1
         return 0, None
 
-    def put(self, row: str, prefix: tuple[int, ...], output: torch.Tensor) -> None:
-        size = output.numel() * output.element_size()
+    def put(self, row: str, prefix: tuple[int, ...], value: Stored) -> None:
+        size = value.nbytes
         if size > self.max_bytes or (row, prefix) in self._entries:
             return
-        self._entries[(row, prefix)] = output
+        self._entries[(row, prefix)] = value
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.numel() * evicted.element_size()
+            self.bytes -= evicted.nbytes
 
     def drop(self, rows: set[str]) -> None:
         """Forget the given rows (a document whose search is over)."""
         for key in [key for key in self._entries if key[0] in rows]:
-            evicted = self._entries.pop(key)
-            self.bytes -= evicted.numel() * evicted.element_size()
+            self.bytes -= self._entries.pop(key).nbytes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -142,6 +155,16 @@ class _ChainPosition(nn.Module):
         ]
 
     def forward(self, hidden_states, *args, **kwargs):
+        self.executor.work.forward_calls += self.position == 0
+        prefill = self.executor.prefill
+        if prefill is not None:
+            return prefill.step(self, hidden_states, args, kwargs)
+        return self.run(hidden_states, args, kwargs)
+
+    def run(self, hidden_states, args: tuple, kwargs: dict):
+        """The layer itself, its attention writing to this position's KV-cache slot."""
+        kv = _kv_cache(kwargs)
+        decoding = kv is not None and kv.get_seq_length(self.position) > 0
         saved = [m.layer_idx for m in self._indexed]
         for module in self._indexed:
             module.layer_idx = self.position
@@ -150,10 +173,10 @@ class _ChainPosition(nn.Module):
         finally:
             for module, idx in zip(self._indexed, saved, strict=True):
                 module.layer_idx = idx
-        work = self.executor.work
-        work.forward_calls += self.position == 0
+        work, tokens = self.executor.work, hidden_states.shape[0] * hidden_states.shape[1]
         work.layer_applications += hidden_states.shape[0]
-        work.token_layer_applications += hidden_states.shape[0] * hidden_states.shape[1]
+        work.token_layer_applications += tokens
+        work.decode_token_layers += tokens if decoding else 0
         return output
 
     def __getattr__(self, name: str):
@@ -162,6 +185,94 @@ class _ChainPosition(nn.Module):
         except AttributeError:
             # Model forwards read per-layer attributes such as ``attention_type``.
             return getattr(object.__getattribute__(self, "layer"), name)
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """A prompt's prefill up to one chain position: the arguments of every position's KV-cache
+    ``update`` call so far, and the hidden state this position output. Entries of one prompt
+    share the updates of their common prefix, so each counts only its own."""
+
+    updates: tuple[tuple[tuple, dict], ...]
+    output: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        args, kwargs = self.updates[-1]
+        own = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        return self.output.nbytes + sum(tensor.nbytes for tensor in own)
+
+
+class PrefillReuse:
+    """One generation's prompt prefill under the applied chain, resumed from a prefix cache.
+
+    The first ``found`` positions are not computed: each replays its stored KV-cache update
+    (so its slot holds exactly what computing it would have left there), and the last of them
+    hands on its stored output. The positions after run as usual, and what each leaves is
+    stored for the chains that share its prefix. Decoding steps then run unchanged, so the
+    generated tokens are those of a fresh run. A layer whose attention does not make exactly
+    one cache update (none, or shared caches) is computed and not stored.
+    """
+
+    def __init__(self, executor: ChainExecutor, cache: PrefixCache, key: str) -> None:
+        self.executor, self.cache, self.key = executor, cache, key
+        self.chain = executor.chain
+        self.found, resume = cache.deepest(key, self.chain)
+        self.updates: list[tuple[tuple, dict]] = list(resume.updates) if resume else []
+        self.output = resume.output if resume else None
+        self.storable = True
+        self.done = False  # the prompt has passed every position: decoding runs unchanged
+
+    def step(self, position: _ChainPosition, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        if self.done:
+            return position.run(hidden, args, kwargs)
+        p = position.position
+        if p < self.found:
+            update_args, update_kwargs = self.updates[p]
+            _kv_cache(kwargs).update(*update_args, **update_kwargs)
+            output = self.output if p == self.found - 1 else hidden
+            result = (output,) if self.executor.layers_return_tuples else output
+        else:
+            calls: list[tuple[tuple, dict]] = []
+            with _recording_updates(_kv_cache(kwargs), calls):
+                result = position.run(hidden, args, kwargs)
+            # known before any position is replayed: replays need a stored, computed output
+            self.executor.layers_return_tuples = isinstance(result, tuple)
+            self.storable &= len(calls) == 1
+            if self.storable:
+                self.updates.append(calls[0])
+                output = result[0] if isinstance(result, tuple) else result
+                prefix = self.chain.layers[: p + 1]
+                self.cache.put(self.key, prefix, Prefill(tuple(self.updates), output))
+        self.done = p == len(self.chain) - 1
+        return result
+
+
+def _kv_cache(kwargs: dict):
+    """The KV cache a decoder layer was handed (``cache`` in transformers 5, else
+    ``past_key_values``), or ``None``."""
+    from transformers.cache_utils import Cache
+
+    return next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+
+
+@contextlib.contextmanager
+def _recording_updates(kv, calls: list[tuple[tuple, dict]]) -> Iterator[None]:
+    """Within the block, every ``update`` call on the cache ``kv`` is noted in ``calls``."""
+    if kv is None:
+        yield
+        return
+    update = kv.update
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return update(*args, **kwargs)
+
+    kv.update = recording
+    try:
+        yield
+    finally:
+        del kv.update
 
 
 class _RowsPosition(nn.Module):
@@ -389,6 +500,9 @@ class ChainExecutor:
         #: whether decoder layers return a tuple (transformers 4.x) or a tensor (5.x); the
         #: probe in :meth:`check` finds out
         self.layers_return_tuples: bool | None = None
+        #: the chain :meth:`apply` applies, and the prefill being reused within it
+        self.chain: Chain | None = None
+        self.prefill: PrefillReuse | None = None
         self._active = False
 
     def validate(self, chain: Chain, max_length: int | None = None) -> Chain:
@@ -403,7 +517,24 @@ class ChainExecutor:
         chain.check_range(self.n_layers)
         positions = [_ChainPosition(self.layers[layer], p, self) for p, layer in enumerate(chain)]
         with self._swapped(positions, [self._layer_type(layer) for layer in chain]):
+            self.chain = chain
+            try:
+                yield
+            finally:
+                self.chain = None
+
+    @contextlib.contextmanager
+    def reuse_prefill(self, cache: PrefixCache, prompt: str) -> Iterator[None]:
+        """Within the block (one ``generate`` call under :meth:`apply`'s chain), the prompt's
+        prefill resumes from the deepest prefix of the chain computed on the same ``prompt``
+        (a key naming the prompt's tokens and padding), and stores what it computes."""
+        if self.chain is None:
+            raise RuntimeError("reuse_prefill needs a chain applied (ChainExecutor.apply)")
+        self.prefill = PrefillReuse(self, cache, prompt)
+        try:
             yield
+        finally:
+            self.prefill = None
 
     @contextlib.contextmanager
     def apply_rows(

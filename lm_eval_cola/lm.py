@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import transformers
+import xxhash
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -52,9 +53,9 @@ class RunOptions:
 
     ``shared_context``: a document's loglikelihood requests run as one packed row, their shared
     context computed once, and rows of different chains share batches; off, requests run
-    through HFLM's own code, one chain group at a time. ``prefix_cache``: packed rows resume
-    from the deepest chain prefix already computed on them (a search's memory; other request
-    types, which run by chain, do not use it). ``one_batch``:
+    through HFLM's own code, one chain group at a time. ``prefix_cache``: packed rows, and the
+    prompts of generation requests, resume from the deepest chain prefix already computed on
+    them (a search's memory; generation then decodes as a fresh run would). ``one_batch``:
     all requests in one forward pass (per chain group where chains cannot mix), so a
     document sees the same batch whatever else runs: the search's documents in parallel.
     ``share_calls``: packed rows share layer and LM-head calls, which reads each layer's
@@ -109,6 +110,7 @@ class ColaLM(HFLM):
         self.max_chain_length = max_chain_length
         self.shared_context = self.source is not None if shared_context is None else shared_context
         self._rows: OrderedDict[tuple, PackedRow] = OrderedDict()
+        self._prefill_cache: PrefixCache | None = None
         self._auto_batch_size: int | None = None
         name = None
         if pretrained is None:
@@ -328,6 +330,12 @@ class ColaLM(HFLM):
         """HFLM's own method once per chain group, results back in request order. Work is
         shared among a group's documents by their number of requests."""
         method = getattr(HFLM, request_type)
+        if request_type == "generate_until" and options.prefix_cache is not None:
+            with self._prefills_from(options.prefix_cache):
+                options = dataclasses.replace(options, prefix_cache=None)
+                return self._by_chain(
+                    request_type, requests, chains, documents, options, disable_tqdm
+                )
         groups: dict[str, list[int]] = {}
         for index, chain in enumerate(chains):
             groups.setdefault(_key(chain), []).append(index)
@@ -361,6 +369,26 @@ class ColaLM(HFLM):
                 for index, output in zip(indices, found, strict=True):
                     outputs[index] = output
         return RunResult(outputs, work)
+
+    @contextlib.contextmanager
+    def _prefills_from(self, cache: PrefixCache) -> Iterator[None]:
+        """Within the block, each generation resumes its prompt's prefill from ``cache``."""
+        self._prefill_cache = cache
+        try:
+            yield
+        finally:
+            self._prefill_cache = None
+
+    def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
+        """HFLM's generation; with a prefix cache (:meth:`_prefills_from`) under a chain, the
+        prompt's prefill resumes from the deepest prefix of the chain computed on the same
+        tokens (:meth:`ChainExecutor.reuse_prefill`), and decoding runs as in a fresh run."""
+        cache = self._prefill_cache
+        if cache is None or self.executor.chain is None:
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        key = _prompt_key(context, generation_kwargs.get("attention_mask"))
+        with self.executor.reuse_prefill(cache, key):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     @contextlib.contextmanager
     def _batch_size(self, size: int | None) -> Iterator[None]:
@@ -490,6 +518,16 @@ def load(model_args: str = "", device: str | None = None) -> ColaLM:
     batch size of one document that the search objective sets itself."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return ColaLM.create_from_arg_string(model_args, {"device": device, "batch_size": 1})
+
+
+def _prompt_key(context: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
+    """Names a generation batch's prompt tokens and padding, for the prefix cache."""
+    digest = xxhash.xxh3_128()
+    for tensor in (context, attention_mask):
+        if tensor is not None:
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().numpy().tobytes())
+    return f"generate:{digest.hexdigest()}"
 
 
 def _key(chain: Chain | None) -> str:

@@ -34,6 +34,8 @@ class Trial:
     metrics: dict[str, Any]
     layer_applications: int = 0
     token_layer_applications: int = 0
+    #: of which in generation's decoding steps, which no two chains share
+    decode_token_layers: int = 0
     seconds: float = 0.0
 
     @property

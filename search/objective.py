@@ -2,8 +2,9 @@
 
 For each (document, chain) proposal the document's requests, built by lm-eval's task API
 (:mod:`lm_eval_cola.tasks`), run under the chain through :meth:`ColaLM.run_requests`: all
-proposals in one forward pass, each document's shared context computed once, and every chain
-prefix already computed on the document looked up in a prefix cache. The task's own filters
+proposals in one forward pass (generation: one per distinct chain), each document's shared
+context computed once, and every chain prefix already computed on the document (a packed row,
+or a generation's prompt prefill) looked up in a prefix cache. The task's own filters
 and ``process_results`` turn the responses into metrics, and the chosen metric becomes the
 score. So a chain found here scores the same when the task is re-evaluated through
 ``lm_eval --model cola``.
@@ -114,16 +115,20 @@ class Objective:
             metrics={k: _jsonable(v) for k, v in metrics.items()},
             layer_applications=work.layer_applications,
             token_layer_applications=work.token_layer_applications,
+            decode_token_layers=work.decode_token_layers,
             seconds=seconds,
         )
 
     def row_tokens(self, document: Document) -> int | None:
-        """Tokens of the document's packed row (its requests' distinct token positions), for
-        loglikelihood tasks; what one layer must process for it at the physical limit."""
-        requests = [i for i in document.instances if i.request_type == "loglikelihood"]
-        if len(requests) < len(document.instances):
-            return None
-        return len(self.lm.packed_row([i.args for i in requests]))
+        """What one layer must process of the document at the physical limit, once per chain
+        prefix: its packed row (its requests' distinct token positions) for loglikelihood
+        tasks, its prompt for a generation task with one request; else ``None``."""
+        types = {i.request_type for i in document.instances}
+        if types == {"loglikelihood"}:
+            return len(self.lm.packed_row([i.args for i in document.instances]))
+        if types == {"generate_until"} and len(document.instances) == 1:
+            return len(self.lm.tok_encode(document.instances[0].args[0]))
+        return None
 
 
 def _as_score(value: Any, higher_is_better: bool) -> float:

@@ -230,9 +230,14 @@ class SearchRun:
 
     def _token_layer_limit(self, document: Document, trials: list[Trial]) -> int | None:
         """The physical limit of the document's search: each distinct chain prefix evaluated,
-        once, over the document's distinct token positions (loglikelihood tasks only)."""
+        once, over the document's distinct token positions (a loglikelihood task's packed row,
+        a generation task's prompt), plus generation's decoding, which depends on the whole
+        chain and so is never shared."""
         tokens = self.objective.row_tokens(document)
-        return None if tokens is None else tokens * distinct_prefixes(t.chain for t in trials)
+        if tokens is None:
+            return None
+        decoding = sum(t.decode_token_layers for t in trials)
+        return tokens * distinct_prefixes(t.chain for t in trials) + decoding
 
     def _named_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self.settings).items() if k != "limit"}

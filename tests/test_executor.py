@@ -441,3 +441,70 @@ def test_rows_of_different_layer_types_are_refused():
     rows = [pack(requests, 256) for requests in documents()[:2]]
     with pytest.raises(ValueError, match="layer-type signature"):
         packed_scores(executor, rows, [Chain.parse("0-3"), Chain.parse("1-3")])
+
+
+def generate_scored(model, ids, mask, new_tokens: int = 8):
+    """Greedy tokens and the scores they were picked by, bit for bit."""
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.scores)
+
+
+def prefill_work(executor: ChainExecutor) -> int:
+    return executor.work.token_layer_applications - executor.work.decode_token_layers
+
+
+@torch.no_grad()
+def test_generation_from_a_reused_prefill_equals_a_fresh_run(model):
+    """Every family: decoding after a prompt prefill resumed from a cached chain prefix gives
+    the tokens and scores of a fresh run, bit for bit; each prefix of the prompt is computed
+    once over the search, and a chain seen before computes no prompt token at all."""
+    fresh, reused = ChainExecutor(model), ChainExecutor(model)
+    fresh.check()
+    ids, mask = padded_batch(length=12)
+    cache = PrefixCache(max_mb=64)
+    prefixes: set[tuple[int, ...]] = set()
+    for chain in map(Chain.parse, [*SEARCH_ORDER, "0.1.1.3"]):
+        with fresh.apply(chain):
+            expected = generate_scored(model, ids, mask)
+        before = prefill_work(reused)
+        with reused.apply(chain), reused.reuse_prefill(cache, "prompt"):
+            got = generate_scored(model, ids, mask)
+        assert torch.equal(got[0], expected[0]), chain
+        assert torch.equal(got[1], expected[1]), chain
+        new = {chain.layers[:end] for end in range(1, len(chain) + 1)} - prefixes
+        assert prefill_work(reused) - before == len(new) * ids.numel(), chain
+        prefixes |= new
+    assert cache.hits == len(SEARCH_ORDER)  # all but the first chain resumed
+    assert fresh.work.decode_token_layers == reused.work.decode_token_layers > 0
+
+
+@torch.no_grad()
+def test_a_prefill_is_reused_only_for_its_own_prompt():
+    """The reuse test has teeth: a prefill stored for one prompt really is replayed (filed
+    under another prompt's key, it changes that prompt's tokens), so keys must name the prompt,
+    as ``ColaLM`` does with the tokens and padding."""
+    model = build("llama")
+    executor = ChainExecutor(model)
+    ids, mask = padded_batch(length=12)
+    other, _ = padded_batch(seed=1, length=12)
+    with executor.apply(Chain.parse("0-2.2")):
+        expected = generate_scored(model, other, mask)
+    cache = PrefixCache(max_mb=64)
+    with executor.apply(Chain.parse("0-3")), executor.reuse_prefill(cache, "one key for all"):
+        generate_scored(model, ids, mask)
+    with executor.apply(Chain.parse("0-2.2")), executor.reuse_prefill(cache, "one key for all"):
+        wrong = generate_scored(model, other, mask)
+    assert not torch.equal(wrong[1], expected[1])
+    with executor.apply(Chain.parse("0-2.2")), executor.reuse_prefill(cache, "other prompt"):
+        assert torch.equal(generate_scored(model, other, mask)[1], expected[1])

@@ -275,10 +275,13 @@ def test_parallel_documents_store_what_one_at_a_time_stores(lm, task_dir, tmp_pa
         assert calls[1] <= calls[0] / 2
 
 
-def test_a_search_records_its_work_and_reaches_the_physical_limit(lm, task_dir, tmp_path):
+@pytest.mark.parametrize("name", ["cola_mc", "cola_gen"])
+def test_a_search_records_its_work_and_reaches_the_physical_limit(lm, task_dir, tmp_path, name):
     """With a prefix cache large enough, each distinct (chain prefix, token) is computed once:
-    the token-layer applications the store records per document equal its limit."""
-    run_id = search(lm, task_dir, tmp_path / "cola.db", budget=20, how={"prefix_cache_mb": 64})
+    the token-layer applications the store records per document equal its limit (for
+    generation: each prefix once over the prompt, plus every chain's own decoding)."""
+    how = {"prefix_cache_mb": 64}
+    run_id = search(lm, task_dir, tmp_path / "cola.db", name=name, budget=20, how=how)
     with Store(str(tmp_path / "cola.db"), read_only=True).session() as session:
         stats = queries.stats(session, run_id)
         computed = session.execute(
@@ -288,12 +291,15 @@ def test_a_search_records_its_work_and_reaches_the_physical_limit(lm, task_dir, 
         )
         limits = session.execute(select(RunDocument.document_id, RunDocument.token_layer_limit))
         computed, limits = dict(computed.all()), dict(limits.all())
+    assert stats.token_layer_limit == sum(limits.values()) > 0
+    if name == "cola_gen":
+        assert computed == limits
+        return
     # The last document repeats the first one's prompt and choices: its packed row is the same,
     # so it reuses the first one's prefixes and needs less than a document of its own.
     *unique, repeated = sorted(limits)
     assert {d: computed[d] for d in unique} == {d: limits[d] for d in unique}
     assert computed[repeated] < limits[repeated]
-    assert stats.token_layer_limit == sum(limits.values()) > 0
 
 
 def test_optuna_studies_are_read_from_the_store_url_by_optuna_itself(lm, task_dir, tmp_path):
