@@ -1,5 +1,6 @@
 """The CoLa paper's findings on one model: Table 1, the headline shares, search methods
-against each other per budget, predicted chains, and the generation path on GSM8K.
+against each other per budget, predicted chains, the generation path on GSM8K, and the paper's
+own protocol (generated answers on both ARC sets and math, at its sample count).
 
 Every search is a run in one store, named by its settings, so the same command continues
 after a crash (or on more documents) and re-uses every run already finished; the report and
@@ -10,6 +11,14 @@ Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 
     python benchmarks/reproduce.py --limit 100 --store results/reproduce.db \\
         --report results/REPRODUCE.md --figures docs/figures
+
+The paper's protocol alone (``generated``: arc_easy_gen and arc_challenge_gen at 500 documents
+in the combined space and 200 in each single space, gsm8k_direct at 200 documents and budget
+50), grown round-robin 25 documents at a time so that every table has data when it stops, and
+stopping after 2 hours (run it again to go on):
+
+    python benchmarks/reproduce.py --sections generated --hours 2 --store results/paper.db \\
+        --report results/PAPER.md --figures docs/figures
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks
 
-SECTIONS = ("table1", "methods", "predictors", "gsm8k")
+SECTIONS = ("table1", "methods", "predictors", "gsm8k", "generated")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
 
 
@@ -73,6 +82,15 @@ def parse_args() -> argparse.Namespace:
     add("--gsm8k_max_gen_toks", type=int, default=64)
     add("--gsm8k_fewshot", type=int, help="default: the task's own (5)")
     add("--gsm8k_filter", default="flexible-extract", help="answer filter: the last number")
+    add("--gen_tasks", default="arc_easy_gen,arc_challenge_gen", help="generated-answer sets")
+    add("--gen_limit", type=int, default=500, help="their documents, combined space")
+    add("--gen_space_limit", type=int, default=200, help="their documents, skip-/repeat-only")
+    add("--math_task", default="gsm8k_direct")
+    add("--math_limit", type=int, default=200, help="0: no math")
+    add("--math_budget", type=int, default=50)
+    add("--step", type=int, default=25, help="documents added to every run per round")
+    add("--hours", type=float, help="start no round after this many hours (default: no limit)")
+    add("--parallel_docs", type=int, default=16, help="documents searched per forward pass")
     add("--prefix_cache_mb", type=float, default=1024)
     add("--sections", default=",".join(SECTIONS),
         help="the parts to run and report, of " + "/".join(SECTIONS))  # fmt: skip
@@ -90,6 +108,7 @@ class Reproduction:
     def search(self, task_name: str, method: str, budget: int, limit: int, **options) -> int:
         """The run for these settings, searched (or continued) until all its documents are done."""
         split, space = options.pop("split", None), options.pop("space", "both")
+        parallel_docs = options.pop("parallel_docs", 1)
         task = load_tasks(task_name, split=split, **options)[task_name]
         settings = SearchSettings(
             method=method,
@@ -100,7 +119,10 @@ class Reproduction:
             max_gen_toks=options.get("max_gen_toks"),
             filter_name=options.get("filter_name"),
         )
-        run = SearchRun(self.lm, task, self.store, settings, self.args.prefix_cache_mb)
+        run = SearchRun(
+            self.lm, task, self.store, settings, self.args.prefix_cache_mb,
+            parallel_docs=parallel_docs,
+        )  # fmt: skip
         return run.run()
 
     def seconds(self, run_id: int) -> float:
@@ -261,6 +283,78 @@ class Reproduction:
         )
         self.figures([run_id], ("lengths",))
 
+    def generated(self) -> None:
+        """The paper's protocol: generated answers judged against the gold one, MCTS with
+        ``--budget`` simulations, every run grown round-robin (``--step`` documents a round)
+        until it has its documents or ``--hours`` have passed."""
+        a = self.args
+        plan = [(t, "both", a.gen_limit, a.budget) for t in _list(a.gen_tasks)]
+        plan += [(t, s, a.gen_space_limit, a.budget) for t in _list(a.gen_tasks)
+                 for s in ("skip", "repeat")]  # fmt: skip
+        plan += [(a.math_task, "both", a.math_limit, a.math_budget)] if a.math_limit else []
+        runs = self.grow(plan)
+        self.add(
+            "## The paper's protocol: generated answers, MCTS per document",
+            "",
+            "Accuracy (%) of the full model (original) and of the best chain MCTS finds "
+            "with the gold answer as reward (an oracle, as in the paper), per search space; "
+            "n: documents searched. Shares of all documents as in the paper's Figure 4: "
+            "original path still optimal (right, no shorter right chain), correct -> correct "
+            "(a shorter right chain), wrong -> correct, wrong -> wrong.",
+            "",
+            "| data set | budget | original | skip-only | repeat-only | skip + repeat (CoLa) "
+            "| still optimal | C -> C | W -> C | W -> W | s / document | token-layers / limit |",
+            "|---" * 12 + "|",
+        )
+        for task in dict.fromkeys(t for t, *_ in plan):
+            spaces = {space: run_id for (t, space, *_), run_id in runs.items() if t == task}
+            self.add(self.generated_row(task, spaces))
+        self.add("")
+        for (task, space, *_), run_id in runs.items():
+            if space == "both":
+                self.add(f"Layer usage, skip and repeat rates of the best chains: {task}", "")
+                self.figures([run_id], ("layers",))
+
+    def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
+        """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents
+        per round each, until each has its limit or ``--hours`` have passed."""
+        a = self.args
+        deadline = time.monotonic() + a.hours * 3600 if a.hours else float("inf")
+        runs: dict[tuple, int] = {}
+        reached = 0
+        while reached < max(limit for _, _, limit, _ in plan):
+            reached += a.step
+            for task, space, limit, budget in plan:
+                if time.monotonic() > deadline:
+                    return runs
+                runs[(task, space, limit, budget)] = self.search(
+                    task, "mcts", budget, min(reached, limit), space=space,
+                    parallel_docs=a.parallel_docs,
+                )  # fmt: skip
+        return runs
+
+    def generated_row(self, task: str, runs: dict[str, int]) -> str:
+        """One data set's line of the generated-answer table."""
+        stats = {space: self.stats(run_id) for space, run_id in runs.items()}
+        first = next(iter(stats.values()))
+        both = stats.get("both")
+        cells = [task, str(self._budget(first.run_id))]
+        cells.append(f"{_pct(first.original_accuracy)} (n={first.documents})")
+        for space in ("skip", "repeat", "both"):
+            found = stats.get(space)
+            cells.append(f"{_pct(found.oracle_accuracy)} (n={found.documents})" if found else "-")
+        if both is None or both.original_accuracy is None:
+            return "| " + " | ".join(cells + ["-"] * 6) + " |"
+        cells += [_pct(share) for share in _outcomes(both)]
+        cells.append(f"{self.seconds(both.run_id) / max(both.documents, 1):.1f}")
+        limit = both.token_layer_limit
+        cells.append(f"{both.token_layer_applications / limit:.3f}" if limit else "-")
+        return "| " + " | ".join(cells) + " |"
+
+    def _budget(self, run_id: int) -> int:
+        with self.store.session() as session:
+            return session.get(Run, run_id).budget
+
     def figures(self, run_ids: Sequence[int], kinds: Sequence[str]) -> None:
         for kind in kinds:
             path = plots.save(self.store, kind, run_ids, Path(self.args.figures))
@@ -270,6 +364,14 @@ class Reproduction:
         self.report.extend(lines)
         Path(self.args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(self.args.report).write_text("\n".join(self.report) + "\n")
+
+
+def _outcomes(stats: queries.RunStats) -> list[float]:
+    """The paper's Figure 4 shares of all documents: original path still optimal, correct ->
+    correct (shorter), wrong -> correct, wrong -> wrong."""
+    right = stats.original_accuracy or 0.0
+    shorter, fixed = stats.shorter_correct_share or 0.0, stats.corrected_share or 0.0
+    return [right * (1 - shorter), right * shorter, (1 - right) * fixed, (1 - right) * (1 - fixed)]
 
 
 def _list(text: str) -> list[str]:
@@ -322,6 +424,8 @@ def main() -> None:
         job.predictors()
     if "gsm8k" in sections and args.gsm8k_limit:
         job.gsm8k()
+    if "generated" in sections:
+        job.generated()
     job.add(f"Total wall time of this invocation: {_duration(time.perf_counter() - start)}.")
     print(Path(args.report).read_text())
 

@@ -28,6 +28,8 @@ EPILOG = """examples:
   cola db chains --store cola.db --run 3 --format csv --output chains.csv
   cola db sql --store cola.db "SELECT chain, COUNT(*) FROM evaluations GROUP BY chain LIMIT 5"
   cola db export --store cola.db --format parquet --output_dir dump/
+  cola db archive --store cola.db --output results/cola.db.gz
+  cola db restore --archive results/cola.db.gz --store cola.db
   cola db upgrade --store cola.db
 
 --store takes an SQLite path or an SQLAlchemy URL (postgresql+psycopg://user@host/cola).
@@ -66,6 +68,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_stats(commands)
     _add_sql(commands)
     _add_export(commands)
+    _add_archive(commands)
+    _add_restore(commands)
     _add_upgrade(commands)
 
 
@@ -369,6 +373,53 @@ def _export(args: argparse.Namespace) -> None:
         else:
             frame.to_parquet(path, index=False)
         print(f"{name}: {len(frame)} rows -> {path}")
+
+
+# -- archive and restore ----------------------------------------------------------------------
+
+ARCHIVE_DETAILS = """\
+A long search survives a lost machine only as a file you keep: this writes a consistent
+snapshot of an SQLite store (taken with SQLite's backup API, so a search may be writing to it
+meanwhile), gzipped, ready to commit; `cola db restore` turns it back into a store that a
+search resumes from. PostgreSQL stores are backed up with pg_dump instead."""
+
+
+def _add_archive(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "archive",
+        "write an SQLite store, everything in it, to one gzipped file",
+        "cola db archive --store results/paper.db --output results/paper.db.gz",
+        _archive,
+        ARCHIVE_DETAILS,
+    )
+    parser.add_argument("--output", required=True, type=Path, help="the .db.gz file to write")
+
+
+def _archive(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import archive
+
+    size = archive.write(args.store, args.output)
+    print(f"archived {args.store} -> {args.output} ({size / 2**20:.1f} MiB)")
+
+
+def _add_restore(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "restore",
+        "turn a `cola db archive` file back into an SQLite store",
+        "cola db restore --archive results/paper.db.gz --store results/paper.db",
+        _restore,
+        "The store must not exist yet: a restore never overwrites one.",
+    )
+    parser.add_argument("--archive", required=True, type=Path, help="a .db.gz file")
+
+
+def _restore(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import archive
+
+    archive.restore(args.archive, args.store)
+    print(f"restored {args.archive} -> {args.store}")
 
 
 # -- upgrade ----------------------------------------------------------------------------------

@@ -44,18 +44,24 @@ def default_model() -> str:
 
 
 def lm_eval(
-    env, out: Path, model: str, model_args: str, limit: int = LIMIT, batch_size: int = 8
+    env,
+    out: Path,
+    model: str,
+    model_args: str,
+    limit: int = LIMIT,
+    batch_size: int = 8,
+    task: str = "arc_easy",
 ) -> dict[int, dict]:
     """Run the stock CLI; return its logged samples by doc_id."""
     command = [
         "lm_eval", "--model", model, "--model_args", f"{model_args},dtype=float32",
-        "--tasks", "arc_easy", "--limit", str(limit), "--device", "cpu",
+        "--tasks", task, "--limit", str(limit), "--device", "cpu",
         "--batch_size", str(batch_size),
         "--output_path", str(out), "--log_samples",
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
-    (samples,) = out.rglob("samples_arc_easy_*.jsonl")
+    (samples,) = out.rglob(f"samples_{task}_*.jsonl")
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     return {row["doc_id"]: row for row in rows}
 
@@ -74,7 +80,8 @@ def hf_samples(offline_env, default_model, tmp_path_factory):
 
 
 def test_data_import_gives_the_stock_task_the_local_documents(hf_samples):
-    rows = list(jsonl_rows(PACKAGED["arc_easy"] / "test.jsonl.gz"))[:LIMIT]
+    packaged = PACKAGED[("allenai/ai2_arc", "ARC-Easy")]
+    rows = list(jsonl_rows(packaged / "test.jsonl.gz"))[:LIMIT]
     expected = [row["id"] for row in rows]
     assert [hf_samples[i]["doc"]["id"] for i in range(LIMIT)] == expected
 
@@ -175,3 +182,61 @@ def test_search_on_smollm2_is_stored_and_reproduced_by_lm_eval(offline_env, tmp_
     by_hash = {row["doc_hash"]: row for row in chosen}
     for sample in oracle.values():
         assert sample["acc"] == by_hash[sample["doc_hash"]]["score"], sample["doc_id"]
+
+
+def test_generated_answers_equal_hf_and_searched_chains_reproduce(offline_env, tmp_path):
+    """arc_easy_gen on SmolLM2: ``--model cola`` without a chain generates what ``hf``
+    generates; a search (prefill reuse on) stores chains whose generated answers the stock
+    CLI reproduces document by document."""
+    from lm_eval_cola.default_model import default_model_path
+
+    importing = ["cola", "data", "import", "--tasks", "arc_easy_gen"]
+    subprocess.run(importing, env=offline_env, check=True)
+
+    def generated(name: str, model: str, args: str, limit: int) -> dict[int, tuple]:
+        samples = lm_eval(offline_env, tmp_path / name, model, args, limit, 1, "arc_easy_gen")
+        return {i: (row["resps"], row["exact_match"]) for i, row in samples.items()}
+
+    hf = generated("hf", "hf", f"pretrained={default_model_path()}", 10)
+    assert generated("cola", "cola", "", 10) == hf
+    store = tmp_path / "cola.db"
+    search = [
+        "cola", "search", "--tasks", "arc_easy_gen", "--limit", "3", "--budget", "12",
+        "--parallel_docs", "3", "--store", str(store), "--device", "cpu",
+    ]  # fmt: skip
+    done = subprocess.run(search, env=offline_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    query = ["cola", "db", "chains", "--store", str(store), "--run", "1", "--format", "json"]
+    chosen = json.loads(subprocess.run(query, env=offline_env, capture_output=True).stdout)
+    oracle = lm_eval(
+        offline_env, tmp_path / "oracle", "cola", f"chains=store:{store};run=1", 3, 1,
+        "arc_easy_gen",
+    )  # fmt: skip
+    by_hash = {row["doc_hash"]: row for row in chosen}
+    for sample in oracle.values():
+        assert sample["exact_match"] == by_hash[sample["doc_hash"]]["score"], sample["doc_id"]
+
+
+def readme_first_command() -> str:
+    """The README's first command, without its installation steps (the test runs installed)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)\n```", readme, re.DOTALL).group(1)
+    steps = [step.strip() for step in block.split("&&")]
+    install = ("python3 -m venv", ". .venv/bin/activate", "pip install")
+    return " && ".join(step for step in steps if not step.startswith(install))
+
+
+def test_the_readmes_first_command_runs_without_shared_data(tmp_path):
+    """On a machine with only the package: no ../shared, an empty Hugging Face home. The
+    command imports the packaged ARC-Easy and prints lm-eval's results table."""
+    command = readme_first_command()
+    assert command.startswith("cola data import --tasks arc_easy && ")
+    home = tmp_path / "hf_home"
+    env = {**os.environ, "HF_HOME": str(home)}
+    for name in ("HF_DATASETS_CACHE", "COLA_SHARED_DATA", "HF_HUB_OFFLINE"):
+        env.pop(name, None)
+    cwd = tmp_path / "clone"  # nothing beside it
+    cwd.mkdir()
+    done = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.search(r"\|arc_easy\|\s+1\|none\s+\|\s+0\|acc\s+\|", done.stdout), done.stdout

@@ -347,6 +347,35 @@ def as_values(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(object).where(frame.notna(), None)
 
 
+def test_archive_restores_to_an_identical_store_that_a_search_resumes(
+    path: str, capsys, tmp_path: Path
+) -> None:
+    """archive -> restore gives back every table row for row; the restored store takes new
+    writes; a restore refuses to replace a store, and non-stores are refused both ways."""
+    archive = tmp_path / "results" / "cola.db.gz"
+    status, out, _ = cola(capsys, "db", "archive", "--store", path, "--output", str(archive))
+    assert status == 0 and archive.is_file() and "MiB" in out
+    restored = str(tmp_path / "again" / "cola.db")
+    assert cola(capsys, "db", "restore", "--archive", str(archive), "--store", restored)[0] == 0
+    for name, table in frames.tables(path).items():
+        pd.testing.assert_frame_equal(frames.tables(restored)[name], table, obj=name)
+    with Store(restored) as store:  # a search goes on writing into it
+        store.finish_run(3)
+    status, _, err = cola(capsys, "db", "restore", "--archive", str(archive), "--store", restored)
+    assert status == 1 and "exists" in err and "never overwrites" in err
+    (tmp_path / "notes.txt").write_text("not a store")
+    status, _, err = cola(
+        capsys, "db", "archive", "--store", str(tmp_path / "notes.txt"), "--output", "x.gz"
+    )
+    assert status == 1 and "notes.txt" in err
+    status, _, err = cola(
+        capsys, "db", "restore", "--archive", str(tmp_path / "notes.txt"), "--store",
+        str(tmp_path / "new.db"),
+    )  # fmt: skip
+    assert status == 1 and "not a gzipped store" in err
+    assert not (tmp_path / "new.db").exists()
+
+
 def test_export_of_some_tables_and_of_an_unknown_one(path: str, capsys, tmp_path: Path) -> None:
     argv = ["db", "export", "--store", path, "--output_dir", str(tmp_path / "some")]
     assert cola(capsys, *argv, "--tables", "runs", "models")[0] == 0

@@ -1,0 +1,101 @@
+"""A chain store as one gzipped file, and back: how a long search outlives its machine.
+
+The snapshot is taken with SQLite's online backup API, which copies a consistent state of the
+database even while a search writes to it (WAL mode), and the restore checks that the result is
+a chain store (its schema revision) before it appears under the requested path, so a failed or
+foreign restore leaves nothing behind and never replaces an existing store.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+from lm_eval_cola.store import engine as engines
+
+
+def sqlite_path(store: str) -> Path:
+    """The file of an SQLite store; other databases have their own dump tools."""
+    url = make_url(engines.normalise_url(store))
+    if url.get_backend_name() != "sqlite" or not url.database:
+        raise engines.StoreError(
+            f"{engines.display(str(url))} is not an SQLite file: back up a PostgreSQL store "
+            "with pg_dump"
+        )
+    return Path(url.database)
+
+
+def write(store: str, output: Path) -> int:
+    """Snapshot ``store`` into gzipped ``output``; returns the archive's size in bytes."""
+    source = sqlite_path(store)
+    if not source.is_file():
+        raise engines.StoreError(f"no store at {source}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent) as folder:
+        snapshot = Path(folder) / "snapshot.db"
+        try:
+            reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+            writer = sqlite3.connect(snapshot)
+            try:
+                reader.backup(writer)
+                writer.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+            finally:
+                writer.close()
+                reader.close()
+        except sqlite3.Error as err:
+            raise engines.StoreError(f"store {source} cannot be read: {err}") from None
+        _check_store(snapshot)
+        partial = Path(folder) / "archive.gz"
+        with snapshot.open("rb") as raw, gzip.open(partial, "wb", compresslevel=9) as packed:
+            shutil.copyfileobj(raw, packed)
+        os.replace(partial, output)
+    return output.stat().st_size
+
+
+def restore(archive: Path, store: str) -> None:
+    """Unpack ``archive`` into a new SQLite store at ``store``, upgraded to this release."""
+    target = sqlite_path(store)
+    if target.exists():
+        raise engines.StoreError(
+            f"{target} exists: restore into a new path (a restore never overwrites a store)"
+        )
+    if not archive.is_file():
+        raise engines.StoreError(f"no archive at {archive}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        unpacked = Path(folder) / "restored.db"
+        try:
+            with gzip.open(archive, "rb") as packed, unpacked.open("wb") as raw:
+                shutil.copyfileobj(packed, raw)
+        except (OSError, EOFError) as err:
+            raise engines.StoreError(f"{archive} is not a gzipped store: {err}") from None
+        if not _check_store(unpacked):
+            url = engines.normalise_url(str(unpacked))
+            with engines.translated(url):
+                writer = engines.create(url)
+                try:
+                    engines.upgrade(writer)
+                finally:
+                    writer.dispose()
+        os.replace(unpacked, target)
+
+
+def _check_store(path: Path) -> bool:
+    """Whether ``path`` is a chain store at this release's schema (``False``: an older one,
+    which can be upgraded); raises for anything else."""
+    url = engines.normalise_url(str(path))
+    with engines.translated(url):
+        reader = engines.create(url, read_only=True)
+        try:
+            engines.ensure_schema(reader, url, create_missing=False)
+        except engines.StoreOutdated:
+            return False
+        finally:
+            reader.dispose()
+    return True
