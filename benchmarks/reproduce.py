@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import optuna
+from sqlalchemy import select
 
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import predictors as predicting
@@ -107,6 +108,17 @@ class Reproduction:
 
     def search(self, task_name: str, method: str, budget: int, limit: int, **options) -> int:
         """The run for these settings, searched (or continued) until all its documents are done."""
+        return self.search_run(task_name, method, budget, limit, **options).run()
+
+    def stored(self, task_name: str, method: str, budget: int, **options) -> int | None:
+        """The id of the run for these settings already in the store, searching nothing."""
+        run = self.search_run(task_name, method, budget, 1, **options)
+        with self.store.session() as session:
+            return session.scalar(select(Run.id).where(Run.name == run.run_name))
+
+    def search_run(
+        self, task_name: str, method: str, budget: int, limit: int, **options
+    ) -> SearchRun:
         split, space = options.pop("split", None), options.pop("space", "both")
         parallel_docs = options.pop("parallel_docs", 1)
         task = load_tasks(task_name, split=split, **options)[task_name]
@@ -119,11 +131,10 @@ class Reproduction:
             max_gen_toks=options.get("max_gen_toks"),
             filter_name=options.get("filter_name"),
         )
-        run = SearchRun(
+        return SearchRun(
             self.lm, task, self.store, settings, self.args.prefix_cache_mb,
             parallel_docs=parallel_docs,
         )  # fmt: skip
-        return run.run()
 
     def seconds(self, run_id: int) -> float:
         with self.store.session() as session:
@@ -317,21 +328,27 @@ class Reproduction:
 
     def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
         """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents
-        per round each, until each has its limit or ``--hours`` have passed."""
+        per round each, until each has its limit or ``--hours`` have passed (``--hours 0``:
+        search nothing, report what the store holds)."""
         a = self.args
-        deadline = time.monotonic() + a.hours * 3600 if a.hours else float("inf")
+        deadline = time.monotonic() + a.hours * 3600 if a.hours is not None else float("inf")
         runs: dict[tuple, int] = {}
         reached = 0
-        while reached < max(limit for _, _, limit, _ in plan):
+        while reached < max(limit for _, _, limit, _ in plan) and time.monotonic() < deadline:
             reached += a.step
             for task, space, limit, budget in plan:
-                if time.monotonic() > deadline:
-                    return runs
+                if time.monotonic() >= deadline:
+                    break
                 runs[(task, space, limit, budget)] = self.search(
                     task, "mcts", budget, min(reached, limit), space=space,
                     parallel_docs=a.parallel_docs,
                 )  # fmt: skip
-        return runs
+        for task, space, limit, budget in plan:  # those the deadline cut off, as stored
+            if (task, space, limit, budget) not in runs:
+                found = self.stored(task, "mcts", budget, space=space)
+                if found is not None:
+                    runs[(task, space, limit, budget)] = found
+        return dict(sorted(runs.items(), key=lambda item: plan.index(item[0])))
 
     def generated_row(self, task: str, runs: dict[str, int]) -> str:
         """One data set's line of the generated-answer table."""

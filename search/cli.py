@@ -21,6 +21,7 @@ EPILOG = """examples:
       --tasks gsm8k --method tpe --budget 50 --max_gen_toks 64 --store cola.db
   cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
   cola search --tasks arc_easy --split train --limit 500 --budget 50 --store cola.db
+  cola search --tasks arc_easy_gen --limit 500 --budget 200 --store cola.db
   (the same command again continues a killed run with the documents not yet done)
 """
 
@@ -60,14 +61,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--parallel_docs",
         type=int,
         default=16,
-        help="documents searched at once, their chains in one forward pass (default: 16)",
+        help="documents searched at once, their chains in one forward pass (generation: "
+        "documents whose chains are equal) (default: 16)",
     )
     search.add_argument(
         "--prefix_cache_mb",
         type=float,
         default=4096,
-        help="memory for layer outputs of chain prefixes, reused across a search's chains; "
-        "0 turns it off (default: 4096)",
+        help="memory for the work done under chain prefixes (layer outputs; for generation "
+        "also the prompt's KV cache), reused across a search's chains; 0 turns it off "
+        "(default: 4096)",
     )
     where = parser.add_argument_group("where results go")
     where.add_argument("--store", default="cola.db", help="SQLite path or SQLAlchemy URL")
