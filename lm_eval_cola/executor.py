@@ -32,6 +32,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from lm_eval_cola.chain import Chain, ChainError
 
@@ -251,8 +252,6 @@ class PrefillReuse:
 def _kv_cache(kwargs: dict):
     """The KV cache a decoder layer was handed (``cache`` in transformers 5, else
     ``past_key_values``), or ``None``."""
-    from transformers.cache_utils import Cache
-
     return next((value for value in kwargs.values() if isinstance(value, Cache)), None)
 
 

@@ -174,6 +174,11 @@ class ColaLM(HFLM):
         if request_type == "loglikelihood" and options.shared_context:
             documents = document_keys(requests) if documents is None else documents
             return self._packed_loglikelihood(requests, chains, documents, options, disable_tqdm)
+        if request_type == "generate_until" and options.prefix_cache is not None:
+            with self._prefills_from(options.prefix_cache):
+                return self._by_chain(
+                    request_type, requests, chains, documents, options, disable_tqdm
+                )
         return self._by_chain(request_type, requests, chains, documents, options, disable_tqdm)
 
     def _packed_loglikelihood(
@@ -330,12 +335,6 @@ class ColaLM(HFLM):
         """HFLM's own method once per chain group, results back in request order. Work is
         shared among a group's documents by their number of requests."""
         method = getattr(HFLM, request_type)
-        if request_type == "generate_until" and options.prefix_cache is not None:
-            with self._prefills_from(options.prefix_cache):
-                options = dataclasses.replace(options, prefix_cache=None)
-                return self._by_chain(
-                    request_type, requests, chains, documents, options, disable_tqdm
-                )
         groups: dict[str, list[int]] = {}
         for index, chain in enumerate(chains):
             groups.setdefault(_key(chain), []).append(index)

@@ -50,7 +50,9 @@ def write(store: str, output: Path) -> int:
                 reader.close()
         except sqlite3.Error as err:
             raise engines.StoreError(f"store {source} cannot be read: {err}") from None
-        _check_store(snapshot)
+        url = engines.normalise_url(str(snapshot))
+        with engines.translated(url):
+            engines.is_current(url)  # refuses what is not a chain store
         partial = Path(folder) / "archive.gz"
         with snapshot.open("rb") as raw, gzip.open(partial, "wb", compresslevel=9) as packed:
             shutil.copyfileobj(raw, packed)
@@ -75,27 +77,8 @@ def restore(archive: Path, store: str) -> None:
                 shutil.copyfileobj(packed, raw)
         except (OSError, EOFError) as err:
             raise engines.StoreError(f"{archive} is not a gzipped store: {err}") from None
-        if not _check_store(unpacked):
-            url = engines.normalise_url(str(unpacked))
-            with engines.translated(url):
-                writer = engines.create(url)
-                try:
-                    engines.upgrade(writer)
-                finally:
-                    writer.dispose()
+        url = engines.normalise_url(str(unpacked))
+        with engines.translated(url):
+            if not engines.is_current(url):
+                engines.upgrade_store(url)
         os.replace(unpacked, target)
-
-
-def _check_store(path: Path) -> bool:
-    """Whether ``path`` is a chain store at this release's schema (``False``: an older one,
-    which can be upgraded); raises for anything else."""
-    url = engines.normalise_url(str(path))
-    with engines.translated(url):
-        reader = engines.create(url, read_only=True)
-        try:
-            engines.ensure_schema(reader, url, create_missing=False)
-        except engines.StoreOutdated:
-            return False
-        finally:
-            reader.dispose()
-    return True

@@ -440,30 +440,11 @@ def _upgrade(args: argparse.Namespace) -> None:
 
     where = engines.display(engines.normalise_url(args.store))
     with engines.translated(args.store):
-        if _is_current(args.store):
+        if engines.is_current(args.store):
             print(f"store {where} is current (schema {engines.head_revision()})")
             return
-        writer = engines.create(args.store)
-        try:
-            before, after = engines.upgrade(writer)
-        finally:
-            writer.dispose()
+        before, after = engines.upgrade_store(args.store)
     print(f"store {where} upgraded: schema {before} -> {after}")
-
-
-def _is_current(url: str) -> bool:
-    """Whether the store is at this release's schema; an error unless it is an existing store
-    at a schema that can be upgraded (checked read-only, so nothing is created or touched)."""
-    from lm_eval_cola.store import engine as engines
-
-    reader = engines.create(url, read_only=True)
-    try:
-        engines.ensure_schema(reader, url, create_missing=False)
-    except engines.StoreOutdated:
-        return False
-    finally:
-        reader.dispose()
-    return True
 
 
 # -- output -----------------------------------------------------------------------------------

@@ -219,6 +219,28 @@ def current_revision(engine: Engine) -> str | None:
         return _revision(connection)
 
 
+def is_current(url: str) -> bool:
+    """Whether the store is at this release's schema; an error unless it is an existing store
+    at a schema that can be upgraded (checked read-only, so nothing is created or touched)."""
+    reader = create(url, read_only=True)
+    try:
+        ensure_schema(reader, url, create_missing=False)
+    except StoreOutdated:
+        return False
+    finally:
+        reader.dispose()
+    return True
+
+
+def upgrade_store(url: str) -> tuple[str | None, str]:
+    """:func:`upgrade` the store at ``url``; returns (old revision, new revision)."""
+    writer = create(url)
+    try:
+        return upgrade(writer)
+    finally:
+        writer.dispose()
+
+
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Migrate to the newest schema; returns (old revision, new revision)."""
     with engine.begin() as connection:
