@@ -13,8 +13,9 @@ Two ways to apply chains:
   attention reports ``layer_idx = p``, and the config reports one layer (and one layer type)
   per position, so the cache holds ``len(chain)`` independent slots. A repeated layer therefore
   never reads or overwrites the keys and values of another pass through the same weights.
-  Within it, :meth:`ChainExecutor.reuse_prefill` resumes a generation's prompt prefill from the
-  deepest prefix of the chain already computed on the same prompt (:class:`PrefillReuse`).
+  Within it, :meth:`ChainExecutor.reuse_generation` resumes each forward step of a generation
+  (the prompt's prefill, then each decoding step) from the deepest prefix of the chain already
+  computed on the same tokens (:class:`GenerationReuse`).
 - :meth:`ChainExecutor.apply_rows`: a different chain per row of a packed batch
   (:mod:`lm_eval_cola.packing`), for scoring. Each call runs one layer on every row that needs
   it (see :class:`RowsRun`); rows whose chain has ended pass through. With a
@@ -31,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
+import xxhash
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -66,8 +68,8 @@ class Work:
     token_layer_applications: int = 0
     padding_token_layers: int = 0
     forward_calls: int = 0
-    #: token-layers of generation's decoding steps (after the prompt's prefill), which depend
-    #: on the whole chain and so are never shared between chains
+    #: token-layers of generation's decoding steps (after the prompt's prefill), counted apart
+    #: because they run one token at a time
     decode_token_layers: int = 0
 
     def __add__(self, other: Work) -> Work:
@@ -78,7 +80,7 @@ class Work:
 
 
 class Stored(Protocol):
-    """What the prefix cache holds: a layer output (a tensor) or a :class:`Prefill`."""
+    """What the prefix cache holds: a layer output (a tensor) or a :class:`StepState`."""
 
     @property
     def nbytes(self) -> int: ...
@@ -91,8 +93,8 @@ class PrefixCache:
     Chains explored by a search share prefixes: a child differs from its parent from the edit
     onwards. For the same row, the output of position ``p`` depends only on the chain's first
     ``p + 1`` layers, so a row resumes from the deepest prefix found here. A packed scoring row
-    stores its output there; a generation's prompt stores a :class:`Prefill`, which also holds
-    what every position wrote to the KV cache.
+    stores its output there; a generation's forward step stores a :class:`StepState`, which
+    also holds what every position wrote to the KV cache.
     """
 
     def __init__(self, max_mb: float) -> None:
@@ -157,9 +159,9 @@ class _ChainPosition(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         self.executor.work.forward_calls += self.position == 0
-        prefill = self.executor.prefill
-        if prefill is not None:
-            return prefill.step(self, hidden_states, args, kwargs)
+        reuse = self.executor.generation
+        if reuse is not None:
+            return reuse.step(self, hidden_states, args, kwargs)
         return self.run(hidden_states, args, kwargs)
 
     def run(self, hidden_states, args: tuple, kwargs: dict):
@@ -189,10 +191,11 @@ class _ChainPosition(nn.Module):
 
 
 @dataclass(frozen=True)
-class Prefill:
-    """A prompt's prefill up to one chain position: the arguments of every position's KV-cache
-    ``update`` call so far, and the hidden state this position output. Entries of one prompt
-    share the updates of their common prefix, so each counts only its own."""
+class StepState:
+    """One forward step of a generation (the prompt's prefill, or one decoding step) up to one
+    chain position: the arguments of every position's KV-cache ``update`` call in the step so
+    far, and the hidden state this position output. Entries of one step share the updates of
+    their common prefix, so each counts only its own."""
 
     updates: tuple[tuple[tuple, dict], ...]
     output: torch.Tensor
@@ -204,49 +207,73 @@ class Prefill:
         return self.output.nbytes + sum(tensor.nbytes for tensor in own)
 
 
-class PrefillReuse:
-    """One generation's prompt prefill under the applied chain, resumed from a prefix cache.
+class GenerationReuse:
+    """One ``generate`` call under the applied chain, every forward step resumed from a prefix
+    cache.
 
-    The first ``found`` positions are not computed: each replays its stored KV-cache update
-    (so its slot holds exactly what computing it would have left there), and the last of them
-    hands on its stored output. The positions after run as usual, and what each leaves is
-    stored for the chains that share its prefix. Decoding steps then run unchanged, so the
-    generated tokens are those of a fresh run. A layer whose attention does not make exactly
-    one cache update (none, or shared caches) is computed and not stored.
+    A step's output at position ``p`` depends only on the tokens so far (the prompt and the
+    tokens generated before the step) and the chain's first ``p + 1`` layers: the KV-cache
+    slots it reads were written by the same prefix on the same tokens. So each step is filed
+    under a key naming that token history, chained from the prompt's key over each step's input
+    (:func:`_step_key`), and resumes from the deepest prefix of the chain stored there. Chains
+    of a search share their prefix's prompt prefill, and, for as long as they have generated
+    the same tokens, their prefix's decoding steps too.
+
+    The first ``found`` positions of a step are not computed: each replays its stored KV-cache
+    update (so its slot holds exactly what computing it would have left there), and the last of
+    them hands on its stored output. The positions after run as usual, and what each leaves is
+    stored. A layer whose attention does not make exactly one cache update (none, or shared
+    caches) is computed, and the rest of that step is not stored.
     """
 
     def __init__(self, executor: ChainExecutor, cache: PrefixCache, key: str) -> None:
         self.executor, self.cache, self.key = executor, cache, key
         self.chain = executor.chain
-        self.found, resume = cache.deepest(key, self.chain)
-        self.updates: list[tuple[tuple, dict]] = list(resume.updates) if resume else []
-        self.output = resume.output if resume else None
-        self.storable = True
-        self.done = False  # the prompt has passed every position: decoding runs unchanged
+        #: the key of each decoding step so far (a search's physical limit counts them)
+        self.decode_keys: list[str] = []
+        self._steps = 0
 
     def step(self, position: _ChainPosition, hidden: torch.Tensor, args: tuple, kwargs: dict):
-        if self.done:
-            return position.run(hidden, args, kwargs)
         p = position.position
+        if p == 0:
+            self._begin(hidden)
         if p < self.found:
             update_args, update_kwargs = self.updates[p]
             _kv_cache(kwargs).update(*update_args, **update_kwargs)
             output = self.output if p == self.found - 1 else hidden
-            result = (output,) if self.executor.layers_return_tuples else output
-        else:
-            calls: list[tuple[tuple, dict]] = []
-            with _recording_updates(_kv_cache(kwargs), calls):
-                result = position.run(hidden, args, kwargs)
-            # known before any position is replayed: replays need a stored, computed output
-            self.executor.layers_return_tuples = isinstance(result, tuple)
-            self.storable &= len(calls) == 1
-            if self.storable:
-                self.updates.append(calls[0])
-                output = result[0] if isinstance(result, tuple) else result
-                prefix = self.chain.layers[: p + 1]
-                self.cache.put(self.key, prefix, Prefill(tuple(self.updates), output))
-        self.done = p == len(self.chain) - 1
+            return (output,) if self.executor.layers_return_tuples else output
+        calls: list[tuple[tuple, dict]] = []
+        with _recording_updates(_kv_cache(kwargs), calls):
+            result = position.run(hidden, args, kwargs)
+        # known before any position is replayed: replays need a stored, computed output
+        self.executor.layers_return_tuples = isinstance(result, tuple)
+        self.storable &= len(calls) == 1
+        if self.storable:
+            self.updates.append(calls[0])
+            output = result[0] if isinstance(result, tuple) else result
+            prefix = self.chain.layers[: p + 1]
+            self.cache.put(self.key, prefix, StepState(tuple(self.updates), output))
         return result
+
+    def _begin(self, hidden: torch.Tensor) -> None:
+        """A new forward step: its key, and what the cache holds of it."""
+        if self._steps:
+            self.key = _step_key(self.key, hidden)
+            self.decode_keys.append(self.key)
+        self._steps += 1
+        self.found, resume = self.cache.deepest(self.key, self.chain)
+        self.updates: list[tuple[tuple, dict]] = list(resume.updates) if resume else []
+        self.output = resume.output if resume else None
+        self.storable = True
+
+
+def _step_key(previous: str, hidden: torch.Tensor) -> str:
+    """The key of a decoding step: the previous step's key and this step's input (the new
+    tokens' embeddings, which the first layer receives)."""
+    digest = xxhash.xxh3_128(previous.encode())
+    digest.update(repr((tuple(hidden.shape), hidden.dtype)).encode())
+    digest.update(hidden.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return f"step:{digest.hexdigest()}"
 
 
 def _kv_cache(kwargs: dict):
@@ -499,9 +526,9 @@ class ChainExecutor:
         #: whether decoder layers return a tuple (transformers 4.x) or a tensor (5.x); the
         #: probe in :meth:`check` finds out
         self.layers_return_tuples: bool | None = None
-        #: the chain :meth:`apply` applies, and the prefill being reused within it
+        #: the chain :meth:`apply` applies, and the generation reusing steps within it
         self.chain: Chain | None = None
-        self.prefill: PrefillReuse | None = None
+        self.generation: GenerationReuse | None = None
         self._active = False
 
     def validate(self, chain: Chain, max_length: int | None = None) -> Chain:
@@ -523,17 +550,18 @@ class ChainExecutor:
                 self.chain = None
 
     @contextlib.contextmanager
-    def reuse_prefill(self, cache: PrefixCache, prompt: str) -> Iterator[None]:
-        """Within the block (one ``generate`` call under :meth:`apply`'s chain), the prompt's
-        prefill resumes from the deepest prefix of the chain computed on the same ``prompt``
-        (a key naming the prompt's tokens and padding), and stores what it computes."""
+    def reuse_generation(self, cache: PrefixCache, prompt: str) -> Iterator[GenerationReuse]:
+        """Within the block (one ``generate`` call under :meth:`apply`'s chain), each forward
+        step resumes from the deepest prefix of the chain computed on the same tokens, the
+        prompt named by ``prompt`` (a key for its tokens and padding), and stores what it
+        computes (:class:`GenerationReuse`)."""
         if self.chain is None:
-            raise RuntimeError("reuse_prefill needs a chain applied (ChainExecutor.apply)")
-        self.prefill = PrefillReuse(self, cache, prompt)
+            raise RuntimeError("reuse_generation needs a chain applied (ChainExecutor.apply)")
+        self.generation = GenerationReuse(self, cache, prompt)
         try:
-            yield
+            yield self.generation
         finally:
-            self.prefill = None
+            self.generation = None
 
     @contextlib.contextmanager
     def apply_rows(

@@ -53,9 +53,10 @@ class RunOptions:
 
     ``shared_context``: a document's loglikelihood requests run as one packed row, their shared
     context computed once, and rows of different chains share batches; off, requests run
-    through HFLM's own code, one chain group at a time. ``prefix_cache``: packed rows, and the
-    prompts of generation requests, resume from the deepest chain prefix already computed on
-    them (a search's memory; generation then decodes as a fresh run would). ``one_batch``:
+    through HFLM's own code, one chain group at a time. ``prefix_cache``: packed rows, and each
+    forward step of generation requests (prompt and decoding steps), resume from the deepest
+    chain prefix already computed on the same tokens (a search's memory), with the results of
+    a fresh run. ``one_batch``:
     all requests in one forward pass (per chain group where chains cannot mix), so a
     document sees the same batch whatever else runs: the search's documents in parallel.
     ``share_calls``: packed rows share layer and LM-head calls, which reads each layer's
@@ -76,6 +77,9 @@ class RunResult:
 
     outputs: list
     work: dict[Hashable, Work]
+    #: with a prefix cache, the keys of the decoding steps each document's generations ran,
+    #: one per distinct token history (what a search's physical limit counts)
+    decode_steps: dict[Hashable, list[str]] = dataclasses.field(default_factory=dict)
 
 
 class MissingChainError(ChainSourceError):
@@ -110,7 +114,8 @@ class ColaLM(HFLM):
         self.max_chain_length = max_chain_length
         self.shared_context = self.source is not None if shared_context is None else shared_context
         self._rows: OrderedDict[tuple, PackedRow] = OrderedDict()
-        self._prefill_cache: PrefixCache | None = None
+        self._step_cache: PrefixCache | None = None
+        self._decode_steps: list[str] = []
         self._auto_batch_size: int | None = None
         name = None
         if pretrained is None:
@@ -175,7 +180,7 @@ class ColaLM(HFLM):
             documents = document_keys(requests) if documents is None else documents
             return self._packed_loglikelihood(requests, chains, documents, options, disable_tqdm)
         if request_type == "generate_until" and options.prefix_cache is not None:
-            with self._prefills_from(options.prefix_cache):
+            with self._steps_from(options.prefix_cache):
                 return self._by_chain(
                     request_type, requests, chains, documents, options, disable_tqdm
                 )
@@ -339,14 +344,14 @@ class ColaLM(HFLM):
         for index, chain in enumerate(chains):
             groups.setdefault(_key(chain), []).append(index)
         keys = self._keys_on_all_ranks(groups)
-        work: dict[Hashable, Work] = {doc: Work() for doc in documents or ()}
+        result = RunResult([None] * len(requests), {doc: Work() for doc in documents or ()})
         if len(keys) <= 1 and not options.one_batch:  # exactly HFLM's path, collectives included
-            before = dataclasses.replace(self.executor.work)
-            with self.executor.apply(chains[0] if chains else None):
-                outputs = method(self, list(requests), disable_tqdm=disable_tqdm)
-            _share(self.executor.work - before, documents, work)
-            return RunResult(outputs, work)
-        outputs: list = [None] * len(requests)
+            with (
+                self._accounted(documents, result),
+                self.executor.apply(chains[0] if chains else None),
+            ):
+                result.outputs = method(self, list(requests), disable_tqdm=disable_tqdm)
+            return result
         progress = tqdm(
             keys,
             desc=f"Running {request_type} requests by chain",
@@ -357,37 +362,50 @@ class ColaLM(HFLM):
                 indices = groups.get(key, [])
                 if not indices:
                     continue
-                before = dataclasses.replace(self.executor.work)
+                group = [documents[i] for i in indices] if documents is not None else None
                 with (
+                    self._accounted(group, result),
                     self.executor.apply(chains[indices[0]]),
                     self._batch_size(len(indices) if options.one_batch else None),
                 ):
                     found = method(self, [requests[i] for i in indices], disable_tqdm=True)
-                if documents is not None:
-                    _share(self.executor.work - before, [documents[i] for i in indices], work)
                 for index, output in zip(indices, found, strict=True):
-                    outputs[index] = output
-        return RunResult(outputs, work)
+                    result.outputs[index] = output
+        return result
 
     @contextlib.contextmanager
-    def _prefills_from(self, cache: PrefixCache) -> Iterator[None]:
-        """Within the block, each generation resumes its prompt's prefill from ``cache``."""
-        self._prefill_cache = cache
+    def _accounted(self, documents: Sequence[Hashable] | None, result: RunResult) -> Iterator[None]:
+        """What the block spends, shared among the documents of its requests (a share per
+        request), and the decoding steps it runs, noted for each of them."""
+        before, first_step = dataclasses.replace(self.executor.work), len(self._decode_steps)
+        yield
+        _share(self.executor.work - before, documents, result.work)
+        for document in set(documents or ()):
+            steps = result.decode_steps.setdefault(document, [])
+            steps += self._decode_steps[first_step:]
+
+    @contextlib.contextmanager
+    def _steps_from(self, cache: PrefixCache) -> Iterator[None]:
+        """Within the block, each generation's forward steps resume from ``cache``."""
+        self._step_cache, self._decode_steps = cache, []
         try:
             yield
         finally:
-            self._prefill_cache = None
+            self._step_cache, self._decode_steps = None, []
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        """HFLM's generation; with a prefix cache (:meth:`_prefills_from`) under a chain, the
-        prompt's prefill resumes from the deepest prefix of the chain computed on the same
-        tokens (:meth:`ChainExecutor.reuse_prefill`), and decoding runs as in a fresh run."""
-        cache = self._prefill_cache
+        """HFLM's generation; with a prefix cache (:meth:`_steps_from`) under a chain, each
+        forward step (the prompt's prefill, then each decoding step) resumes from the deepest
+        prefix of the chain computed on the same tokens (:meth:`ChainExecutor.reuse_generation`),
+        and the result is that of a fresh run."""
+        cache = self._step_cache
         if cache is None or self.executor.chain is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         key = _prompt_key(context, generation_kwargs.get("attention_mask"))
-        with self.executor.reuse_prefill(cache, key):
-            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+        with self.executor.reuse_generation(cache, key) as reuse:
+            output = super()._model_generate(context, max_length, stop, **generation_kwargs)
+        self._decode_steps += reuse.decode_keys
+        return output
 
     @contextlib.contextmanager
     def _batch_size(self, size: int | None) -> Iterator[None]:

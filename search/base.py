@@ -34,8 +34,11 @@ class Trial:
     metrics: dict[str, Any]
     layer_applications: int = 0
     token_layer_applications: int = 0
-    #: of which in generation's decoding steps, which no two chains share
+    #: of which in generation's decoding steps
     decode_token_layers: int = 0
+    #: a key per decoding step of its generation, naming the tokens so far (chains that
+    #: generated the same tokens share a key, and can share the step's work)
+    decode_steps: tuple[str, ...] = ()
     seconds: float = 0.0
 
     @property

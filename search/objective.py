@@ -71,12 +71,18 @@ class Objective:
         if len(set(documents)) < len(documents):
             raise ValueError("one proposal per document at a time: they share its requests")
         start = time.perf_counter()
-        work = self._respond(proposals)
+        work, steps = self._respond(proposals)
         seconds = (time.perf_counter() - start) / len(proposals)
-        return [self._trial(p, work[p.document.doc_hash], seconds) for p in proposals]
+        return [
+            self._trial(p, work[p.document.doc_hash], steps[p.document.doc_hash], seconds)
+            for p in proposals
+        ]
 
-    def _respond(self, proposals: Sequence[Proposal]) -> dict[str, Work]:
-        """Run the proposals' requests, one call per request type; fills their responses."""
+    def _respond(
+        self, proposals: Sequence[Proposal]
+    ) -> tuple[dict[str, Work], dict[str, list[str]]]:
+        """Run the proposals' requests, one call per request type; fills their responses.
+        Returns each document's work and the keys of its generations' decoding steps."""
         by_type: dict[str, tuple[list[Instance], list[Chain], list[str]]] = {}
         for proposal in proposals:
             for instance in proposal.document.instances:
@@ -89,15 +95,18 @@ class Objective:
                     chains.append(proposal.chain)
                     documents.append(proposal.document.doc_hash)
         work = {p.document.doc_hash: Work() for p in proposals}
+        steps: dict[str, list[str]] = {p.document.doc_hash: [] for p in proposals}
         for request_type, (requests, chains, documents) in by_type.items():
             result = self.lm.run_requests(request_type, requests, chains, self.options, documents)
             for instance, output in zip(requests, result.outputs, strict=True):
                 instance.resps.append(output)
             for document, spent in result.work.items():
                 work[document] = work[document] + spent
-        return work
+            for document, keys in result.decode_steps.items():
+                steps[document] += keys
+        return work, steps
 
-    def _trial(self, proposal: Proposal, work: Work, seconds: float) -> Trial:
+    def _trial(self, proposal: Proposal, work: Work, steps: list[str], seconds: float) -> Trial:
         document = proposal.document
         for ensemble in self.task._filters:
             ensemble.apply(document.instances)
@@ -116,6 +125,7 @@ class Objective:
             layer_applications=work.layer_applications,
             token_layer_applications=work.token_layer_applications,
             decode_token_layers=work.decode_token_layers,
+            decode_steps=tuple(steps),
             seconds=seconds,
         )
 

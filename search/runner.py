@@ -231,13 +231,18 @@ class SearchRun:
     def _token_layer_limit(self, document: Document, trials: list[Trial]) -> int | None:
         """The physical limit of the document's search: each distinct chain prefix evaluated,
         once, over the document's distinct token positions (a loglikelihood task's packed row,
-        a generation task's prompt), plus generation's decoding, which depends on the whole
-        chain and so is never shared."""
+        a generation task's prompt), plus, for generation, each distinct (chain prefix, token
+        history) of a decoding step once: one token a step."""
         tokens = self.objective.row_tokens(document)
         if tokens is None:
             return None
-        decoding = sum(t.decode_token_layers for t in trials)
-        return tokens * distinct_prefixes(t.chain for t in trials) + decoding
+        decoding = {
+            (step, prefix)
+            for trial in trials
+            for step in trial.decode_steps
+            for prefix in prefixes(trial.chain)
+        }
+        return tokens * distinct_prefixes(t.chain for t in trials) + len(decoding)
 
     def _named_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self.settings).items() if k != "limit"}
@@ -255,9 +260,14 @@ class SearchRun:
         )
 
 
+def prefixes(chain: Chain) -> list[tuple[int, ...]]:
+    """The chain's prefixes, of every length."""
+    return [chain.layers[:end] for end in range(1, len(chain) + 1)]
+
+
 def distinct_prefixes(chains: Iterable[Chain]) -> int:
     """How many different chain prefixes (of any length) the chains have."""
-    return len({chain.layers[:end] for chain in chains for end in range(1, len(chain) + 1)})
+    return len({prefix for chain in chains for prefix in prefixes(chain)})
 
 
 def describe_task(task) -> TaskInfo:

@@ -5,11 +5,13 @@ same checks on a GPU or in half precision (``benchmarks/gpu_check.sh`` does both
 """
 
 import copy
+import dataclasses
 import os
 
 import pytest
 import torch
 import transformers
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from lm_eval_cola.chain import Chain, ChainError
 from lm_eval_cola.executor import (
@@ -443,8 +445,10 @@ def test_rows_of_different_layer_types_are_refused():
         packed_scores(executor, rows, [Chain.parse("0-3"), Chain.parse("1-3")])
 
 
-def generate_scored(model, ids, mask, new_tokens: int = 8):
-    """Greedy tokens and the scores they were picked by, bit for bit."""
+def generate_scored(model, ids, mask, new_tokens: int = 8, forced: list[int] | None = None):
+    """Greedy tokens and the raw logits they were picked from, bit for bit; ``forced``: the
+    tokens to generate whatever the logits (so chains can share a token history)."""
+    processors = LogitsProcessorList([ForcedTokens(forced, ids.shape[1])] if forced else [])
     out = model.generate(
         ids,
         attention_mask=mask,
@@ -454,39 +458,66 @@ def generate_scored(model, ids, mask, new_tokens: int = 8):
         use_cache=True,
         eos_token_id=EOS,
         pad_token_id=PAD,
-        output_scores=True,
+        logits_processor=processors,
+        output_logits=True,
         return_dict_in_generate=True,
     )
-    return out.sequences, torch.stack(out.scores)
+    return out.sequences, torch.stack(out.logits)
+
+
+class ForcedTokens(LogitsProcessor):
+    def __init__(self, tokens: list[int], prompt_length: int) -> None:
+        self.tokens, self.prompt_length = tokens, prompt_length
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, -float("inf"))
+        forced[:, self.tokens[input_ids.shape[1] - self.prompt_length]] = 0
+        return forced
 
 
 def prefill_work(executor: ChainExecutor) -> int:
     return executor.work.token_layer_applications - executor.work.decode_token_layers
 
 
+def distinct_steps(chain: Chain, sequences: torch.Tensor, prompt: int) -> set[tuple]:
+    """(chain prefix, token history) of each decoding step: the physical limit's units."""
+    histories = [
+        sequences[:, : prompt + t].cpu().numpy().tobytes()
+        for t in range(1, len(sequences[0]) - prompt)
+    ]
+    return {(chain.layers[:end], h) for h in histories for end in range(1, len(chain) + 1)}
+
+
 @torch.no_grad()
-def test_generation_from_a_reused_prefill_equals_a_fresh_run(model):
-    """Every family: decoding after a prompt prefill resumed from a cached chain prefix gives
-    the tokens and scores of a fresh run, bit for bit; each prefix of the prompt is computed
-    once over the search, and a chain seen before computes no prompt token at all."""
+@pytest.mark.parametrize("forced", [None, [5, 9, 9, 17, 5, 3, 40, 7]], ids=["greedy", "forced"])
+def test_generation_with_reused_steps_equals_a_fresh_run(model, forced):
+    """Every family: a generation whose prompt prefill and decoding steps resume from cached
+    chain prefixes gives the tokens and logits of a fresh run, bit for bit; over the search,
+    each prefix of the prompt is computed once, and each (chain prefix, token history) of a
+    decoding step once, so a chain seen before computes nothing. Forced tokens give every
+    chain the same history: their decoding steps are then shared up to the edit."""
     fresh, reused = ChainExecutor(model), ChainExecutor(model)
     fresh.check()
     ids, mask = padded_batch(length=12)
     cache = PrefixCache(max_mb=64)
     prefixes: set[tuple[int, ...]] = set()
+    steps: set[tuple] = set()
     for chain in map(Chain.parse, [*SEARCH_ORDER, "0.1.1.3"]):
         with fresh.apply(chain):
-            expected = generate_scored(model, ids, mask)
-        before = prefill_work(reused)
-        with reused.apply(chain), reused.reuse_prefill(cache, "prompt"):
-            got = generate_scored(model, ids, mask)
+            expected = generate_scored(model, ids, mask, forced=forced)
+        before = dataclasses.replace(reused.work)
+        with reused.apply(chain), reused.reuse_generation(cache, "prompt"):
+            got = generate_scored(model, ids, mask, forced=forced)
         assert torch.equal(got[0], expected[0]), chain
         assert torch.equal(got[1], expected[1]), chain
+        spent = reused.work - before
         new = {chain.layers[:end] for end in range(1, len(chain) + 1)} - prefixes
-        assert prefill_work(reused) - before == len(new) * ids.numel(), chain
-        prefixes |= new
-    assert cache.hits == len(SEARCH_ORDER)  # all but the first chain resumed
-    assert fresh.work.decode_token_layers == reused.work.decode_token_layers > 0
+        assert spent.token_layer_applications - spent.decode_token_layers == len(new) * ids.numel()
+        new_steps = distinct_steps(chain, got[0], ids.shape[1]) - steps
+        assert spent.decode_token_layers == len(new_steps) * ids.shape[0], chain
+        prefixes, steps = prefixes | new, steps | new_steps
+    assert cache.hits >= len(SEARCH_ORDER)  # all but the first chain resumed
+    assert 0 < reused.work.decode_token_layers < fresh.work.decode_token_layers
 
 
 @torch.no_grad()
@@ -501,10 +532,10 @@ def test_a_prefill_is_reused_only_for_its_own_prompt():
     with executor.apply(Chain.parse("0-2.2")):
         expected = generate_scored(model, other, mask)
     cache = PrefixCache(max_mb=64)
-    with executor.apply(Chain.parse("0-3")), executor.reuse_prefill(cache, "one key for all"):
+    with executor.apply(Chain.parse("0-3")), executor.reuse_generation(cache, "one key for all"):
         generate_scored(model, ids, mask)
-    with executor.apply(Chain.parse("0-2.2")), executor.reuse_prefill(cache, "one key for all"):
+    with executor.apply(Chain.parse("0-2.2")), executor.reuse_generation(cache, "one key for all"):
         wrong = generate_scored(model, other, mask)
     assert not torch.equal(wrong[1], expected[1])
-    with executor.apply(Chain.parse("0-2.2")), executor.reuse_prefill(cache, "other prompt"):
+    with executor.apply(Chain.parse("0-2.2")), executor.reuse_generation(cache, "other prompt"):
         assert torch.equal(generate_scored(model, other, mask)[1], expected[1])
