@@ -256,18 +256,21 @@ class Reproduction:
             f"`{first.static_chain}`: {_pct(first.static_accuracy)}. Evaluation took "
             f"{_duration(seconds)}.",
             "",
-            "| predictor | accuracy | vs identity (points) | chain layers | + feature layers "
-            "| not the identity |",
-            "|---|---|---|---|---|---|",
+            "| predictor | accuracy | vs identity, points [paired 95% CI] | McNemar p "
+            "| chain layers | + feature layers | depth | not the identity "
+            f"| oracle@{first.k} (not an accuracy) |",
+            "|---|---|---|---|---|---|---|---|---|",
         )
         for r in results:
+            oracle = "-" if r.oracle_at_k is None else _pct(r.oracle_at_k)
             self.add(
-                f"| {r.predictor} | {_pct(r.accuracy)} | "
-                f"{100 * (r.accuracy - r.identity_accuracy):+.1f} | {r.mean_chain_length:.2f} | "
-                f"{r.feature_layers} | {_pct(r.differs_from_identity)} |"
+                f"| {r.predictor} | {_pct(r.accuracy)} | {100 * r.delta:+.1f} "
+                f"[{100 * r.delta_low:+.1f}, {100 * r.delta_high:+.1f}] | {r.mcnemar_p:.3f} | "
+                f"{r.mean_chain_length:.2f} | {r.feature_layers} | {_pct(r.depth)} | "
+                f"{_pct(r.differs_from_identity)} | {oracle} |"
             )
-        if not any(r.accuracy > r.identity_accuracy for r in results):
-            self.add("", "No predictor beats the identity chain on these documents.")
+        if not any(r.delta_low > 0 for r in results):
+            self.add("", "No predictor beats the identity chain on these documents (95% interval).")
         self.add("")
 
     def gsm8k(self) -> None:

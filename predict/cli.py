@@ -20,8 +20,9 @@ EPILOG_TRAIN = """example:
   lm_eval --model cola --model_args chains=predictor:predictors/knn.pt --tasks arc_easy
 """
 EPILOG_EVALUATE = """example:
-  cola predict evaluate --predictors predictors/*.pt --tasks arc_easy --limit 200
-  (the documents must not overlap the predictors' training documents)
+  cola predict evaluate --predictors predictors/*.pt --tasks arc_easy,arc_challenge --limit 500
+  (the documents must not overlap the predictors' training documents; a task other than
+  the predictors' own is judged out of domain)
 """
 
 
@@ -78,15 +79,25 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         help="judge predictors on held-out documents",
         description=(
             "Score each predictor's chains, the identity chain and the best static chain on "
-            "documents none of the predictors trained on."
+            "documents none of the predictors trained on: accuracy with a paired 95% "
+            "interval and McNemar's test against the identity, layers run (the predictor's "
+            "feature layers included), and oracle@k apart (any of k predicted chains right: "
+            "the gold answer picks, so it is not an accuracy)."
         ),
         epilog=EPILOG_EVALUATE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--predictors", nargs="+", required=True, help="files from train")
-    parser.add_argument("--tasks", required=True, help="the predictors' task")
-    parser.add_argument("--split", help="default: the task's test split")
-    parser.add_argument("--limit", type=int, help="first N documents")
+    parser.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated: the predictors' task (in domain) and others (out of domain)",
+    )
+    parser.add_argument("--split", help="default: each task's test split")
+    parser.add_argument("--limit", type=int, help="first N documents of each task")
+    parser.add_argument(
+        "--k", type=int, default=5, help="chains a ranking predictor proposes, for oracle@k"
+    )
     parser.add_argument("--output", help="also write the results as JSON here")
     _model_options(parser)
     parser.set_defaults(func=evaluate)
@@ -137,17 +148,19 @@ def evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         predictors = [load(path) for path in args.predictors]
-        metric = predictors[0].info.metric
-        tasks = load_tasks(args.tasks, args.include_path, metric=metric, split=args.split)
-        if len(tasks) != 1:
-            return _fail("--tasks: name the one task the predictors were trained on")
-        (task,) = tasks.values()
-        check_no_leak(predictors, task_documents(task, args.limit))
+        tasks = load_tasks(args.tasks, args.include_path, split=args.split)
+        for task in tasks.values():
+            check_no_leak(predictors, task_documents(task, args.limit))
         lm = _load_model(args)
-        results = judge(lm, task, predictors, args.limit)
+        results = [
+            row
+            for task in tasks.values()
+            for row in judge(lm, task, predictors, args.limit, max(args.k, 1))
+        ]
     except (PredictorFileError, LeakError, ValueError) as err:
         return _fail(str(err))
-    _print_results(results)
+    for task in tasks:
+        _print_results([r for r in results if r.task == task])
     if args.output:
         rows = [r.__dict__ for r in results]
         Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
@@ -156,18 +169,26 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _print_results(results) -> None:
     first = results[0]
-    print(f"{first.documents} held-out documents; model depth {first.n_layers}")
+    domain = "in domain" if first.in_domain else "out of domain"
+    print(f"\n{first.task} ({domain}): {first.documents} held-out documents; "
+          f"model depth {first.n_layers}")  # fmt: skip
     print(f"identity chain accuracy {first.identity_accuracy:.3f}; best static chain "
           f"{first.static_chain} accuracy {first.static_accuracy:.3f}")  # fmt: skip
-    header = f"{'predictor':<10} {'accuracy':>8} {'vs identity':>11} {'layers':>7} " \
-             f"{'+features':>9} {'not identity':>12}"  # fmt: skip
-    print(header)
+    oracle_k = f"oracle@{first.k}"
+    print(f"{'predictor':<10} {'accuracy':>8} {'vs identity [95% CI]':>27} {'McNemar p':>9} "
+          f"{'layers':>7} {'depth':>6} {'not identity':>12} {oracle_k:>9}")  # fmt: skip
     for r in results:
-        print(f"{r.predictor:<10} {r.accuracy:>8.3f} {r.accuracy - r.identity_accuracy:>+11.3f} "
-              f"{r.mean_chain_length:>7.2f} {r.feature_layers:>9d} "
-              f"{r.differs_from_identity:>12.3f}")  # fmt: skip
-    if not any(r.accuracy > r.identity_accuracy for r in results):
-        print("No predictor beats the identity chain on these documents.")
+        interval = f"{r.delta:+.3f} [{r.delta_low:+.3f}, {r.delta_high:+.3f}]"
+        oracle = "-" if r.oracle_at_k is None else f"{r.oracle_at_k:.3f}"
+        print(f"{r.predictor:<10} {r.accuracy:>8.3f} {interval:>27} {r.mcnemar_p:>9.3f} "
+              f"{r.layers_run:>7.2f} {r.depth:>6.1%} {r.differs_from_identity:>12.3f} "
+              f"{oracle:>9}")  # fmt: skip
+    print(
+        "layers: the chain's plus the predictor's feature layers, per document; oracle@k: "
+        "any of k predicted chains right (picked by the gold answer: not an accuracy)"
+    )
+    if not any(r.delta_low > 0 for r in results):
+        print("No predictor beats the identity chain on these documents (95% interval).")
 
 
 def _load_model(args: argparse.Namespace):

@@ -4,12 +4,21 @@ For each held-out document, the identity chain, the best static chain and each p
 chain are scored with the same lm-eval objective the search uses (so the figures are those
 ``lm_eval --model cola`` reports). A document any predictor trained on is a leak: the
 evaluation refuses to start, whichever split the documents come from.
+
+Accuracy is a predictor's one chain per document, chosen without the gold answer. Its change
+against the identity chain comes with a paired 95% interval (bootstrap over documents) and
+McNemar's exact test, since both are scored on the same documents. ``oracle@k`` (any of the
+predictor's ``k`` best chains right, which only the gold answer can pick) is reported in its
+own field, never as accuracy. A task other than the one the predictors trained on is judged
+out of domain, with its own default metric when it lacks theirs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
@@ -23,24 +32,41 @@ class LeakError(ValueError):
     """Evaluation documents overlap a predictor's training documents."""
 
 
+#: bootstrap resamples of the documents for the paired interval
+RESAMPLES = 10_000
+
+
 @dataclass(frozen=True)
 class PredictorScore:
-    """One predictor on the held-out documents."""
+    """One predictor on the held-out documents of one task."""
 
     predictor: str
+    task: str
+    in_domain: bool  # the task the predictor trained on
     documents: int
     accuracy: float
     identity_accuracy: float
+    #: accuracy - identity accuracy, with its paired 95% bootstrap interval
+    delta: float
+    delta_low: float
+    delta_high: float
+    mcnemar_p: float  # exact two-sided test of the paired difference
     static_accuracy: float
     mean_chain_length: float
     feature_layers: int  # per document, for the prompt states
+    layers_run: float  # mean chain length + feature layers
     n_layers: int
+    depth: float  # layers_run / n_layers
     differs_from_identity: float  # share of documents
     static_chain: str
+    k: int
+    #: any of the predictor's k best chains right: an oracle (the gold answer picks), not an
+    #: accuracy; None for predictors that give one chain
+    oracle_at_k: float | None
 
 
-def check_fit(predictors: list[Predictor], fingerprint: str, task: str) -> None:
-    """Every predictor was trained for this model and this task."""
+def check_fit(predictors: list[Predictor], fingerprint: str) -> None:
+    """Every predictor was trained for this model."""
     for predictor in predictors:
         info = predictor.info
         if info.model["fingerprint"] != fingerprint:
@@ -48,10 +74,36 @@ def check_fit(predictors: list[Predictor], fingerprint: str, task: str) -> None:
                 f"the '{info.kind}' predictor was trained for {info.model['name']}, not for the "
                 "loaded model (fingerprints differ); load that model with --model_args"
             )
-        if info.task != task:
-            raise ValueError(
-                f"the '{info.kind}' predictor was trained on task '{info.task}', not '{task}'"
-            )
+
+
+def metric_for(predictors: list[Predictor], task) -> str | None:
+    """The predictors' metric on their own task, else the task's default (out of domain)."""
+    metric = predictors[0].info.metric
+    return metric if metric in task.higher_is_better() else None
+
+
+def paired_interval(
+    chosen: list[bool], reference: list[bool], seed: int = 0
+) -> tuple[float, float]:
+    """95% bootstrap interval of mean(chosen) - mean(reference), documents resampled in pairs."""
+    differences = np.asarray(chosen, dtype=float) - np.asarray(reference, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(differences), size=(RESAMPLES, len(differences)))
+    means = differences[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mcnemar(chosen: list[bool], reference: list[bool]) -> float:
+    """Exact McNemar p-value: of the documents where the two disagree, how unlikely a split
+    this uneven is if each is equally likely to be the right one."""
+    wins = sum(c and not r for c, r in zip(chosen, reference, strict=True))
+    losses = sum(r and not c for c, r in zip(chosen, reference, strict=True))
+    n, low = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def check_no_leak(predictors: list[Predictor], documents: list[Document]) -> None:
@@ -90,48 +142,70 @@ class _Correctness:
 
 
 def evaluate(
-    lm, task, predictors: list[Predictor], limit: int | None = None
+    lm, task, predictors: list[Predictor], limit: int | None = None, k: int = 5
 ) -> list[PredictorScore]:
-    """Score every predictor (and the identity and best static chains) on the task's documents."""
-    check_fit(predictors, lm.identity.fingerprint, task.config.task)
+    """Score every predictor (and the identity and best static chains) on the task's
+    documents, with each predictor's ``k`` best chains for oracle@k."""
+    check_fit(predictors, lm.identity.fingerprint)
     documents = task_documents(task, limit)
     check_no_leak(predictors, documents)
     identity = Chain.identity(lm.executor.n_layers)
-    correct = _Correctness(Objective(lm, task, predictors[0].info.metric), identity)
+    correct = _Correctness(Objective(lm, task, metric_for(predictors, task)), identity)
     encoders = {p.info.spec: PromptStates(lm, p.info.spec) for p in predictors if p.reads_prompt}
-    chosen: dict[str, list[Chain]] = {p.info.kind: [] for p in predictors}
-    for document in tqdm(documents, desc="Evaluating predictors"):
+    ranked: dict[str, list[list[Chain]]] = {p.info.kind: [] for p in predictors}
+    for document in tqdm(documents, desc=f"Evaluating predictors on {task.config.task}"):
         prompt = prompt_of(document.instances)
         states = {spec: encode(prompt) for spec, encode in encoders.items()}
         for predictor in predictors:
-            chain = predictor.predict(states.get(predictor.info.spec))
-            chosen[predictor.info.kind].append(chain)
-            correct(document, chain)
+            chains = predictor.top(states.get(predictor.info.spec), k)
+            ranked[predictor.info.kind].append(chains)
+            for chain in chains:
+                correct(document, chain)
     return [
-        _summary(predictor, documents, chosen[predictor.info.kind], correct, identity)
+        _summary(predictor, task.config.task, documents, ranked[predictor.info.kind], correct, k)
         for predictor in predictors
     ]
 
 
 def _summary(
     predictor: Predictor,
+    task: str,
     documents: list[Document],
-    chains: list[Chain],
+    ranked: list[list[Chain]],
     correct: _Correctness,
-    identity: Chain,
+    k: int,
 ) -> PredictorScore:
+    identity = correct.identity
     static = Chain.parse(predictor.info.static_chain)
+    chosen = [correct(d, chains[0]) for d, chains in zip(documents, ranked, strict=True)]
+    reference = [correct(d, identity) for d in documents]
+    low, high = paired_interval(chosen, reference)
+    length = _mean(len(chains[0]) for chains in ranked)
+    features = predictor.info.spec.layer if predictor.reads_prompt else 0
+    any_right = [
+        any(correct(d, c) for c in chains) for d, chains in zip(documents, ranked, strict=True)
+    ]
     return PredictorScore(
         predictor=predictor.info.kind,
+        task=task,
+        in_domain=task == predictor.info.task,
         documents=len(documents),
-        accuracy=_mean(correct(d, c) for d, c in zip(documents, chains, strict=True)),
-        identity_accuracy=_mean(correct(d, identity) for d in documents),
+        accuracy=_mean(chosen),
+        identity_accuracy=_mean(reference),
+        delta=_mean(chosen) - _mean(reference),
+        delta_low=low,
+        delta_high=high,
+        mcnemar_p=mcnemar(chosen, reference),
         static_accuracy=_mean(correct(d, static) for d in documents),
-        mean_chain_length=_mean(len(c) for c in chains),
-        feature_layers=predictor.info.spec.layer if predictor.reads_prompt else 0,
+        mean_chain_length=length,
+        feature_layers=features,
+        layers_run=length + features,
         n_layers=len(identity),
-        differs_from_identity=_mean(c != identity for c in chains),
+        depth=(length + features) / len(identity),
+        differs_from_identity=_mean(chains[0] != identity for chains in ranked),
         static_chain=str(static),
+        k=k,
+        oracle_at_k=_mean(any_right) if max(map(len, ranked), default=0) > 1 else None,
     )
 
 

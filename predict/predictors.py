@@ -87,6 +87,11 @@ class Predictor(ABC):
     def predict(self, states: torch.Tensor | None) -> Chain:
         """The chain for a document with these prompt states."""
 
+    def top(self, states: torch.Tensor | None, k: int) -> list[Chain]:
+        """Its ``k`` best chains for the document, best first; predictors that do not rank
+        chains give their one prediction (an evaluation's oracle@k reads these)."""
+        return [self.predict(states)]
+
     @abstractmethod
     def bounds(self) -> Iterator[Chain]:
         """Chains that every chain it predicts is within: checked against the model before
@@ -108,8 +113,15 @@ class CandidatePredictor(Predictor):
     def choose(self, states: torch.Tensor | None) -> int:
         """The index of the candidate for a document with these prompt states."""
 
+    def ranking(self, states: torch.Tensor | None) -> list[int]:
+        """Candidate indices best first: only the chosen one, unless the predictor ranks."""
+        return [self.choose(states)]
+
     def predict(self, states: torch.Tensor | None) -> Chain:
         return self.candidates[self.choose(states)]
+
+    def top(self, states: torch.Tensor | None, k: int) -> list[Chain]:
+        return [self.candidates[i] for i in self.ranking(states)[:k]]
 
     def bounds(self) -> Iterator[Chain]:
         yield from self.candidates
@@ -228,6 +240,9 @@ class NeighboursPredictor(CandidatePredictor):
         return predictor
 
     def choose(self, states: torch.Tensor | None) -> int:
+        return self.ranking(states)[0]
+
+    def ranking(self, states: torch.Tensor | None) -> list[int]:
         query = nn.functional.normalize(pooled(states) - self.centre, dim=0)
         weights, nearest = (self.keys @ query).topk(min(self.k, len(self.keys)))
         weights = weights.clamp_min(0) + 1e-6
@@ -237,7 +252,8 @@ class NeighboursPredictor(CandidatePredictor):
         def rank(j: int) -> tuple:
             return round(value[j].item(), 9), prior[j].item(), -len(self.candidates[j])
 
-        return max(range(len(self.candidates)), key=rank)
+        # a stable sort: among equal ranks, the first candidate, as ``max`` would choose
+        return sorted(range(len(self.candidates)), key=rank, reverse=True)
 
     def tensors(self) -> dict[str, Any]:
         return {"centre": self.centre, "keys": self.keys, "scores": self.scores}
@@ -378,6 +394,9 @@ class NetworkPredictor(NetworkBacked, CandidatePredictor):
 
     def choose(self, states: torch.Tensor | None) -> int:
         return int(self.logits(states).squeeze(-1).argmax())
+
+    def ranking(self, states: torch.Tensor | None) -> list[int]:
+        return self.logits(states).squeeze(-1).argsort(descending=True, stable=True).tolist()
 
 
 @register_predictor

@@ -18,7 +18,7 @@ from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.predict import predictors as P
 from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet, build_training_set
-from lm_eval_cola.predict.evaluate import LeakError, evaluate
+from lm_eval_cola.predict.evaluate import LeakError, evaluate, mcnemar, paired_interval
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
 from lm_eval_cola.search.objective import Objective
@@ -251,8 +251,64 @@ def test_held_out_evaluation_reports_against_identity_and_static(lm, task_dir, t
     for result in results:
         assert result.documents == 8 and result.identity_accuracy == identity
         assert result.feature_layers == (0 if result.predictor == "static" else SPEC.layer)
+        assert result.layers_run == result.mean_chain_length + result.feature_layers
+        assert result.delta == result.accuracy - identity
+        assert result.delta_low <= result.delta <= result.delta_high
+        assert result.in_domain and result.task == "cola_split"
     static = next(r for r in results if r.predictor == "static")
     chain = Chain.parse(static.static_chain)
     measured = sum(objective.score(d, chain, None).correct for d in documents) / 8
     assert static.accuracy == static.static_accuracy == measured  # scored here, independently
     assert static.differs_from_identity == float(chain != Chain.identity(4))
+
+
+def test_paired_interval_and_mcnemar_on_known_cases():
+    right, wrong = [True] * 6, [False] * 6
+    assert paired_interval(right, wrong) == (1.0, 1.0)
+    assert paired_interval(right, right) == (0.0, 0.0)
+    assert mcnemar(right, right) == 1.0
+    assert mcnemar(wrong, right) == pytest.approx(2 / 2**6)  # 6 losses, no win
+    chosen = [True] * 30 + [False] * 70
+    reference = [False] * 10 + [True] * 20 + [False] * 70  # 10 wins, 0 losses
+    low, high = paired_interval(chosen, reference)
+    assert 0 < low < 0.1 < high < 0.2
+    assert mcnemar(chosen, reference) == pytest.approx(2 / 2**10)
+
+
+def test_oracle_at_k_is_reported_apart_and_measured(lm, task_dir, trained):
+    """oracle@k (any of a ranking predictor's k best chains right) is its own field, checked
+    here against the objective; the accuracy stays that of the first chain alone."""
+    _, _, _, paths, _ = trained
+    predictors = [P.load(p) for p in paths.values()]
+    results = {r.predictor: r for r in evaluate(lm, split_task(task_dir), predictors, k=3)}
+    assert results["static"].oracle_at_k is None and results["program"].oracle_at_k is None
+    task = split_task(task_dir)
+    objective, documents = Objective(lm, task), task_documents(task, None)
+    encode = PromptStates(lm, SPEC)
+    for predictor in predictors[1:3]:  # knn, network: they rank the candidates
+        result = results[predictor.info.kind]
+        tops = [predictor.top(encode(prompt_of(d.instances)), 3) for d in documents]
+        assert all(len(top) == 3 and top[0] == predictor.predict(encode(prompt_of(d.instances)))
+                   for top, d in zip(tops, documents, strict=True))  # fmt: skip
+        oracle = [
+            any(objective.score(d, c).correct for c in top)
+            for d, top in zip(documents, tops, strict=True)
+        ]
+        first = [objective.score(d, top[0]).correct for d, top in zip(documents, tops, strict=True)]
+        assert result.oracle_at_k == sum(oracle) / 8 >= result.accuracy == sum(first) / 8
+
+
+def test_out_of_domain_tasks_are_judged_with_their_own_metric(lm, task_dir, trained):
+    """Predictors trained on one task are judged on another (a generation task here, scored
+    by its own exact match), named out of domain."""
+    _, _, _, paths, _ = trained
+    task = load_tasks("cola_gen", task_dir)["cola_gen"]
+    results = evaluate(lm, task, [P.load(paths["static"]), P.load(paths["knn"])])
+    objective = Objective(lm, task)  # the task's default metric
+    documents = task_documents(task, None)
+    identity = [objective.score(d, Chain.identity(4)).correct for d in documents]
+    for result in results:
+        assert not result.in_domain and result.task == "cola_gen"
+        assert result.documents == len(documents)
+        assert result.identity_accuracy == sum(identity) / len(documents)
+        assert result.delta_low <= result.delta <= result.delta_high
