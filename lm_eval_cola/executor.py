@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -301,10 +301,69 @@ def _recording_updates(kv, calls: list[tuple[tuple, dict]]) -> Iterator[None]:
         del kv.update
 
 
-class _RowsPosition(nn.Module):
-    """One position of a batch whose rows run different chains (see :class:`RowsRun`)."""
+#: A routed chain runs each layer at most this many times in a row (Dr.LLM: skip, execute,
+#: repeat once).
+MAX_ROUTED_RUNS = 2
 
-    def __init__(self, position: int, run: RowsRun) -> None:
+
+class Routing:
+    """A chain decided layer by layer while the model's first forward pass (a prompt) runs.
+
+    Layers are visited in order. Before layer ``i`` first runs, ``decide(i, hidden)`` sees
+    the hidden state entering it and says how many times it runs: 0 (skip), 1 or 2 (repeat
+    once, Dr.LLM's actions). The chain so built occupies the first positions, each with its
+    own KV-cache slot exactly as under :meth:`ChainExecutor.apply`; the positions after it pass
+    the hidden state through untouched and write no cache. Later forward passes (decoding
+    steps) run the decided chain, so a routed generation is that of its chain given outright.
+    """
+
+    def __init__(self, executor: ChainExecutor, decide: Callable[[int, torch.Tensor], int]):
+        self.executor, self.decide = executor, decide
+        self.layers: list[int] = []
+        self.decisions = 0  # calls of ``decide``: the routers' own cost
+        self._next, self._owed = 0, 0  # the next layer to decide on; runs still owed
+        self._decided = False
+        self._positions: dict[int, _ChainPosition] = {}
+
+    @property
+    def chain(self) -> Chain:
+        """The chain decided so far (all of it once the first forward pass is over)."""
+        return Chain.derived(tuple(self.layers))
+
+    def layer_at(self, position: int) -> nn.Module:
+        return self.executor.layers[0]  # routing needs one layer type
+
+    def step(self, position: int, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        if not self._decided:
+            self._extend(hidden)
+            self._decided = position == self.executor.n_layers * MAX_ROUTED_RUNS - 1
+        if position >= len(self.layers):
+            return (hidden,) if self.executor.layers_return_tuples else hidden
+        if position not in self._positions:
+            layer = self.executor.layers[self.layers[position]]
+            self._positions[position] = _ChainPosition(layer, position, self.executor)
+        return self._positions[position].run(hidden, args, kwargs)
+
+    def _extend(self, hidden: torch.Tensor) -> None:
+        """Decide until a layer owes a run at this position, or no layer is left."""
+        if hidden.shape[0] != 1:
+            raise ValueError(f"a routed chain is decided for one prompt, not {hidden.shape[0]}")
+        while not self._owed and self._next < self.executor.n_layers:
+            runs = int(self.decide(self._next, hidden))
+            self.decisions += 1
+            if not 0 <= runs <= MAX_ROUTED_RUNS:
+                raise ValueError(f"a router chose {runs} runs of layer {self._next}: 0, 1 or 2")
+            self._next, self._owed = self._next + 1, runs
+        if self._owed:
+            self.layers.append(self._next - 1)
+            self._owed -= 1
+
+
+class _RunPosition(nn.Module):
+    """One position of a forward pass that decides per call which layer runs where (a
+    :class:`RowsRun` or a :class:`Routing`): it hands each call to its run's ``step``."""
+
+    def __init__(self, position: int, run: RowsRun | Routing) -> None:
         super().__init__()
         object.__setattr__(self, "run", run)
         self.position = position
@@ -316,8 +375,8 @@ class _RowsPosition(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            # Rows share each position's layer type (ChainExecutor.signature), so any row's
-            # layer answers for all of them.
+            # Model forwards read per-layer attributes such as ``attention_type``; all layers
+            # a position may run share its layer type, so any of them answers.
             return getattr(object.__getattribute__(self, "run").layer_at(self.position), name)
 
 
@@ -564,6 +623,24 @@ class ChainExecutor:
             self.generation = None
 
     @contextlib.contextmanager
+    def route(self, decide: Callable[[int, torch.Tensor], int]) -> Iterator[Routing]:
+        """Within the block, the chain is decided during the first forward pass, layer by
+        layer, by ``decide(layer, hidden entering it)`` (see :class:`Routing`); one prompt at a
+        time, on models with one layer type."""
+        if self.layers_return_tuples is None:
+            self.check()
+        types = set(getattr(self.config, "layer_types", None) or ())
+        if len(types) > 1:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} mixes layer types ({', '.join(sorted(types))}): "
+                "a routed chain must know each position's type before the forward pass runs"
+            )
+        routing = Routing(self, decide)
+        positions = [_RunPosition(p, routing) for p in range(self.n_layers * MAX_ROUTED_RUNS)]
+        with self._swapped(positions, [next(iter(types), None)] * len(positions)):
+            yield routing
+
+    @contextlib.contextmanager
     def apply_rows(
         self,
         rows: Rows,
@@ -588,7 +665,7 @@ class ChainExecutor:
         run = RowsRun(self, rows, chains, cache, share_calls)
         longest = max(chains, key=len)
         types = [self._layer_type(longest.layers[p]) for p in range(len(longest))]
-        with self._swapped([_RowsPosition(p, run) for p in range(len(longest))], types):
+        with self._swapped([_RunPosition(p, run) for p in range(len(longest))], types):
             yield run
 
     def signature(self, chain: Chain) -> tuple:

@@ -14,5 +14,6 @@ PREDICTORS = Registry(
         "knn": f"{_PREDICTORS}:NeighboursPredictor",
         "network": f"{_PREDICTORS}:NetworkPredictor",
         "program": f"{_PREDICTORS}:ProgramPredictor",
+        "router": "lm_eval_cola.predict.router:RouterPredictor",
     },
 )

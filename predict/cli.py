@@ -68,6 +68,14 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max_tokens", type=int, default=256, help="last prompt tokens read")
     parser.add_argument("--k", type=int, default=5, help="neighbours (knn)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs (network, program)")
+    parser.add_argument(
+        "--router_loss", choices=["focal", "ce"], default="focal", help="Dr.LLM: focal"
+    )
+    parser.add_argument(
+        "--router_unweighted",
+        action="store_true",
+        help="routers without class weights (Dr.LLM weights classes by inverse frequency)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     _model_options(parser)
     parser.set_defaults(func=train)
@@ -125,7 +133,8 @@ def train(args: argparse.Namespace) -> int:
     except (TrainingDataError, StoreError, ValueError) as err:
         return _fail(str(err))
     network = {"epochs": args.epochs, "seed": args.seed}
-    options = {"knn": {"k": args.k}, "network": network, "program": network}
+    router = {"loss": args.router_loss, "balance": not args.router_unweighted, "seed": args.seed}
+    options = {"knn": {"k": args.k}, "network": network, "program": network, "router": router}
     for kind in kinds:
         try:
             predictor = fit(kind, data, lm.identity, **options.get(kind, {}))

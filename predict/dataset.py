@@ -13,15 +13,16 @@ since the search (same prompt, split and metric): anything else is refused befor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from sqlalchemy import select
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.executor import MAX_ROUTED_RUNS
 from lm_eval_cola.fingerprint import is_sampled, reregister_hint
-from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
+from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of, windowed_mean
 from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Model, Run, Task
@@ -37,9 +38,19 @@ class TrainingDataError(ValueError):
     """The runs cannot train a predictor for this model; the message says why."""
 
 
+@dataclass(frozen=True)
+class RoutePath:
+    """A document's target path for routers: how many times each layer runs (0, 1 or 2),
+    and the windowed mean-pooled hidden state entering each layer along that path."""
+
+    runs: torch.Tensor  # (layers,) long
+    states: torch.Tensor  # (layers, hidden) float32
+
+
 @dataclass
 class TrainingSet:
-    """Training documents × candidate chains, with the documents' prompt states."""
+    """Training documents × candidate chains, with the documents' prompt states, and for
+    routers each document's target path (``None`` where no correct candidate is routable)."""
 
     task: str
     split: str | None
@@ -51,6 +62,7 @@ class TrainingSet:
     states: list[torch.Tensor]  # per document, (tokens, hidden size)
     spec: FeatureSpec
     filled: int  # evaluations run here because the store did not hold them
+    routes: list[RoutePath | None] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,10 @@ def build_training_set(
     spec = spec or FeatureSpec(layer=max(1, lm.executor.n_layers // 2))
     encode = PromptStates(lm, spec)
     states = [encode(prompt_of(d.instances)) for d in tqdm(documents, desc="Prompt states")]
+    routes = [
+        route_path(lm, prompt_of(d.instances), candidates, row, spec.windows)
+        for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
+    ]
     return TrainingSet(
         task=info.task.name,
         split=info.task.split,
@@ -102,7 +118,42 @@ def build_training_set(
         states=states,
         spec=spec,
         filled=filled,
+        routes=routes,
     )
+
+
+def routable(chain: Chain, n_layers: int) -> list[int] | None:
+    """The chain as runs per layer (0, 1 or 2, in order: what routers can express), or
+    ``None``."""
+    runs = [0] * n_layers
+    for previous, layer in zip((-1, *chain.layers), chain.layers, strict=False):
+        if layer < previous or runs[layer] == MAX_ROUTED_RUNS:
+            return None
+        runs[layer] += 1
+    return runs
+
+
+def route_path(
+    lm, prompt: str, candidates: list[Chain], correct: list[bool], windows: int
+) -> RoutePath | None:
+    """The document's shortest correct routable candidate (the first among equals), with the
+    states entering each layer as routers following it would see them (teacher forcing)."""
+    n_layers = lm.executor.n_layers
+    paths = [routable(c, n_layers) for c, right in zip(candidates, correct, strict=True) if right]
+    paths = [p for p in paths if p is not None]
+    if not paths:
+        return None
+    runs = min(paths, key=sum)
+    seen: list[torch.Tensor] = []
+
+    def follow(layer: int, hidden: torch.Tensor) -> int:
+        seen.append(windowed_mean(hidden[0].float(), windows).cpu())
+        return runs[layer]
+
+    ids = torch.tensor([lm.tok_encode(prompt) or [0]], device=lm.device)
+    with torch.no_grad(), lm.executor.route(follow):
+        lm.executor.decoder(input_ids=ids)
+    return RoutePath(torch.tensor(runs), torch.stack(seen))
 
 
 def _check_runs(store: Store, runs: list[int | str], fingerprint: str) -> _RunsInfo:

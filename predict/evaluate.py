@@ -54,7 +54,10 @@ class PredictorScore:
     static_accuracy: float
     mean_chain_length: float
     feature_layers: int  # per document, for the prompt states
-    layers_run: float  # mean chain length + feature layers
+    #: the predictor's own cost per document in decoder-layer applications (its feature
+    #: layers; routers' MLPs as a share of a layer over the prompt)
+    predictor_layers: float
+    layers_run: float  # mean chain length + predictor layers
     n_layers: int
     depth: float  # layers_run / n_layers
     differs_from_identity: float  # share of documents
@@ -153,16 +156,18 @@ def evaluate(
     correct = _Correctness(Objective(lm, task, metric_for(predictors, task)), identity)
     encoders = {p.info.spec: PromptStates(lm, p.info.spec) for p in predictors if p.reads_prompt}
     ranked: dict[str, list[list[Chain]]] = {p.info.kind: [] for p in predictors}
+    own: dict[str, list[float]] = {p.info.kind: [] for p in predictors}
     for document in tqdm(documents, desc=f"Evaluating predictors on {task.config.task}"):
         prompt = prompt_of(document.instances)
         states = {spec: encode(prompt) for spec, encode in encoders.items()}
         for predictor in predictors:
-            chains = predictor.top(states.get(predictor.info.spec), k)
+            chains = predictor.chains_for(lm, prompt, states.get(predictor.info.spec), k)
             ranked[predictor.info.kind].append(chains)
+            own[predictor.info.kind].append(predictor.own_layers(lm, prompt))
             for chain in chains:
                 correct(document, chain)
     return [
-        _summary(predictor, task.config.task, documents, ranked[predictor.info.kind], correct, k)
+        _summary(predictor, task.config.task, documents, ranked, own, correct, k)
         for predictor in predictors
     ]
 
@@ -171,11 +176,13 @@ def _summary(
     predictor: Predictor,
     task: str,
     documents: list[Document],
-    ranked: list[list[Chain]],
+    ranked_by_kind: dict[str, list[list[Chain]]],
+    own_by_kind: dict[str, list[float]],
     correct: _Correctness,
     k: int,
 ) -> PredictorScore:
-    identity = correct.identity
+    identity, ranked = correct.identity, ranked_by_kind[predictor.info.kind]
+    own = _mean(own_by_kind[predictor.info.kind])
     static = Chain.parse(predictor.info.static_chain)
     chosen = [correct(d, chains[0]) for d, chains in zip(documents, ranked, strict=True)]
     reference = [correct(d, identity) for d in documents]
@@ -199,9 +206,10 @@ def _summary(
         static_accuracy=_mean(correct(d, static) for d in documents),
         mean_chain_length=length,
         feature_layers=features,
-        layers_run=length + features,
+        predictor_layers=own,
+        layers_run=length + own,
         n_layers=len(identity),
-        depth=(length + features) / len(identity),
+        depth=(length + own) / len(identity),
         differs_from_identity=_mean(chains[0] != identity for chains in ranked),
         static_chain=str(static),
         k=k,

@@ -25,6 +25,8 @@ class FeatureSpec:
 
     layer: int
     max_tokens: int = 256
+    #: windows of Dr.LLM's windowed mean pooling (routers)
+    windows: int = 8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,3 +62,11 @@ class PromptStates:
 def pooled(states: torch.Tensor) -> torch.Tensor:
     """The mean of the prompt's token states."""
     return states.mean(dim=0)
+
+
+def windowed_mean(states: torch.Tensor, windows: int) -> torch.Tensor:
+    """Dr.LLM's pooling of (tokens, hidden) states: the mean of the means of ``windows``
+    contiguous windows of tokens (fewer for short prompts), so each part of the prompt weighs
+    the same whatever its length."""
+    parts = states.tensor_split(min(windows, states.shape[0]))
+    return torch.stack([part.mean(dim=0) for part in parts]).mean(dim=0)

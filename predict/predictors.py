@@ -12,6 +12,9 @@ so they only ever run chains that were measured on the training documents:
   candidate; trained with torch to predict which candidates answer correctly (binary
   cross-entropy), keeping the epoch with the best loss on held-out training documents.
 
+``router`` (:mod:`lm_eval_cola.predict.router`) is Dr.LLM's: per-layer routers that build the
+chain while the prompt runs.
+
 ``program`` is PoLar's own head: one query per layer, the same network, and two outputs per
 layer, whether a segment starts there and the segment's operation (skip, keep, repeat once;
 see :mod:`programs`). Trained on the correct candidates that are programs, it composes chains
@@ -87,9 +90,15 @@ class Predictor(ABC):
     def predict(self, states: torch.Tensor | None) -> Chain:
         """The chain for a document with these prompt states."""
 
-    def top(self, states: torch.Tensor | None, k: int) -> list[Chain]:
-        """Its ``k`` best chains for the document, best first; predictors that do not rank
-        chains give their one prediction (an evaluation's oracle@k reads these)."""
+    def own_layers(self, lm, prompt: str) -> float:
+        """What choosing a document's chain costs, in decoder-layer applications over the
+        prompt: the layers its prompt states take."""
+        return self.info.spec.layer if self.reads_prompt else 0
+
+    def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:
+        """Its ``k`` best chains for a document (its prompt, and its prompt states when it
+        reads them), best first: the first is its prediction. Predictors that do not rank
+        chains give that one (an evaluation's oracle@k reads the rest)."""
         return [self.predict(states)]
 
     @abstractmethod
@@ -120,7 +129,7 @@ class CandidatePredictor(Predictor):
     def predict(self, states: torch.Tensor | None) -> Chain:
         return self.candidates[self.choose(states)]
 
-    def top(self, states: torch.Tensor | None, k: int) -> list[Chain]:
+    def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:
         return [self.candidates[i] for i in self.ranking(states)[:k]]
 
     def bounds(self) -> Iterator[Chain]:
@@ -311,11 +320,11 @@ class TrainingOptions:
 
 
 def fit_network(
-    build: Callable[[], QueryNetwork],
+    build: Callable[[], nn.Module],
     n_documents: int,
-    loss_on: Callable[[QueryNetwork, list[int]], torch.Tensor],
+    loss_on: Callable[[nn.Module, list[int]], torch.Tensor],
     options: TrainingOptions,
-) -> QueryNetwork:
+) -> nn.Module:
     """A network built and trained (seeded, so training is repeatable) on minibatches of
     documents, as of the epoch with the best loss on the held-out documents."""
     generator = torch.Generator().manual_seed(options.seed)

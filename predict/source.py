@@ -56,8 +56,9 @@ class PredictedChains(ChainSource):
         encode = PromptStates(lm, self.predictor.info.spec) if self.predictor.reads_prompt else None
         before = lm.executor.work.layer_applications
         for key in new:
-            states = encode(prompt_of(documents[key])) if encode else None
-            self._chains[key] = self.predictor.predict(states)
+            prompt = prompt_of(documents[key])
+            states = encode(prompt) if encode else None
+            self._chains[key] = self.predictor.chains_for(lm, prompt, states)[0]
         self.feature_layer_applications += lm.executor.work.layer_applications - before
         logger.info(
             "%s: predicted chains for %d documents (%d layer applications for prompt states)",

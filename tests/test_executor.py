@@ -539,3 +539,56 @@ def test_a_prefill_is_reused_only_for_its_own_prompt():
     assert not torch.equal(wrong[1], expected[1])
     with executor.apply(Chain.parse("0-2.2")), executor.reuse_generation(cache, "other prompt"):
         assert torch.equal(generate_scored(model, other, mask)[1], expected[1])
+
+
+def by_state(layer: int, hidden: torch.Tensor) -> int:
+    """A decision rule that reads the hidden state (skip, run or repeat by its mean), as a
+    router does; first and last layers always run."""
+    if layer in (0, 3):
+        return 1
+    return int(hidden.float().mean().abs().mul(1e4).floor()) % 3
+
+
+ROUTES = {"program": lambda layer, _hidden: [1, 0, 2, 1][layer], "by state": by_state}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("decide", list(ROUTES.values()), ids=list(ROUTES))
+def test_a_routed_chain_equals_the_same_chain_given_explicitly(model, decide):
+    """A chain decided layer by layer during the forward pass gives the logits of that chain
+    applied outright, bit for bit, and of its materialised stack in KV-cached generation."""
+    executor = ChainExecutor(model)
+    if len(set(getattr(model.config, "layer_types", None) or ())) > 1:
+        with (
+            pytest.raises(UnsupportedModelError, match="mixes layer types"),
+            executor.route(decide),
+        ):
+            pass
+        return
+    ids = padded_batch(length=12)[0][:1]
+    seen: list[int] = []
+
+    def noting(layer: int, hidden: torch.Tensor) -> int:
+        seen.append(layer)
+        return decide(layer, hidden)
+
+    with executor.route(noting) as routing:
+        routed = model(ids).logits
+    chain = routing.chain
+    assert seen == [0, 1, 2, 3] and routing.decisions == 4
+    assert torch.equal(routed, _run(executor, chain, ids))
+    with executor.route(decide) as routing:
+        got = generate_scored(model, ids, torch.ones_like(ids))
+    assert routing.chain == chain
+    expected = generate_scored(materialise(model, chain), ids, torch.ones_like(ids))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_routing_refuses_batches_and_impossible_decisions():
+    model = build("llama")
+    executor = ChainExecutor(model)
+    ids = padded_batch(length=12)[0]
+    with pytest.raises(ValueError, match="for one prompt, not 2"), executor.route(by_state):
+        model(ids)
+    with pytest.raises(ValueError, match="chose 3 runs"), executor.route(lambda _l, _h: 3):
+        model(ids[:1])

@@ -17,7 +17,13 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.predict import predictors as P
-from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet, build_training_set
+from lm_eval_cola.predict.dataset import (
+    RoutePath,
+    TrainingDataError,
+    TrainingSet,
+    build_training_set,
+    routable,
+)
 from lm_eval_cola.predict.evaluate import LeakError, evaluate, mcnemar, paired_interval
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
@@ -30,7 +36,13 @@ from lm_eval_cola.tasks import load_tasks, task_documents
 
 SPEC = FeatureSpec(layer=2, max_tokens=64)
 #: Training options of each predictor in the fixture (small, for speed).
-OPTIONS = {"static": {}, "knn": {"k": 3}, "network": {"epochs": 5}, "program": {"epochs": 5}}
+OPTIONS = {
+    "static": {},
+    "knn": {"k": 3},
+    "network": {"epochs": 5},
+    "program": {"epochs": 5},
+    "router": {"epochs": 5},
+}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +130,40 @@ def test_each_predictor_learns_what_it_can_from_the_training_set(lm):
         assert [predictor.predict(s) for s in data.states] == expected, kind
 
 
+def synthetic_routes(n: int = 40) -> TrainingSet:
+    """Two clusters of states entering each layer: cluster A's path skips layer 2, cluster
+    B's runs layer 1 twice (every other layer runs once): unbalanced classes, as in searches."""
+    data = synthetic(n)
+    generator = torch.Generator().manual_seed(1)
+    centres = torch.randn(2, 4, 8, generator=generator)
+    paths = [torch.tensor([1, 1, 0, 1]), torch.tensor([1, 2, 1, 1])]
+    data.routes = [
+        RoutePath(paths[i % 2], centres[i % 2] + 0.3 * torch.randn(4, 8, generator=generator))
+        for i in range(n)
+    ]
+    return data
+
+
+@pytest.mark.parametrize(("loss", "balance"), [("focal", True), ("ce", False)])
+def test_routers_learn_each_layers_decision(lm, loss, balance):
+    """Dr.LLM's focal loss with class weights, and plain cross-entropy: each layer's router
+    gives each cluster its own path's decision."""
+    data = synthetic_routes()
+    router = P.train("router", data, lm.identity, loss=loss, balance=balance, epochs=60)
+    for route in data.routes:
+        decided = [int(router.network(layer, route.states[layer]).argmax()) for layer in range(4)]
+        assert decided == route.runs.tolist()
+
+
+@pytest.mark.parametrize(
+    ("chain", "runs"),
+    [("0-3", [1, 1, 1, 1]), ("0.1.1.3", [1, 2, 0, 1]), ("1.2", [0, 1, 1, 0]),
+     ("0.1.1.1.3", None), ("0.2.1.3", None), ("0.1.2.1", None)],
+)  # fmt: skip
+def test_routers_express_ordered_chains_of_at_most_two_runs_a_layer(chain, runs):
+    assert routable(Chain.parse(chain), 4) == runs
+
+
 @pytest.mark.parametrize(
     ("chain", "segments"),
     [
@@ -163,17 +209,20 @@ def test_program_predictor_needs_a_correct_program_and_never_runs_an_empty_chain
     assert predictor.predict(synthetic().states[0]) == Chain.identity(4)
 
 
-def test_predictors_round_trip_through_their_files(trained):
+def test_predictors_round_trip_through_their_files(lm, task_dir, trained):
     """The file gives back the predictor that was saved: the same choices, and, for the
-    networks, the same weights (a retrained one could differ)."""
+    networks (routers included), the same weights (a retrained one could differ)."""
     _, _, data, paths, predictors = trained
+    documents = {d.doc_hash: d for d in task_documents(split_task(task_dir, "train"), None)}
+    prompts = [prompt_of(documents[h].instances) for h in data.doc_hashes]
     for kind, path in paths.items():
         original, loaded = predictors[kind], P.load(path)
         assert loaded.info == original.info
         assert _same(loaded.tensors(), original.tensors()), kind
         assert loaded.info.training_hashes == data.doc_hashes
-        predicted = [original.predict(s) for s in data.states]
-        assert [loaded.predict(s) for s in data.states] == predicted
+        pairs = list(zip(prompts, data.states, strict=True))
+        predicted = [original.chains_for(lm, p, s)[0] for p, s in pairs]
+        assert [loaded.chains_for(lm, p, s)[0] for p, s in pairs] == predicted, kind
 
 
 def _same(a, b) -> bool:
@@ -213,7 +262,8 @@ def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, train
     assert len(samples) == 8
     for sample in samples:
         document = documents[sample["doc_hash"]]
-        chain = predictor.predict(encode(prompt_of(document.instances)))
+        prompt = prompt_of(document.instances)
+        chain = predictor.chains_for(lm, prompt, encode(prompt))[0]
         assert sample["acc"] == objective.score(document, chain).score
 
 
@@ -248,10 +298,17 @@ def test_held_out_evaluation_reports_against_identity_and_static(lm, task_dir, t
     objective = Objective(lm, task)
     documents = task_documents(task, None)
     identity = sum(objective.score(d, Chain.identity(4)).correct for d in documents) / 8
+    # routers: 4 MLPs (hidden x 128 + 128 x 3 multiply-adds) against one layer's weights a token
+    layer = sum(p.numel() for p in lm.executor.layers[0].parameters())
+    router = 4 * (lm.model.config.hidden_size * 128 + 128 * 3) / layer
+    tokens = [len(lm.tok_encode(prompt_of(d.instances))) for d in documents]
     for result in results:
         assert result.documents == 8 and result.identity_accuracy == identity
-        assert result.feature_layers == (0 if result.predictor == "static" else SPEC.layer)
-        assert result.layers_run == result.mean_chain_length + result.feature_layers
+        reads = result.predictor not in ("static", "router")
+        assert result.feature_layers == (SPEC.layer if reads else 0)
+        assert result.layers_run == result.mean_chain_length + result.predictor_layers
+        own = sum(router / t for t in tokens) / 8 if result.predictor == "router" else None
+        assert result.predictor_layers == pytest.approx(own or result.feature_layers)
         assert result.delta == result.accuracy - identity
         assert result.delta_low <= result.delta <= result.delta_high
         assert result.in_domain and result.task == "cola_split"
@@ -287,9 +344,10 @@ def test_oracle_at_k_is_reported_apart_and_measured(lm, task_dir, trained):
     encode = PromptStates(lm, SPEC)
     for predictor in predictors[1:3]:  # knn, network: they rank the candidates
         result = results[predictor.info.kind]
-        tops = [predictor.top(encode(prompt_of(d.instances)), 3) for d in documents]
-        assert all(len(top) == 3 and top[0] == predictor.predict(encode(prompt_of(d.instances)))
-                   for top, d in zip(tops, documents, strict=True))  # fmt: skip
+        prompts = [prompt_of(d.instances) for d in documents]
+        tops = [predictor.chains_for(lm, p, encode(p), 3) for p in prompts]
+        assert all(len(top) == 3 and top[0] == predictor.predict(encode(p))
+                   for top, p in zip(tops, prompts, strict=True))  # fmt: skip
         oracle = [
             any(objective.score(d, c).correct for c in top)
             for d, top in zip(documents, tops, strict=True)

@@ -1,0 +1,181 @@
+"""Dr.LLM's routers: one small network per layer decides, from the hidden state entering that
+layer, whether to skip it, run it, or run it twice, while the prompt runs.
+
+The chain is built during the prompt's own forward pass (:meth:`ChainExecutor.route`): at
+layer ``i`` the router sees the hidden state the chain so far produced, windowed mean-pooled
+(:func:`windowed_mean`), and its choice decides the next positions. So the only extra cost is
+the routers themselves, a bottleneck MLP per visited layer (:meth:`RouterPredictor.own_layers`).
+
+Training follows Dr.LLM with the data this project stores: each training document's target
+path is its shortest correct candidate chain that routers can express (each layer 0, 1 or 2
+times, in order; :func:`routable`), and the hidden states entering each layer along that path
+(teacher forcing) are the inputs (:attr:`TrainingSet.routes`). The per-layer classes are very
+unbalanced (most layers run once), so the loss is Dr.LLM's focal loss with class weights by
+inverse frequency; ``loss="ce"`` and ``balance=False`` give the plain cross-entropy to compare.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.executor import MAX_ROUTED_RUNS
+from lm_eval_cola.predict.dataset import TrainingSet
+from lm_eval_cola.predict.features import windowed_mean
+from lm_eval_cola.predict.predictors import (
+    Predictor,
+    PredictorInfo,
+    TrainingOptions,
+    fit_network,
+    register_predictor,
+)
+
+#: the router's classes: how many times the layer runs
+ACTIONS = MAX_ROUTED_RUNS + 1
+
+
+class Routers(nn.Module):
+    """One bottleneck MLP per layer: normalised pooled state -> ``width`` -> 3 logits."""
+
+    def __init__(self, hidden: int, n_layers: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(hidden), nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, ACTIONS)
+            )
+            for _ in range(n_layers)
+        )
+
+    def forward(self, layer: int, pooled: torch.Tensor) -> torch.Tensor:
+        return self.layers[layer](pooled)
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """Dr.LLM's defaults: focal loss (gamma 2) with class weights, 25 epochs."""
+
+    loss: str = "focal"  # or "ce"
+    gamma: float = 2.0
+    balance: bool = True  # class weights by inverse frequency, per layer
+    width: int = 128
+    epochs: int = 25
+    lr: float = 1e-3
+    batch_size: int = 32
+    held_out: float = 0.2
+    seed: int = 0
+
+
+@register_predictor
+class RouterPredictor(Predictor):
+    kind = "router"
+    #: its input is the routed forward pass itself, not the shared prompt states
+    reads_prompt = False
+
+    def __init__(self, info: PredictorInfo) -> None:
+        super().__init__(info)
+        self.options = RouterOptions(**info.options)
+        self.network: Routers | None = None
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.info.model["n_layers"])
+
+    @classmethod
+    def fit(cls, data: TrainingSet, info: PredictorInfo, **options) -> RouterPredictor:
+        settings = RouterOptions(**options)
+        info.options = asdict(settings)
+        predictor = cls(info)
+        documents = [i for i, route in enumerate(data.routes) if route is not None]
+        if not documents:
+            raise ValueError(
+                "no training document has a correct candidate that routers can express (each "
+                "layer skipped, run or run twice, in order)"
+            )
+        states = torch.stack([data.routes[i].states for i in documents])  # (docs, layers, d)
+        labels = torch.stack([data.routes[i].runs for i in documents])  # (docs, layers)
+        weights = _class_weights(labels) if settings.balance else torch.ones(labels.shape[1], 3)
+        loss = functools.partial(_loss, settings=settings, weights=weights)
+
+        def loss_on(network: Routers, indices: list[int]) -> torch.Tensor:
+            return loss(network, states[indices], labels[indices])
+
+        build = functools.partial(Routers, states.shape[-1], predictor.n_layers, settings.width)
+        training = TrainingOptions(
+            **{k: getattr(settings, k) for k in ("epochs", "lr", "batch_size", "held_out", "seed")}
+        )
+        predictor.network = fit_network(build, len(documents), loss_on, training)
+        return predictor
+
+    def decide(self, layer: int, hidden: torch.Tensor) -> int:
+        """Runs of ``layer`` for the hidden state entering it (a :meth:`ChainExecutor.route`
+        decision)."""
+        pooled = windowed_mean(hidden[0].float(), self.info.spec.windows).cpu()
+        with torch.no_grad():
+            return int(self.network(layer, pooled).argmax())
+
+    def route(self, lm, prompt: str) -> Chain:
+        """The chain the routers build while ``prompt`` runs through the model; the full
+        model if they skip every layer."""
+        ids = torch.tensor([lm.tok_encode(prompt) or [0]], device=lm.device)
+        with torch.no_grad(), lm.executor.route(self.decide) as routing:
+            lm.executor.decoder(input_ids=ids)
+        return routing.chain if len(routing.layers) else Chain.identity(self.n_layers)
+
+    def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:
+        return [self.route(lm, prompt)]
+
+    def predict(self, states: torch.Tensor | None) -> Chain:
+        raise TypeError("a router decides while the prompt runs: use chains_for(lm, prompt, None)")
+
+    def bounds(self):
+        yield Chain.derived(tuple(layer for layer in range(self.n_layers) for _ in range(2)))
+
+    def own_layers(self, lm, prompt: str) -> float:
+        """The routers' multiply-adds (one call per layer, on one pooled vector) as a share of
+        one decoder layer's over the prompt (its weights once per token)."""
+        hidden, width = self.network.layers[0][1].in_features, self.options.width
+        routers = self.n_layers * (hidden * width + width * ACTIONS)
+        layer = sum(p.numel() for p in lm.executor.layers[0].parameters())
+        return routers / (layer * max(len(lm.tok_encode(prompt)), 1))
+
+    def tensors(self) -> dict[str, Any]:
+        return {"network": self.network.state_dict()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        state = saved["network"]
+        hidden = state["layers.0.1.weight"].shape[1]
+        self.network = Routers(hidden, self.n_layers, self.options.width)
+        self.network.load_state_dict(state)
+        self.network.eval()
+
+
+def _class_weights(labels: torch.Tensor) -> torch.Tensor:
+    """(layers, 3): per layer, each class weighted by the inverse of its frequency there
+    (absent classes 0), normalised to mean 1 over the examples."""
+    counts = torch.stack([(labels == a).sum(0) for a in range(ACTIONS)], dim=1).float()
+    weights = torch.where(counts > 0, labels.shape[0] / (ACTIONS * counts.clamp_min(1)), 0.0)
+    return weights
+
+
+def _loss(
+    network: Routers,
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    settings: RouterOptions,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Focal (or plain) cross-entropy over every (document, layer), class-weighted."""
+    total, norm = torch.zeros(()), torch.zeros(())
+    for layer in range(states.shape[1]):
+        logits, target = network(layer, states[:, layer]), labels[:, layer]
+        log_p = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        focus = (1 - log_p.exp()) ** settings.gamma if settings.loss == "focal" else 1.0
+        weight = weights[layer, target]
+        total = total - (weight * focus * log_p).sum()
+        norm = norm + weight.sum()
+    return total / norm.clamp_min(1e-9)
