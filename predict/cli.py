@@ -16,7 +16,7 @@ from lm_eval_cola.predict import PREDICTORS
 
 EPILOG_TRAIN = """example:
   cola search --tasks arc_easy --split train --limit 300 --budget 50 --store cola.db
-  cola predict train --store cola.db --run 1 --output_dir predictors/
+  cola predict train --store cola.db --run 1 --output_dir predictors/ --select
   lm_eval --model cola --model_args chains=predictor:predictors/knn.pt --tasks arc_easy
 """
 EPILOG_EVALUATE = """example:
@@ -76,6 +76,12 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="routers without class weights (Dr.LLM weights classes by inverse frequency)",
     )
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="choose knn's k and the network's width and epochs on a validation split of the "
+        "training documents (20%%, from the score table), then train on all of them",
+    )
     parser.add_argument("--seed", type=int, default=0)
     _model_options(parser)
     parser.set_defaults(func=train)
@@ -116,6 +122,7 @@ def train(args: argparse.Namespace) -> int:
     from lm_eval_cola.predict.features import FeatureSpec
     from lm_eval_cola.predict.predictors import save
     from lm_eval_cola.predict.predictors import train as fit
+    from lm_eval_cola.predict.selection import GRIDS, select
     from lm_eval_cola.store.engine import StoreError
     from lm_eval_cola.store.store import Store
 
@@ -136,10 +143,18 @@ def train(args: argparse.Namespace) -> int:
     router = {"loss": args.router_loss, "balance": not args.router_unweighted, "seed": args.seed}
     options = {"knn": {"k": args.k}, "network": network, "program": network, "router": router}
     for kind in kinds:
+        chosen, tried = options.get(kind, {}), []
         try:
-            predictor = fit(kind, data, lm.identity, **options.get(kind, {}))
+            if args.select and kind in GRIDS:
+                best, tried = select(kind, data, lm.identity, seed=args.seed)
+                chosen = {**chosen, **best}
+                scores = "; ".join(f"{_settings(o)} {a:.3f}" for o, a in tried)
+                print(f"{kind}: validation accuracy {scores} -> {_settings(best)}")
+            predictor = fit(kind, data, lm.identity, **chosen)
         except ValueError as err:
             return _fail(f"{kind}: {err}")
+        if tried:
+            predictor.info.options["validation"] = [[o, a] for o, a in tried]
         print(f"{kind}: {save(predictor, Path(args.output_dir) / f'{kind}.pt')}")
     print(
         f"trained on {len(data.doc_hashes)} documents of {data.task} ({data.split}), "
@@ -198,6 +213,10 @@ def _print_results(results) -> None:
     )
     if not any(r.delta_low > 0 for r in results):
         print("No predictor beats the identity chain on these documents (95% interval).")
+
+
+def _settings(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
 
 
 def _load_model(args: argparse.Namespace):

@@ -17,6 +17,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.predict import predictors as P
+from lm_eval_cola.predict import selection
 from lm_eval_cola.predict.dataset import (
     RoutePath,
     TrainingDataError,
@@ -370,3 +371,25 @@ def test_out_of_domain_tasks_are_judged_with_their_own_metric(lm, task_dir, trai
         assert result.documents == len(documents)
         assert result.identity_accuracy == sum(identity) / len(documents)
         assert result.delta_low <= result.delta <= result.delta_high
+
+
+def test_hyper_parameters_are_chosen_on_a_validation_split_of_the_training_documents(lm):
+    """Each setting trains on the fit part and is judged, from the score table, on held-out
+    training documents; the best one wins (the first among equals)."""
+    data = synthetic()
+    noisy = [i for i in range(40) if i % 5 == 0]  # a fifth of the labels swapped
+    data.correct[noisy] = data.correct[noisy][:, [0, 2, 1]]
+    data.scores = data.correct.float()
+    fit_rows, held_rows = selection.split(len(data.doc_hashes))
+    assert sorted(fit_rows + held_rows) == list(range(40)) and len(held_rows) == 8
+    best, tried = selection.select("knn", data, lm.identity)
+    assert [options for options, _ in tried] == selection.GRIDS["knn"]
+    held = selection.subset(data, held_rows)
+    for options, accuracy in tried:
+        knn = P.train("knn", selection.subset(data, fit_rows), lm.identity, **options)
+        chosen = [knn.predict(s) for s in held.states]
+        right = [bool(held.correct[i, data.candidates.index(c)]) for i, c in enumerate(chosen)]
+        assert accuracy == sum(right) / 8
+    assert best == max(tried, key=lambda item: item[1])[0]
+    assert best == {"k": 5} and dict(tried[0][0]) == {"k": 1}  # one neighbour follows the noise
+    assert tried[0][1] < max(accuracy for _, accuracy in tried)
