@@ -1,0 +1,134 @@
+"""Predicted chains judged honestly, with a learning curve: the predictors trained on the first
+100, 400, ... searched training documents, each judged on held-out test documents of their task
+(paired 95% interval and McNemar's test against the identity chain, layers run with the
+predictor's own cost, oracle@k apart) and, at the largest size, out of domain.
+
+Writes a markdown report (one table per training size and task) with the command that made it.
+
+Example (after a training search, e.g. ``cola search --tasks arc_easy --split train --limit 1500
+--budget 50 --max_block 1 --max_times 1 --store results/train.db``):
+
+    python benchmarks/predictors.py --store results/train.db --run 1 --sizes 100,400,1500 \\
+        --test_limit 500 --ood_tasks arc_challenge,gsm8k_direct --ood_limit 200 \\
+        --report results/PREDICTORS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from lm_eval_cola.lm import load
+from lm_eval_cola.predict import PREDICTORS
+from lm_eval_cola.predict import predictors as predicting
+from lm_eval_cola.predict.dataset import build_training_set
+from lm_eval_cola.predict.evaluate import PredictorScore, evaluate
+from lm_eval_cola.predict.selection import GRIDS, select, subset
+from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import load_tasks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python benchmarks/predictors.py --store results/train.db --run 1",
+    )
+    add = parser.add_argument
+    add("--store", required=True, help="store with the training search")
+    add("--run", action="append", required=True, help="training run id or name (repeatable)")
+    add("--model_args", default="", help="cola model args (default: SmolLM2-135M-Instruct)")
+    add("--device", help="default: cuda when there is one, else cpu")
+    add("--include_path", help="extra folder of task YAMLs, as for lm_eval")
+    add("--sizes", default="100,400,1500", help="training documents per point of the curve")
+    add("--kinds", default=",".join(PREDICTORS))
+    add("--candidates", type=int, default=16)
+    add("--test_limit", type=int, default=500, help="held-out test documents of the task")
+    add("--ood_tasks", default="", help="comma-separated tasks judged out of domain")
+    add("--ood_limit", type=int, default=200)
+    add("--k", type=int, default=5, help="chains a ranking predictor proposes (oracle@k)")
+    add("--report", default="results/PREDICTORS.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    lm = load(args.model_args, args.device)
+    store = Store(args.store, read_only=True)
+    data = build_training_set(lm, store, args.run, args.candidates, None, args.include_path)
+    sizes = [n for n in map(int, args.sizes.split(",")) if n <= len(data.doc_hashes)]
+    if not sizes:
+        print(f"the runs have {len(data.doc_hashes)} finished documents, fewer than any size")
+        return 1
+    (task,) = load_tasks(data.task, args.include_path).values()
+    ood = load_tasks(args.ood_tasks, args.include_path) if args.ood_tasks else {}
+    lines = [
+        f"# Predicted chains on {data.task}: learning curve and held-out evaluation",
+        "",
+        f"`python benchmarks/predictors.py {shlex.join(argv or sys.argv[1:])}`",
+        "",
+        f"{len(data.doc_hashes)} searched training documents ({data.split} split), "
+        f"{len(data.candidates)} candidate chains; hyper-parameters chosen on a validation "
+        "fifth of each training set. oracle@k is any of a ranking predictor's k best chains "
+        "right: the gold answer picks it, so it is not an accuracy.",
+    ]
+    for n in sizes:
+        trained = _train(subset(data, list(range(n))), lm, args.kinds.split(","))
+        judged = [(task, args.test_limit)]
+        if n == sizes[-1]:
+            judged += [(t, args.ood_limit) for t in ood.values()]
+        for judged_task, limit in judged:
+            start = time.perf_counter()
+            results = evaluate(lm, judged_task, trained, limit, args.k)
+            lines += _table(n, results, time.perf_counter() - start)
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _train(data, lm, kinds: list[str]) -> list:
+    trained = []
+    for kind in kinds:
+        options = select(kind, data, lm.identity)[0] if kind in GRIDS else {}
+        try:
+            trained.append(predicting.train(kind, data, lm.identity, **options))
+        except ValueError as err:  # e.g. no correct candidate routers can express
+            print(f"{kind} not trained on {len(data.doc_hashes)} documents: {err}")
+    return trained
+
+
+def _table(n: int, results: list[PredictorScore], seconds: float) -> list[str]:
+    first = results[0]
+    domain = "in domain" if first.in_domain else "out of domain"
+    lines = [
+        "",
+        f"## Trained on {n} documents, judged on {first.documents} {first.task} documents "
+        f"({domain}, {seconds / 60:.1f} min)",
+        "",
+        f"Identity chain {100 * first.identity_accuracy:.1f}%, best static chain "
+        f"`{first.static_chain}` {100 * first.static_accuracy:.1f}%.",
+        "",
+        "| predictor | accuracy | vs identity, points [paired 95% CI] | McNemar p | layers run "
+        f"| depth | not the identity | oracle@{first.k} (not an accuracy) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        oracle = "-" if r.oracle_at_k is None else f"{100 * r.oracle_at_k:.1f}%"
+        lines.append(
+            f"| {r.predictor} | {100 * r.accuracy:.1f}% | {100 * r.delta:+.1f} "
+            f"[{100 * r.delta_low:+.1f}, {100 * r.delta_high:+.1f}] | {r.mcnemar_p:.3f} | "
+            f"{r.layers_run:.2f} | {100 * r.depth:.1f}% | {100 * r.differs_from_identity:.1f}% "
+            f"| {oracle} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
