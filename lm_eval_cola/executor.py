@@ -124,11 +124,6 @@ class PrefixCache:
             _, evicted = self._entries.popitem(last=False)
             self.bytes -= evicted.nbytes
 
-    def drop(self, rows: set[str]) -> None:
-        """Forget the given rows (a document whose search is over)."""
-        for key in [key for key in self._entries if key[0] in rows]:
-            self.bytes -= self._entries.pop(key).nbytes
-
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -320,7 +315,6 @@ class Routing:
     def __init__(self, executor: ChainExecutor, decide: Callable[[int, torch.Tensor], int]):
         self.executor, self.decide = executor, decide
         self.layers: list[int] = []
-        self.decisions = 0  # calls of ``decide``: the routers' own cost
         self._next, self._owed = 0, 0  # the next layer to decide on; runs still owed
         self._decided = False
         self._positions: dict[int, _ChainPosition] = {}
@@ -350,7 +344,6 @@ class Routing:
             raise ValueError(f"a routed chain is decided for one prompt, not {hidden.shape[0]}")
         while not self._owed and self._next < self.executor.n_layers:
             runs = int(self.decide(self._next, hidden))
-            self.decisions += 1
             if not 0 <= runs <= MAX_ROUTED_RUNS:
                 raise ValueError(f"a router chose {runs} runs of layer {self._next}: 0, 1 or 2")
             self._next, self._owed = self._next + 1, runs

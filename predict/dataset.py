@@ -22,7 +22,13 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
 from lm_eval_cola.fingerprint import is_sampled, reregister_hint
-from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of, windowed_mean
+from lm_eval_cola.predict.features import (
+    FeatureSpec,
+    PromptStates,
+    prompt_of,
+    run_routed,
+    windowed_mean,
+)
 from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Model, Run, Task
@@ -50,7 +56,7 @@ class RoutePath:
 @dataclass
 class TrainingSet:
     """Training documents × candidate chains, with the documents' prompt states, and for
-    routers each document's target path (``None`` where no correct candidate is routable)."""
+    routers each document's target path (``None`` where no right chain is routable)."""
 
     task: str
     split: str | None
@@ -103,8 +109,10 @@ def build_training_set(
     spec = spec or FeatureSpec(layer=max(1, lm.executor.n_layers // 2))
     encode = PromptStates(lm, spec)
     states = [encode(prompt_of(d.instances)) for d in tqdm(documents, desc="Prompt states")]
+    with store.session() as session:
+        searched = queries.correct_chains(session, info.run_ids)
     routes = [
-        route_path(lm, prompt_of(d.instances), candidates, row, spec.windows)
+        route_path(lm, prompt_of(d.instances), _right(searched, d, candidates, row), spec.windows)
         for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
     ]
     return TrainingSet(
@@ -133,13 +141,20 @@ def routable(chain: Chain, n_layers: int) -> list[int] | None:
     return runs
 
 
-def route_path(
-    lm, prompt: str, candidates: list[Chain], correct: list[bool], windows: int
-) -> RoutePath | None:
-    """The document's shortest correct routable candidate (the first among equals), with the
-    states entering each layer as routers following it would see them (teacher forcing)."""
-    n_layers = lm.executor.n_layers
-    paths = [routable(c, n_layers) for c, right in zip(candidates, correct, strict=True) if right]
+def _right(
+    searched: dict[str, list[str]], document: Document, candidates: list[Chain], correct: list[bool]
+) -> list[Chain]:
+    """The chains known to be right on the document: those its search found, then the
+    candidates scored on it."""
+    found = [Chain.parse(chain) for chain in searched.get(document.doc_hash, [])]
+    return found + [chain for chain, right in zip(candidates, correct, strict=True) if right]
+
+
+def route_path(lm, prompt: str, right: list[Chain], windows: int) -> RoutePath | None:
+    """The shortest of the document's right chains that routers can express (the first among
+    equals), with the states entering each layer as routers following it would see them
+    (teacher forcing); ``None`` when no right chain is routable."""
+    paths = [routable(chain, lm.executor.n_layers) for chain in right]
     paths = [p for p in paths if p is not None]
     if not paths:
         return None
@@ -150,9 +165,7 @@ def route_path(
         seen.append(windowed_mean(hidden[0].float(), windows).cpu())
         return runs[layer]
 
-    ids = torch.tensor([lm.tok_encode(prompt) or [0]], device=lm.device)
-    with torch.no_grad(), lm.executor.route(follow):
-        lm.executor.decoder(input_ids=ids)
+    run_routed(lm, prompt, follow)
     return RoutePath(torch.tensor(runs), torch.stack(seen))
 
 

@@ -155,20 +155,21 @@ def evaluate(
     identity = Chain.identity(lm.executor.n_layers)
     correct = _Correctness(Objective(lm, task, metric_for(predictors, task)), identity)
     encoders = {p.info.spec: PromptStates(lm, p.info.spec) for p in predictors if p.reads_prompt}
-    ranked: dict[str, list[list[Chain]]] = {p.info.kind: [] for p in predictors}
-    own: dict[str, list[float]] = {p.info.kind: [] for p in predictors}
+    # per predictor, per document: its ranked chains and its own cost in layers
+    ranked: list[list[list[Chain]]] = [[] for _ in predictors]
+    own: list[list[float]] = [[] for _ in predictors]
     for document in tqdm(documents, desc=f"Evaluating predictors on {task.config.task}"):
         prompt = prompt_of(document.instances)
         states = {spec: encode(prompt) for spec, encode in encoders.items()}
-        for predictor in predictors:
+        for index, predictor in enumerate(predictors):
             chains = predictor.chains_for(lm, prompt, states.get(predictor.info.spec), k)
-            ranked[predictor.info.kind].append(chains)
-            own[predictor.info.kind].append(predictor.own_layers(lm, prompt))
+            ranked[index].append(chains)
+            own[index].append(predictor.own_layers(lm, prompt))
             for chain in chains:
                 correct(document, chain)
     return [
-        _summary(predictor, task.config.task, documents, ranked, own, correct, k)
-        for predictor in predictors
+        _summary(predictor, task.config.task, documents, chains, _mean(cost), correct, k)
+        for predictor, chains, cost in zip(predictors, ranked, own, strict=True)
     ]
 
 
@@ -176,13 +177,12 @@ def _summary(
     predictor: Predictor,
     task: str,
     documents: list[Document],
-    ranked_by_kind: dict[str, list[list[Chain]]],
-    own_by_kind: dict[str, list[float]],
+    ranked: list[list[Chain]],
+    own: float,
     correct: _Correctness,
     k: int,
 ) -> PredictorScore:
-    identity, ranked = correct.identity, ranked_by_kind[predictor.info.kind]
-    own = _mean(own_by_kind[predictor.info.kind])
+    identity = correct.identity
     static = Chain.parse(predictor.info.static_chain)
     chosen = [correct(d, chains[0]) for d, chains in zip(documents, ranked, strict=True)]
     reference = [correct(d, identity) for d in documents]

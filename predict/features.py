@@ -10,13 +10,14 @@ per document, which every evaluation reports next to the chain's own layers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from lm_eval.api.instance import Instance
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.executor import Routing
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,16 @@ class PromptStates:
         with self.lm.executor.apply(self.prefix):
             states = self.lm.executor.decoder(input_ids=ids).last_hidden_state
         return states[0].float().cpu()
+
+
+@torch.no_grad()
+def run_routed(lm, prompt: str, decide: Callable[[int, torch.Tensor], int]) -> Routing:
+    """Runs ``prompt`` through the decoder while ``decide(layer, hidden)`` chooses how often
+    each layer runs (a router's view of the prompt); returns the routing it made."""
+    ids = torch.tensor([lm.tok_encode(prompt) or [0]], device=lm.device)
+    with lm.executor.route(decide) as routing:
+        lm.executor.decoder(input_ids=ids)
+    return routing
 
 
 def pooled(states: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ layer ``i`` the router sees the hidden state the chain so far produced, windowed
 the routers themselves, a bottleneck MLP per visited layer (:meth:`RouterPredictor.own_layers`).
 
 Training follows Dr.LLM with the data this project stores: each training document's target
-path is its shortest correct candidate chain that routers can express (each layer 0, 1 or 2
-times, in order; :func:`routable`), and the hidden states entering each layer along that path
+path is the shortest chain found right on it (by its own search, or among the candidates scored
+on it) that routers can express (each layer 0, 1 or 2 times, in order; :func:`routable`), and the hidden states entering each layer along that path
 (teacher forcing) are the inputs (:attr:`TrainingSet.routes`). The per-layer classes are very
 unbalanced (most layers run once), so the loss is Dr.LLM's focal loss with class weights by
 inverse frequency; ``loss="ce"`` and ``balance=False`` give the plain cross-entropy to compare.
@@ -26,7 +26,7 @@ from torch import nn
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
 from lm_eval_cola.predict.dataset import TrainingSet
-from lm_eval_cola.predict.features import windowed_mean
+from lm_eval_cola.predict.features import run_routed, windowed_mean
 from lm_eval_cola.predict.predictors import (
     Predictor,
     PredictorInfo,
@@ -93,7 +93,7 @@ class RouterPredictor(Predictor):
         documents = [i for i, route in enumerate(data.routes) if route is not None]
         if not documents:
             raise ValueError(
-                "no training document has a correct candidate that routers can express (each "
+                "no training document has a right chain that routers can express (each "
                 "layer skipped, run or run twice, in order)"
             )
         states = torch.stack([data.routes[i].states for i in documents])  # (docs, layers, d)
@@ -121,9 +121,7 @@ class RouterPredictor(Predictor):
     def route(self, lm, prompt: str) -> Chain:
         """The chain the routers build while ``prompt`` runs through the model; the full
         model if they skip every layer."""
-        ids = torch.tensor([lm.tok_encode(prompt) or [0]], device=lm.device)
-        with torch.no_grad(), lm.executor.route(self.decide) as routing:
-            lm.executor.decoder(input_ids=ids)
+        routing = run_routed(lm, prompt, self.decide)
         return routing.chain if len(routing.layers) else Chain.identity(self.n_layers)
 
     def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:

@@ -371,6 +371,20 @@ def chain_scores(
     return [tuple(row) for row in rows]
 
 
+def correct_chains(session: Session, run_ids: Sequence[int]) -> dict[str, list[str]]:
+    """Per document hash, every distinct chain the runs found correct on it."""
+    rows = session.execute(
+        select(Document.doc_hash, Evaluation.chain)
+        .join(Document, Document.id == Evaluation.document_id)
+        .where(Evaluation.run_id.in_(run_ids), Evaluation.correct.is_(True))
+        .distinct()
+    )
+    found: dict[str, list[str]] = {}
+    for doc_hash, chain in rows:
+        found.setdefault(doc_hash, []).append(chain)
+    return found
+
+
 def finished_documents(session: Session, run_ids: Sequence[int]) -> list[str]:
     """The content hashes of the documents the runs have finished, in ``doc_id`` order."""
     rows = session.execute(

@@ -27,6 +27,8 @@ from lm_eval_cola.default_model import (
     model_dir,
 )
 
+pytestmark = pytest.mark.internals  # run on every transformers line (tox.ini)
+
 
 class FakePretrained:
     """Stands in for a GGUF-loaded model (``quantized``, as in transformers 5) or tokenizer:

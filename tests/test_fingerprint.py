@@ -26,6 +26,8 @@ from lm_eval_cola.store.schema import Model, Run
 from lm_eval_cola.store.store import Store, default_run_name
 from tests.conftest import save_tiny
 
+pytestmark = pytest.mark.internals  # run on every transformers line (tox.ini)
+
 #: Wide enough that the sampled scheme's stride (one value in 32) skips flat index 1.
 WIDE = {"hidden_size": 256, "intermediate_size": 512}
 

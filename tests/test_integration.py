@@ -86,11 +86,13 @@ def test_data_import_gives_the_stock_task_the_local_documents(hf_samples):
     assert [hf_samples[i]["doc"]["id"] for i in range(LIMIT)] == expected
 
 
+@pytest.mark.internals
 def test_cola_without_chain_equals_hf(offline_env, hf_samples, tmp_path):
     cola = lm_eval(offline_env, tmp_path, "cola", "")  # the embedded default model
     assert scores(cola) == scores(hf_samples)
 
 
+@pytest.mark.internals
 def test_a_chain_changes_the_results(offline_env, hf_samples, tmp_path):
     cola = lm_eval(offline_env, tmp_path, "cola", "chain=0-9.14-29")
     assert scores(cola) != scores(hf_samples)
@@ -184,6 +186,7 @@ def test_search_on_smollm2_is_stored_and_reproduced_by_lm_eval(offline_env, tmp_
         assert sample["acc"] == by_hash[sample["doc_hash"]]["score"], sample["doc_id"]
 
 
+@pytest.mark.internals
 def test_generated_answers_equal_hf_and_searched_chains_reproduce(offline_env, tmp_path):
     """arc_easy_gen on SmolLM2: ``--model cola`` without a chain generates what ``hf``
     generates; a search (prefill reuse on) stores chains whose generated answers the stock

@@ -23,6 +23,8 @@ from lm_eval_cola.sources import ChainSourceError
 from lm_eval_cola.tasks import doc_hash, load_tasks, task_documents
 from tests.conftest import TASK_DOCS
 
+pytestmark = pytest.mark.internals  # run on every transformers line (tox.ini)
+
 TASKS = ["cola_mc", "cola_gen", "cola_text"]
 
 

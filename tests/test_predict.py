@@ -31,7 +31,7 @@ from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decod
 from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.sources import ChainSourceError, open_source
-from lm_eval_cola.store.schema import Task
+from lm_eval_cola.store.schema import Document, Evaluation, Task
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks, task_documents
 
@@ -102,6 +102,32 @@ def test_training_refuses_runs_of_another_model_or_a_changed_task(lm, task_dir, 
     (changed / "cola_split.yaml").write_text(text)
     with pytest.raises(TrainingDataError, match="configured differently"):
         build_training_set(lm, Store(str(store), read_only=True), [run_id], 4, SPEC, str(changed))
+
+
+def test_router_paths_follow_each_documents_shortest_right_chain(trained):
+    """A router's target is the shortest routable chain right on that document among all its
+    search found and the candidates scored on it, not among the candidates alone."""
+    store, _, data, _, _ = trained
+    right: dict[str, set[str]] = {h: set() for h in data.doc_hashes}
+    with Store(str(store), read_only=True).session() as session:
+        found = select(Document.doc_hash, Evaluation.chain).join(Document)
+        for doc_hash, chain in session.execute(found.where(Evaluation.correct.is_(True))):
+            right[doc_hash].add(chain)
+    from_search_only = 0
+    for i, doc_hash in enumerate(data.doc_hashes):
+        candidates = {str(c) for c, ok in zip(data.candidates, data.correct[i], strict=True) if ok}
+        paths = [routable(Chain.parse(c), 4) for c in right[doc_hash] | candidates]
+        paths = [p for p in paths if p is not None]
+        route = data.routes[i]
+        if not paths:
+            assert route is None
+            continue
+        assert route.runs.tolist() in paths and int(route.runs.sum()) == min(map(sum, paths))
+        shortest_candidate = min(
+            (sum(p) for c in candidates if (p := routable(Chain.parse(c), 4))), default=99
+        )
+        from_search_only += int(route.runs.sum()) < shortest_candidate
+    assert from_search_only > 0, "no document's target came from its own search: test is moot"
 
 
 def synthetic(n: int = 40) -> TrainingSet:

@@ -97,8 +97,9 @@ def register(store: Store, run_name: str, documents: int = DOCUMENTS) -> tuple[i
     return store.start_run(model_id, task_id, info), [ids[doc.doc_hash] for doc in docs]
 
 
-def write_until_killed(url: str, started: Event) -> None:
-    """Resume the run and record its remaining documents, one transaction each."""
+def write_until_killed(url: str, started: Event, recorded: Event) -> None:
+    """Resume the run and record its remaining documents, one transaction each; ``recorded``
+    is set once a document is in."""
     started.set()
     with Store(url) as store:
         run_id, ids = register(store, "killed", KILLED_RUN_DOCUMENTS)
@@ -106,6 +107,7 @@ def write_until_killed(url: str, started: Event) -> None:
         for index, document_id in enumerate(ids):
             if document_id not in done:
                 store.record_document(run_id, document_id, evaluations(index), seconds=0.0)
+                recorded.set()
 
 
 def die_before(url: str, statement: str) -> None:
@@ -187,14 +189,19 @@ def test_orm_schema_is_what_the_migrations_create(store_url: str) -> None:
 
 def test_writers_killed_at_random_moments_leave_whole_documents(store_url: str) -> None:
     """Six writers in turn resume one run and are SIGKILLed at random moments (opening or
-    creating the store, registering, or in the middle of a document)."""
+    creating the store, registering, or in the middle of a document). The last one's moment
+    comes after it recorded a document, so the run is sure to have progressed on a slow
+    machine too."""
     context, rng = processes(), random.Random()
     delays = [rng.uniform(0.0, 0.5) for _ in range(6)]
-    for delay in delays:
-        started = context.Event()
-        writer = context.Process(target=write_until_killed, args=(store_url, started))
+    for number, delay in enumerate(delays, start=1):
+        started, recorded = context.Event(), context.Event()
+        args = (store_url, started, recorded)
+        writer = context.Process(target=write_until_killed, args=args)
         writer.start()
         assert started.wait(30)
+        if number == len(delays):
+            assert recorded.wait(120), "the last writer recorded no document in 120 s"
         writer.join(delay)
         writer.kill()
         writer.join()
