@@ -237,22 +237,17 @@ def _fill_missing(
     scores: list[list[float]],
     correct: list[list[bool]],
 ) -> int:
-    """Evaluate the candidates the search did not try on a document; returns how many.
-    Documents are scored many at a time, a candidate at a time, the identity first (the
-    reference of the others)."""
+    """Evaluate the candidates the search did not try on a document; returns how many. The
+    identity (column 0) goes first: it is the reference of the others."""
     todo = [(i, j) for i, row in enumerate(scores) for j, s in enumerate(row) if s != s]
-    progress = tqdm(total=len(todo), desc="Scoring candidates", disable=not todo)
-    for j in sorted({j for _, j in todo}):
-        rows = [i for i, column in todo if column == j]
-        for start in range(0, len(rows), DOCUMENTS_AT_ONCE):
-            chunk = rows[start : start + DOCUMENTS_AT_ONCE]
-            proposals = [
-                Proposal(documents[i], candidates[j], None if j == 0 else scores[i][0])
-                for i in chunk
-            ]
-            for i, trial in zip(chunk, objective.score_many(proposals), strict=True):
-                scores[i][j], correct[i][j] = trial.score, trial.correct
-            progress.update(len(chunk))
-    progress.close()
+    for identity in (True, False):
+        cells = [(i, j) for i, j in todo if (j == 0) == identity]
+        proposals = [
+            Proposal(documents[i], candidates[j], None if j == 0 else scores[i][0])
+            for i, j in cells
+        ]
+        trials = objective.score_all(proposals, DOCUMENTS_AT_ONCE, "Scoring candidates")
+        for (i, j), trial in zip(cells, trials, strict=True):
+            scores[i][j], correct[i][j] = trial.score, trial.correct
     logger.info("Scored %d candidate chains the search had not tried", len(todo))
     return len(todo)

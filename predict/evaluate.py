@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.predict.dataset import DOCUMENTS_AT_ONCE
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
-from lm_eval_cola.search.objective import Objective
+from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.tasks import Document, task_documents
 
 
@@ -122,26 +123,42 @@ def check_no_leak(predictors: list[Predictor], documents: list[Document]) -> Non
 
 
 class _Correctness:
-    """Whether a chain answers a document, each (document, chain) scored once. The identity
-    is scored first on each document: graded metrics judge a chain against it."""
+    """Whether a chain answers a document, each (document, chain) scored once, many documents
+    per pass. The identity is scored first on each document: graded metrics judge a chain
+    against it."""
 
     def __init__(self, objective: Objective, identity: Chain) -> None:
         self.objective, self.identity = objective, identity
         self._correct: dict[tuple[str, Chain], bool] = {}
         self._reference: dict[str, float] = {}
 
+    def fill(self, pairs: list[tuple[Document, Chain]]) -> None:
+        """Score the (document, chain) pairs not scored yet."""
+        documents = {d.doc_hash: d for d, _ in pairs}
+        new = [(d.doc_hash, c) for d, c in pairs if (d.doc_hash, c) not in self._correct]
+        new = list(dict.fromkeys(new))
+        references = [h for h in documents if (h, self.identity) not in self._correct]
+        self._score([Proposal(documents[h], self.identity) for h in references])
+        self._score(
+            [
+                Proposal(documents[h], chain, self._reference[h])
+                for h, chain in new
+                if chain != self.identity
+            ]
+        )
+
+    def _score(self, proposals: list[Proposal]) -> None:
+        trials = self.objective.score_all(proposals, DOCUMENTS_AT_ONCE, "Scoring chains")
+        for proposal, trial in zip(proposals, trials, strict=True):
+            document = proposal.document.doc_hash
+            self._correct[(document, proposal.chain)] = trial.correct
+            if proposal.chain == self.identity:
+                self._reference[document] = trial.score
+
     def __call__(self, document: Document, chain: Chain) -> bool:
-        key = (document.doc_hash, chain)
-        if key not in self._correct:
-            reference = None
-            if chain != self.identity:
-                self(document, self.identity)
-                reference = self._reference[document.doc_hash]
-            trial = self.objective.score(document, chain, reference)
-            if chain == self.identity:
-                self._reference[document.doc_hash] = trial.score
-            self._correct[key] = trial.correct
-        return self._correct[key]
+        if (document.doc_hash, chain) not in self._correct:
+            self.fill([(document, chain)])
+        return self._correct[(document.doc_hash, chain)]
 
 
 def evaluate(
@@ -158,15 +175,18 @@ def evaluate(
     # per predictor, per document: its ranked chains and its own cost in layers
     ranked: list[list[list[Chain]]] = [[] for _ in predictors]
     own: list[list[float]] = [[] for _ in predictors]
-    for document in tqdm(documents, desc=f"Evaluating predictors on {task.config.task}"):
+    for document in tqdm(documents, desc=f"Predicting chains on {task.config.task}"):
         prompt = prompt_of(document.instances)
         states = {spec: encode(prompt) for spec, encode in encoders.items()}
         for index, predictor in enumerate(predictors):
             chains = predictor.chains_for(lm, prompt, states.get(predictor.info.spec), k)
             ranked[index].append(chains)
             own[index].append(predictor.own_layers(lm, prompt))
-            for chain in chains:
-                correct(document, chain)
+    statics = {Chain.parse(p.info.static_chain) for p in predictors}
+    pairs = [(d, c) for d in documents for c in statics]
+    for per_document in ranked:
+        pairs += [(d, c) for d, chains in zip(documents, per_document, strict=True) for c in chains]
+    correct.fill(pairs)
     return [
         _summary(predictor, task.config.task, documents, chains, _mean(cost), correct, k)
         for predictor, chains, cost in zip(predictors, ranked, own, strict=True)

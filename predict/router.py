@@ -8,10 +8,11 @@ the routers themselves, a bottleneck MLP per visited layer (:meth:`RouterPredict
 
 Training follows Dr.LLM with the data this project stores: each training document's target
 path is the shortest chain found right on it (by its own search, or among the candidates scored
-on it) that routers can express (each layer 0, 1 or 2 times, in order; :func:`routable`), and the hidden states entering each layer along that path
-(teacher forcing) are the inputs (:attr:`TrainingSet.routes`). The per-layer classes are very
-unbalanced (most layers run once), so the loss is Dr.LLM's focal loss with class weights by
-inverse frequency; ``loss="ce"`` and ``balance=False`` give the plain cross-entropy to compare.
+on it) that routers can express (each layer 0, 1 or 2 times, in order; :func:`routable`), and
+the hidden states entering each layer along that path (teacher forcing) are the inputs
+(:attr:`TrainingSet.routes`). The per-layer classes are very unbalanced (most layers run once),
+so the loss is Dr.LLM's focal loss with class weights by inverse frequency; ``loss="ce"`` and
+``balance=False`` give the plain cross-entropy to compare.
 """
 
 from __future__ import annotations

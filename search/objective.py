@@ -19,6 +19,7 @@ from typing import Any
 
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
+from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import PrefixCache, Work
@@ -77,6 +78,34 @@ class Objective:
             self._trial(p, work[p.document.doc_hash], steps[p.document.doc_hash], seconds)
             for p in proposals
         ]
+
+    def score_all(
+        self, proposals: Sequence[Proposal], at_once: int = 16, desc: str | None = None
+    ) -> list[Trial]:
+        """Score any proposals, passes of up to ``at_once`` distinct documents, a chain's
+        proposals kept together (a generation pass decodes once per distinct chain); trials
+        come in the proposals' order. ``desc`` shows a progress bar."""
+        first: dict[Chain, int] = {}
+        for proposal in proposals:
+            first.setdefault(proposal.chain, len(first))
+        pending = sorted(range(len(proposals)), key=lambda i: first[proposals[i].chain])
+        trials: list[Trial] = [None] * len(proposals)  # type: ignore[list-item]
+        with tqdm(total=len(proposals), desc=desc, disable=desc is None) as progress:
+            while pending:
+                chunk, documents, later = [], set(), []
+                for index in pending:
+                    document = proposals[index].document.doc_hash
+                    if len(chunk) < at_once and document not in documents:
+                        chunk.append(index)
+                        documents.add(document)
+                    else:
+                        later.append(index)
+                scored = self.score_many([proposals[i] for i in chunk])
+                for index, trial in zip(chunk, scored, strict=True):
+                    trials[index] = trial
+                progress.update(len(chunk))
+                pending = later
+        return trials
 
     def _respond(
         self, proposals: Sequence[Proposal]

@@ -21,7 +21,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.search.base import SEARCHERS, Trial, pareto_front, run_search, searcher_class
 from lm_eval_cola.search.mcts import MCTS
-from lm_eval_cola.search.objective import Objective
+from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import Action, ChainSpace
 from lm_eval_cola.store import queries
@@ -169,6 +169,30 @@ def test_objective_scores_like_lm_eval(lm, task_dir, name):
     for sample in out["samples"][name]:
         for metric, value in scored[sample["doc_hash"]].items():
             assert json.loads(json.dumps(sample[metric])) == pytest.approx(value), metric
+
+
+@pytest.mark.parametrize("name", ["cola_mc", "cola_gen"])
+def test_score_all_passes_distinct_documents_and_keeps_the_order(lm, task_dir, name):
+    """Any proposals, a document several times among them: each pass holds distinct
+    documents, at most ``at_once``, and every trial is the proposal's own score."""
+    objective = Objective(lm, task(task_dir, name))
+    documents = task_documents(task(task_dir, name), None)[:3]
+    chains = [Chain.parse("0.1.1.3"), Chain.parse("0.2.3"), Chain.identity(4)]
+    proposals = [Proposal(d, c) for c in chains for d in documents][::-1]
+    passes = []
+    score_many = objective.score_many
+
+    def noting(batch):
+        passes.append([p.document.doc_hash for p in batch])
+        return score_many(batch)
+
+    objective.score_many = noting
+    trials = objective.score_all(proposals, at_once=2)
+    assert all(len(set(p)) == len(p) <= 2 for p in passes) and sum(map(len, passes)) == 9
+    objective.score_many = score_many
+    for proposal, trial in zip(proposals, trials, strict=True):
+        alone = objective.score(proposal.document, proposal.chain)
+        assert (trial.chain, trial.metrics) == (proposal.chain, alone.metrics)
 
 
 def test_prefix_cache_gives_identical_searches_with_fewer_layer_applications(lm, task_dir):
