@@ -34,6 +34,10 @@ from lm_eval_cola.predict.selection import GRIDS, select, subset
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks
 
+#: Named variants trained beside the registered kinds: Dr.LLM's routers (focal loss, class
+#: weights) against the same routers on plain cross-entropy.
+VARIANTS = {"router-ce": ("router", {"loss": "ce", "balance": False})}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -47,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--device", help="default: cuda when there is one, else cpu")
     add("--include_path", help="extra folder of task YAMLs, as for lm_eval")
     add("--sizes", default="100,400,1500", help="training documents per point of the curve")
-    add("--kinds", default=",".join(PREDICTORS))
+    add(
+        "--kinds",
+        default=",".join([*PREDICTORS, *VARIANTS]),
+        help=f"predictor kinds, or variants: {', '.join(VARIANTS)}",
+    )
     add("--candidates", type=int, default=16)
     add("--test_limit", type=int, default=500, help="held-out test documents of the task")
     add("--ood_tasks", default="", help="comma-separated tasks judged out of domain")
@@ -85,27 +93,31 @@ def main(argv: list[str] | None = None) -> int:
             judged += [(t, args.ood_limit) for t in ood.values()]
         for judged_task, limit in judged:
             start = time.perf_counter()
-            results = evaluate(lm, judged_task, trained, limit, args.k)
-            lines += _table(n, results, time.perf_counter() - start)
+            results = evaluate(lm, judged_task, list(trained.values()), limit, args.k)
+            named = dict(zip(trained, results, strict=True))
+            lines += _table(n, named, time.perf_counter() - start)
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
 
-def _train(data, lm, kinds: list[str]) -> list:
-    trained = []
-    for kind in kinds:
-        options = select(kind, data, lm.identity)[0] if kind in GRIDS else {}
+def _train(data, lm, names: list[str]) -> dict[str, predicting.Predictor]:
+    """The predictors by name (a kind, or a variant's name)."""
+    trained = {}
+    for name in names:
+        kind, options = VARIANTS.get(name, (name, {}))
+        if kind in GRIDS:
+            options = select(kind, data, lm.identity)[0]
         try:
-            trained.append(predicting.train(kind, data, lm.identity, **options))
-        except ValueError as err:  # e.g. no correct candidate routers can express
-            print(f"{kind} not trained on {len(data.doc_hashes)} documents: {err}")
+            trained[name] = predicting.train(kind, data, lm.identity, **options)
+        except ValueError as err:  # e.g. no right chain routers can express
+            print(f"{name} not trained on {len(data.doc_hashes)} documents: {err}")
     return trained
 
 
-def _table(n: int, results: list[PredictorScore], seconds: float) -> list[str]:
-    first = results[0]
+def _table(n: int, results: dict[str, PredictorScore], seconds: float) -> list[str]:
+    first = next(iter(results.values()))
     domain = "in domain" if first.in_domain else "out of domain"
     lines = [
         "",
@@ -119,10 +131,10 @@ def _table(n: int, results: list[PredictorScore], seconds: float) -> list[str]:
         f"| depth | not the identity | oracle@{first.k} (not an accuracy) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for name, r in results.items():
         oracle = "-" if r.oracle_at_k is None else f"{100 * r.oracle_at_k:.1f}%"
         lines.append(
-            f"| {r.predictor} | {100 * r.accuracy:.1f}% | {100 * r.delta:+.1f} "
+            f"| {name} | {100 * r.accuracy:.1f}% | {100 * r.delta:+.1f} "
             f"[{100 * r.delta_low:+.1f}, {100 * r.delta_high:+.1f}] | {r.mcnemar_p:.3f} | "
             f"{r.layers_run:.2f} | {100 * r.depth:.1f}% | {100 * r.differs_from_identity:.1f}% "
             f"| {oracle} |"

@@ -47,7 +47,7 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
     report = tmp_path / "PREDICTORS.md"
     args = ["--store", str(tmp_path / "train.db"), "--run", str(run_id),
             "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
-            "--include_path", task_dir, "--sizes", "7,14", "--kinds", "static,knn,router",
+            "--include_path", task_dir, "--sizes", "7,14", "--kinds", "static,knn,router,router-ce",
             "--candidates", "6", "--ood_tasks", "cola_mc", "--report", str(report)]  # fmt: skip
     assert script("predictors").main(args) == 0
     text = report.read_text()
@@ -57,3 +57,4 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
         "Trained on 14 documents, judged on" in text and "cola_mc documents (out of domain" in text
     )
     assert text.count("| knn |") == 3 and text.count("| static |") == 3
+    assert text.count("| router |") == text.count("| router-ce |") == 3
