@@ -28,9 +28,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict import predictors as predicting
-from lm_eval_cola.predict.dataset import build_training_set
+from lm_eval_cola.predict.dataset import build_training_set, routable
 from lm_eval_cola.predict.evaluate import PredictorScore, evaluate
 from lm_eval_cola.predict.selection import GRIDS, select, subset
+from lm_eval_cola.store import queries
+from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks
 
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "fifth of each training set. oracle@k is any of a ranking predictor's k best chains "
         "right: the gold answer picks it, so it is not an accuracy.",
     ]
+    lines += _training_data(store, args.run, data)
     for n in sizes:
         trained = _train(subset(data, list(range(n))), lm, args.kinds.split(","))
         judged = [(task, args.test_limit)]
@@ -100,6 +103,54 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.report).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _training_data(store: Store, runs: list[str], data) -> list[str]:
+    """How often the training search found a correct chain within its first b evaluations,
+    and the routers' targets: how many documents have one, and how long they are."""
+    with store.session() as session:
+        run_ids = [queries.find_run(session, run) for run in runs]
+        budget = max(session.get(Run, run_id).budget for run_id in run_ids)
+        budgets = [b for b in (1, 5, 10, 25, 50, 100, 200) if b <= budget]
+        best = {
+            b: [row for run_id in run_ids for row in queries.best_within_budget(session, run_id, b)]
+            for b in budgets
+        }
+    found = {b: [length for correct, length in rows if correct] for b, rows in best.items()}
+    targets = [route.runs for route in data.routes if route is not None]
+    own = sum(_from_own_search(data, i) for i in range(len(data.doc_hashes)))
+    return [
+        "",
+        "## The training data",
+        "",
+        "| budget b (first b evaluations) | " + " | ".join(map(str, budgets)) + " |",
+        "|---" * (len(budgets) + 1) + "|",
+        "| documents with a correct chain | "
+        + " | ".join(f"{100 * len(found[b]) / len(best[b]):.1f}%" for b in budgets)
+        + " |",
+        "| mean length of the best correct chain | "
+        + " | ".join(f"{sum(found[b]) / max(len(found[b]), 1):.2f}" for b in budgets)
+        + " |",
+        "",
+        f"Router targets (each document's shortest right chain routers can express): "
+        f"{len(targets)} of {len(data.doc_hashes)} documents have one, "
+        f"{sum(int(t.sum()) for t in targets) / max(len(targets), 1):.2f} layers run on average; "
+        f"for {own} of them it is shorter than every right candidate (or no candidate is "
+        f"right), so it comes from the document's own search.",
+    ]
+
+
+def _from_own_search(data, i: int) -> bool:
+    route = data.routes[i]
+    if route is None:
+        return False
+    n_layers = len(data.candidates[0])
+    lengths = [
+        sum(runs)
+        for chain, right in zip(data.candidates, data.correct[i].tolist(), strict=True)
+        if right and (runs := routable(chain, n_layers)) is not None
+    ]
+    return int(route.runs.sum()) < min(lengths, default=n_layers * 2 + 1)
 
 
 def _train(data, lm, names: list[str]) -> dict[str, predicting.Predictor]:

@@ -58,3 +58,4 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
     )
     assert text.count("| knn |") == 3 and text.count("| static |") == 3
     assert text.count("| router |") == text.count("| router-ce |") == 3
+    assert "| documents with a correct chain |" in text and "Router targets" in text
