@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         trained = _train(subset(data, list(range(n))), lm, args.kinds.split(","))
         judged = [(task, args.test_limit)]
-        if n == sizes[-1]:
+        if n == max(sizes):
             judged += [(t, args.ood_limit) for t in ood.values()]
         for judged_task, limit in judged:
             start = time.perf_counter()
