@@ -28,7 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict import predictors as predicting
-from lm_eval_cola.predict.dataset import build_training_set, routable
+from lm_eval_cola.predict.dataset import build_training_set, shortest_routable
 from lm_eval_cola.predict.evaluate import PredictorScore, evaluate
 from lm_eval_cola.predict.selection import GRIDS, select, subset
 from lm_eval_cola.store import queries
@@ -144,13 +144,9 @@ def _from_own_search(data, i: int) -> bool:
     route = data.routes[i]
     if route is None:
         return False
-    n_layers = len(data.candidates[0])
-    lengths = [
-        sum(runs)
-        for chain, right in zip(data.candidates, data.correct[i].tolist(), strict=True)
-        if right and (runs := routable(chain, n_layers)) is not None
-    ]
-    return int(route.runs.sum()) < min(lengths, default=n_layers * 2 + 1)
+    right = [c for c, ok in zip(data.candidates, data.correct[i].tolist(), strict=True) if ok]
+    shortest = shortest_routable(right, len(data.candidates[0]))
+    return shortest is None or int(route.runs.sum()) < sum(shortest)
 
 
 def _train(data, lm, names: list[str]) -> dict[str, predicting.Predictor]:

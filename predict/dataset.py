@@ -150,15 +150,20 @@ def _right(
     return found + [chain for chain, right in zip(candidates, correct, strict=True) if right]
 
 
+def shortest_routable(chains: list[Chain], n_layers: int) -> list[int] | None:
+    """The runs per layer of the shortest chain routers can express (the first among equals),
+    or ``None`` when none can be."""
+    paths = [p for p in (routable(chain, n_layers) for chain in chains) if p is not None]
+    return min(paths, key=sum, default=None)
+
+
 def route_path(lm, prompt: str, right: list[Chain], windows: int) -> RoutePath | None:
     """The shortest of the document's right chains that routers can express (the first among
     equals), with the states entering each layer as routers following it would see them
     (teacher forcing); ``None`` when no right chain is routable."""
-    paths = [routable(chain, lm.executor.n_layers) for chain in right]
-    paths = [p for p in paths if p is not None]
-    if not paths:
+    runs = shortest_routable(right, lm.executor.n_layers)
+    if runs is None:
         return None
-    runs = min(paths, key=sum)
     seen: list[torch.Tensor] = []
 
     def follow(layer: int, hidden: torch.Tensor) -> int:
