@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"predictor kinds, or variants: {', '.join(VARIANTS)}",
     )
     add("--candidates", type=int, default=16)
+    add("--prune_to", type=int, help="add the greedy path of pruned chains down to this depth")
+    add(
+        "--max_depth",
+        type=float,
+        help="also train each candidate kind held to this share of the model's layers "
+        "(named KIND@SHARE)",
+    )
     add("--test_limit", type=int, default=500, help="held-out test documents of the task")
     add("--ood_tasks", default="", help="comma-separated tasks judged out of domain")
     add("--ood_limit", type=int, default=200)
@@ -71,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     lm = load(args.model_args, args.device)
     store = Store(args.store, read_only=True)
-    data = build_training_set(lm, store, args.run, args.candidates, None, args.include_path)
+    data = build_training_set(
+        lm, store, args.run, args.candidates, None, args.include_path, args.prune_to
+    )
     sizes = [n for n in map(int, args.sizes.split(",")) if n <= len(data.doc_hashes)]
     if not sizes:
         print(f"the runs have {len(data.doc_hashes)} finished documents, fewer than any size")
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     lines += _training_data(store, args.run, data)
     for n in sizes:
-        trained = _train(subset(data, list(range(n))), lm, args.kinds.split(","))
+        trained = _train(subset(data, list(range(n))), lm, args.kinds.split(","), args.max_depth)
         judged = [(task, args.test_limit)]
         if n == max(sizes):
             judged += [(t, args.ood_limit) for t in ood.values()]
@@ -149,17 +158,23 @@ def _from_own_search(data, i: int) -> bool:
     return shortest is None or int(route.runs.sum()) < sum(shortest)
 
 
-def _train(data, lm, names: list[str]) -> dict[str, predicting.Predictor]:
-    """The predictors by name (a kind, or a variant's name)."""
+def _train(data, lm, names: list[str], max_depth: float | None) -> dict[str, predicting.Predictor]:
+    """The predictors by name (a kind, or a variant's name), and with ``max_depth`` each
+    candidate kind again under that depth budget (``KIND@SHARE``)."""
+    budgets = [None] if max_depth is None else [None, max_depth]
     trained = {}
-    for name in names:
+    for name, budget in ((name, budget) for budget in budgets for name in names):
         kind, options = VARIANTS.get(name, (name, {}))
-        if kind in GRIDS:
-            options = select(kind, data, lm.identity)[0]
+        label = name if budget is None else f"{name}@{budget:.0%}"
         try:
-            trained[name] = predicting.train(kind, data, lm.identity, **options)
+            own = data
+            if budget is not None:
+                own = predicting.within_depth(kind, data, budget, lm.executor.n_layers)
+            if kind in GRIDS:
+                options = select(kind, own, lm.identity)[0]
+            trained[label] = predicting.train(kind, own, lm.identity, **options)
         except ValueError as err:  # e.g. no right chain routers can express
-            print(f"{name} not trained on {len(data.doc_hashes)} documents: {err}")
+            print(f"{label} not trained on {len(data.doc_hashes)} documents: {err}")
     return trained
 
 

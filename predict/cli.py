@@ -17,6 +17,8 @@ from lm_eval_cola.predict import PREDICTORS
 EPILOG_TRAIN = """example:
   cola search --tasks arc_easy --split train --limit 300 --budget 50 --store cola.db
   cola predict train --store cola.db --run 1 --output_dir predictors/ --select
+  cola predict train --store cola.db --run 1 --output_dir short/ --kinds static \\
+      --prune_to 25 --max_depth 0.85
   lm_eval --model cola --model_args chains=predictor:predictors/knn.pt --tasks arc_easy
 """
 EPILOG_EVALUATE = """example:
@@ -64,6 +66,18 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         help="comma-separated, of " + "/".join(PREDICTORS) + " (default: all)",
     )
     parser.add_argument("--candidates", type=int, default=16, help="chains to choose from")
+    parser.add_argument(
+        "--prune_to",
+        type=int,
+        help="also offer the greedy path of pruned chains (the model less one layer, two, ...) "
+        "down to this many layers, judged on the first 300 training documents",
+    )
+    parser.add_argument(
+        "--max_depth",
+        type=float,
+        help="hold static, knn and network to this share of the model's layers, their prompt "
+        "states included (e.g. 0.85 with --prune_to 25 for a 30-layer model)",
+    )
     parser.add_argument("--layer", type=int, help="prompt states after this many layers (N/2)")
     parser.add_argument("--max_tokens", type=int, default=256, help="last prompt tokens read")
     parser.add_argument("--k", type=int, default=5, help="neighbours (knn)")
@@ -120,7 +134,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
 def train(args: argparse.Namespace) -> int:
     from lm_eval_cola.predict.dataset import TrainingDataError, build_training_set
     from lm_eval_cola.predict.features import FeatureSpec
-    from lm_eval_cola.predict.predictors import save
+    from lm_eval_cola.predict.predictors import save, within_depth
     from lm_eval_cola.predict.predictors import train as fit
     from lm_eval_cola.predict.selection import GRIDS, select
     from lm_eval_cola.store.engine import StoreError
@@ -129,6 +143,8 @@ def train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(PREDICTORS))
+    if args.max_depth is not None and args.max_depth <= 0:
+        return _fail(f"--max_depth {args.max_depth}: give a share of the model's layers, e.g. 0.85")
     if unknown or args.candidates < 1:
         return _fail(f"--kinds {','.join(unknown)}: choose from {', '.join(PREDICTORS)}"
                      if unknown else "--candidates must be at least 1")  # fmt: skip
@@ -136,7 +152,9 @@ def train(args: argparse.Namespace) -> int:
         store = Store(args.store, read_only=True)
         lm = _load_model(args)
         spec = FeatureSpec(args.layer, args.max_tokens) if args.layer else None
-        data = build_training_set(lm, store, args.run, args.candidates, spec, args.include_path)
+        data = build_training_set(
+            lm, store, args.run, args.candidates, spec, args.include_path, args.prune_to
+        )
     except (TrainingDataError, StoreError, ValueError) as err:
         return _fail(str(err))
     network = {"epochs": args.epochs, "seed": args.seed}
@@ -145,16 +163,21 @@ def train(args: argparse.Namespace) -> int:
     for kind in kinds:
         chosen, tried = options.get(kind, {}), []
         try:
+            own = data
+            if args.max_depth is not None:
+                own = within_depth(kind, data, args.max_depth, lm.executor.n_layers)
             if args.select and kind in GRIDS:
-                best, tried = select(kind, data, lm.identity, seed=args.seed)
+                best, tried = select(kind, own, lm.identity, seed=args.seed)
                 chosen = {**chosen, **best}
                 scores = "; ".join(f"{_settings(o)} {a:.3f}" for o, a in tried)
                 print(f"{kind}: validation accuracy {scores} -> {_settings(best)}")
-            predictor = fit(kind, data, lm.identity, **chosen)
+            predictor = fit(kind, own, lm.identity, **chosen)
         except ValueError as err:
             return _fail(f"{kind}: {err}")
         if tried:
             predictor.info.options["validation"] = [[o, a] for o, a in tried]
+        if args.max_depth is not None:
+            predictor.info.options["max_depth"] = args.max_depth
         print(f"{kind}: {save(predictor, Path(args.output_dir) / f'{kind}.pt')}")
     print(
         f"trained on {len(data.doc_hashes)} documents of {data.task} ({data.split}), "

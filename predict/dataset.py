@@ -13,7 +13,7 @@ since the search (same prompt, split and metric): anything else is refused befor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from sqlalchemy import select
@@ -29,6 +29,8 @@ from lm_eval_cola.predict.features import (
     run_routed,
     windowed_mean,
 )
+from lm_eval_cola.predict.pruning import prune, skip_effects
+from lm_eval_cola.search.base import Trial
 from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Model, Run, Task
@@ -38,6 +40,8 @@ from lm_eval_cola.tasks import Document, config_hash, load_tasks, task_documents
 logger = logging.getLogger("lm_eval.cola")
 #: Documents scored in one forward pass while filling in the score table.
 DOCUMENTS_AT_ONCE = 16
+#: Training documents each step of the greedy pruning path is judged on.
+PRUNING_DOCUMENTS = 300
 
 
 class TrainingDataError(ValueError):
@@ -70,6 +74,23 @@ class TrainingSet:
     filled: int  # evaluations run here because the store did not hold them
     routes: list[RoutePath | None] = field(default_factory=list)
 
+    def within(self, max_layers: int) -> TrainingSet:
+        """The same documents with only the candidates of at most ``max_layers`` layers (a
+        depth budget)."""
+        keep = [j for j, chain in enumerate(self.candidates) if len(chain) <= max_layers]
+        if not keep:
+            shortest = min(map(len, self.candidates))
+            raise TrainingDataError(
+                f"no candidate chain has at most {max_layers} layers (the shortest has "
+                f"{shortest}); add shorter ones with --prune_to {max_layers}"
+            )
+        return replace(
+            self,
+            candidates=[self.candidates[j] for j in keep],
+            scores=self.scores[:, keep],
+            correct=self.correct[:, keep],
+        )
+
 
 @dataclass(frozen=True)
 class _RunsInfo:
@@ -85,8 +106,12 @@ def build_training_set(
     n_candidates: int = 16,
     spec: FeatureSpec | None = None,
     include_path: str | None = None,
+    prune_to: int | None = None,
 ) -> TrainingSet:
-    """Everything a predictor trains on, for the documents the ``runs`` finished."""
+    """Everything a predictor trains on, for the documents the ``runs`` finished; with
+    ``prune_to``, the candidates include the greedy path of pruned chains down to that many
+    layers (:mod:`~lm_eval_cola.predict.pruning`, chosen on the first
+    ``PRUNING_DOCUMENTS`` training documents)."""
     info = _check_runs(store, runs, lm.identity.fingerprint)
     settings = info.settings
     task = load_tasks(
@@ -105,6 +130,10 @@ def build_training_set(
         )
     documents, candidates, scores, correct = _score_table(store, info, task, n_candidates)
     objective = Objective(lm, task, settings.get("metric"), settings.get("filter_name"))
+    if prune_to is not None:
+        effects = skip_effects(store, info.run_ids, lm.executor.n_layers)
+        path = prune(objective, documents[:PRUNING_DOCUMENTS], effects, prune_to)
+        _add_columns(path, objective.binary, candidates, scores, correct)
     filled = _fill_missing(objective, documents, candidates, scores, correct)
     spec = spec or FeatureSpec(layer=max(1, lm.executor.n_layers // 2))
     encode = PromptStates(lm, spec)
@@ -233,6 +262,27 @@ def _score_table(store: Store, info: _RunsInfo, task, n_candidates: int):
             scores[row[doc_hash]][column[chain]] = score
             correct[row[doc_hash]][column[chain]] = bool(is_correct)
     return [by_hash[h] for h in hashes], [Chain.parse(c) for c in names], scores, correct
+
+
+def _add_columns(
+    path: list[tuple[Chain, list[Trial]]],
+    binary: bool,
+    candidates: list[Chain],
+    scores: list[list[float]],
+    correct: list[list[bool]],
+) -> None:
+    """Append the chains of a pruning path to the candidates, with what their trials on the
+    first documents measured (graded metrics judge a chain against the full model, not scored
+    yet: those cells stay missing)."""
+    for chain, trials in path:
+        if chain in candidates:
+            continue
+        candidates.append(chain)
+        known = [(t.score, t.correct) for t in trials] if binary else []
+        for i, (scored, right) in enumerate(zip(scores, correct, strict=True)):
+            score, ok = known[i] if i < len(known) else (float("nan"), False)
+            scored.append(score)
+            right.append(ok)
 
 
 def _fill_missing(

@@ -159,6 +159,25 @@ def train(kind: str, data: TrainingSet, model: ModelIdentity, **options) -> Pred
     return predictor.fit(data, info, **options)
 
 
+def within_depth(kind: str, data: TrainingSet, max_depth: float, n_layers: int) -> TrainingSet:
+    """What a ``kind`` predictor held to ``max_depth`` of the model's layers may choose from:
+    the candidates that, with the layers its prompt states take, run at most that many."""
+    predictor = PREDICTORS.get(kind)
+    if not issubclass(predictor, CandidatePredictor):
+        raise ValueError(
+            f"a depth budget bounds the predictors that choose among candidates; '{kind}' "
+            "composes its own chains"
+        )
+    own = data.spec.layer if predictor.reads_prompt else 0
+    budget = math.floor(max_depth * n_layers + 1e-9)
+    if own and budget - own < min(map(len, data.candidates)):
+        raise ValueError(
+            f"'{kind}' reads {own} layers of prompt states, which leaves {budget - own} of the "
+            f"{budget} layers that {max_depth:.0%} of the model allows, fewer than any candidate"
+        )
+    return data.within(budget - own)
+
+
 def best_static(data: TrainingSet) -> int:
     """The candidate with the best mean score; the shorter one among equals."""
     means = data.scores.mean(dim=0).tolist()

@@ -17,7 +17,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.predict import predictors as P
-from lm_eval_cola.predict import selection
+from lm_eval_cola.predict import pruning, selection
 from lm_eval_cola.predict.dataset import (
     RoutePath,
     TrainingDataError,
@@ -419,3 +419,70 @@ def test_hyper_parameters_are_chosen_on_a_validation_split_of_the_training_docum
     assert best == max(tried, key=lambda item: item[1])[0]
     assert best == {"k": 5} and dict(tried[0][0]) == {"k": 1}  # one neighbour follows the noise
     assert tried[0][1] < max(accuracy for _, accuracy in tried)
+
+
+def test_pruning_removes_a_layer_a_step_the_best_scoring_of_the_best_ranked(lm, task_dir, trained):
+    """Layers are ranked by the search's paired evidence (the model less one layer against the
+    full model, on the same documents), and each step keeps the best-scoring removal among
+    the ``width`` best-ranked layers left, its trials measured on the pruning documents."""
+    store, run_id, _, _, _ = trained
+    effects = pruning.skip_effects(Store(str(store), read_only=True), [run_id], 4)
+    with Store(str(store), read_only=True).session() as session:
+        rows = session.execute(select(Evaluation.document_id, Evaluation.chain, Evaluation.score))
+        by_doc: dict[int, dict[str, float]] = {}
+        for doc, chain, score in rows:
+            by_doc.setdefault(doc, {})[chain] = score
+    for layer in range(4):
+        name = str(pruning.without(range(4), layer))
+        paired = [s[name] - s["0-3"] for s in by_doc.values() if name in s and "0-3" in s]
+        assert effects.get(layer) == (sum(paired) / len(paired) if paired else None)
+    assert effects, "the search never skipped a single layer: test is moot"
+    task = split_task(task_dir, "train")
+    objective, documents = Objective(lm, task), task_documents(task, 6)
+    path = pruning.prune(objective, documents, effects, 2, width=2, desc=None)
+    kept = list(range(4))
+    for chain, trials in path:
+        ranked = sorted(kept, key=lambda layer: -effects.get(layer, -99))[:2]
+        means = {
+            layer: sum(objective.score(d, pruning.without(kept, layer)).score for d in documents)
+            for layer in ranked
+        }
+        removed = next(layer for layer in ranked if pruning.without(kept, layer) == chain)
+        assert means[removed] == max(means.values())
+        assert [t.score for t in trials] == [objective.score(d, chain).score for d in documents]
+        kept.remove(removed)
+    assert [len(chain) for chain, _ in path] == [3, 2]
+
+
+def test_a_depth_budget_keeps_candidates_that_fit_with_the_predictors_own_layers(
+    lm, task_dir, trained
+):
+    store, run_id, _, _, _ = trained
+    data = build_training_set(
+        lm, Store(str(store), read_only=True), [run_id], 3, SPEC, task_dir, prune_to=2
+    )
+    assert {3, 2} <= {len(c) for c in data.candidates} and not torch.isnan(data.scores).any()
+    documents = {d.doc_hash: d for d in task_documents(split_task(task_dir, "train"), None)}
+    objective = Objective(lm, split_task(task_dir, "train"))
+    j = next(j for j, c in enumerate(data.candidates) if len(c) == 2)
+    for i, doc_hash in enumerate(data.doc_hashes):
+        trial = objective.score(documents[doc_hash], data.candidates[j])
+        assert (trial.score, trial.correct) == (data.scores[i, j], data.correct[i, j])
+    short = P.within_depth("static", data, 0.5, 4)
+    assert short.candidates and all(len(c) <= 2 for c in short.candidates)
+    static = P.train("static", short, lm.identity)
+    assert len(static.predict(None)) <= 2 and static.info.static_chain == str(static.predict(None))
+    with pytest.raises(ValueError, match="reads 2 layers of prompt states"):
+        P.within_depth("knn", data, 0.5, 4)  # 2 of 4 layers allowed, 2 taken by its features
+    with pytest.raises(ValueError, match="composes its own chains"):
+        P.within_depth("router", data, 0.5, 4)
+    with pytest.raises(TrainingDataError, match="--prune_to 1"):
+        data.within(1)
+
+
+def test_a_depth_budget_that_is_not_a_share_is_refused_before_loading(tmp_path):
+    cli = [sys.executable, "-m", "lm_eval_cola", "predict", "train", "--store",
+           str(tmp_path / "none.db"), "--run", "1", "--output_dir", str(tmp_path),
+           "--max_depth", "0", "--model_args", "pretrained=/nonexistent"]  # fmt: skip
+    refused = subprocess.run(cli, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--max_depth 0.0: give a share" in refused.stderr
