@@ -48,7 +48,8 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
     args = ["--store", str(tmp_path / "train.db"), "--run", str(run_id),
             "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
             "--include_path", task_dir, "--sizes", "7,14", "--kinds", "static,knn,router,router-ce",
-            "--candidates", "6", "--ood_tasks", "cola_mc", "--report", str(report)]  # fmt: skip
+            "--candidates", "6", "--ood_tasks", "cola_mc", "--report", str(report),
+            "--prune_to", "2", "--max_depth", "0.75"]  # fmt: skip
     assert script("predictors").main(args) == 0
     text = report.read_text()
     assert "Trained on 7 documents, judged on 8 cola_split documents (in domain" in text
@@ -59,3 +60,31 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
     assert text.count("| knn |") == 3 and text.count("| static |") == 3
     assert text.count("| router |") == text.count("| router-ce |") == 3
     assert "| documents with a correct chain |" in text and "Router targets" in text
+    # held to 3 of 4 layers: static chooses a pruned chain; knn's 2 feature layers leave 1
+    assert text.count("| static@75% |") == 3 and "| knn@75% |" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| static@75% |")]
+    assert all(float(row.split("|")[5]) <= 3 for row in rows)  # layers run
+
+
+def test_ablation_reports_label_noise_routers_and_features(tiny_llama_dir, task_dir, tmp_path):
+    from lm_eval_cola.search.runner import SearchRun, SearchSettings
+    from lm_eval_cola.store.store import Store
+    from lm_eval_cola.tasks import load_tasks
+
+    lm = ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+    train = load_tasks("cola_split", task_dir, split="train")["cola_split"]
+    with Store(str(tmp_path / "train.db")) as store:
+        run_id = SearchRun(lm, train, store, SearchSettings(method="mcts", budget=12)).run()
+    report, cache = tmp_path / "ABLATION.md", tmp_path / "set.pt"
+    args = ["--store", str(tmp_path / "train.db"), "--run", str(run_id),
+            "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
+            "--include_path", task_dir, "--candidates", "6", "--report", str(report),
+            "--training_set", str(cache)]  # fmt: skip
+    ablation = script("ablation")
+    assert ablation.main(args) == 0 and cache.is_file()
+    first = report.read_text()
+    assert "14 training documents (train split), 6 candidate chains" in first
+    assert "trained on 11, judged on the other 3" in first
+    assert "## Label noise" in first and "| router |" in first and "| router-ce |" in first
+    assert "| knn |" in first and "| network |" in first
+    assert ablation.main(args) == 0 and report.read_text() == first  # from the cached set
