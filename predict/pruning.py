@@ -15,6 +15,7 @@ and each step tries only the ``width`` best-ranked layers still in the chain.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -24,6 +25,8 @@ from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import Document
+
+logger = logging.getLogger("lm_eval.cola")
 
 
 def without(layers: Sequence[int], removed: int) -> Chain:
@@ -65,13 +68,27 @@ def prune(
     kept, path = list(range(n_layers)), []
     while len(kept) > min_layers:
         ranked = sorted(kept, key=lambda layer: -effects.get(layer, -math.inf))[:width]
-        options = [without(kept, layer) for layer in ranked]
-        proposals = [Proposal(d, chain) for chain in options for d in documents]
         step = f"{desc}: {len(kept) - 1} layers" if desc else None
-        trials = objective.score_all(proposals, 16, step)
-        n = len(documents)
-        means = [sum(t.score for t in trials[i * n : (i + 1) * n]) / n for i in range(len(options))]
-        best = max(range(len(options)), key=lambda i: (means[i], -i))
-        kept.remove(ranked[best])
-        path.append((options[best], trials[best * n : (best + 1) * n]))
+        removed, trials = _best_removal(objective, documents, kept, ranked, step)
+        path.append((without(kept, removed), trials))
+        kept.remove(removed)
     return path
+
+
+def _best_removal(
+    objective: Objective,
+    documents: Sequence[Document],
+    kept: list[int],
+    ranked: list[int],
+    desc: str | None,
+) -> tuple[int, list[Trial]]:
+    """Of the ``ranked`` layers, the one whose removal from ``kept`` scores best on
+    ``documents`` (the first among equals), with its trials there."""
+    options = [without(kept, layer) for layer in ranked]
+    trials = objective.score_all([Proposal(d, c) for c in options for d in documents], 16, desc)
+    n = len(documents)
+    means = [sum(t.score for t in trials[i * n : (i + 1) * n]) / n for i in range(len(options))]
+    best = max(range(len(options)), key=lambda i: (means[i], -i))
+    tried = ", ".join(f"{layer}: {mean:.3f}" for layer, mean in zip(ranked, means, strict=True))
+    logger.info("Pruned layer %d (mean score without it, per layer tried: %s)", ranked[best], tried)
+    return ranked[best], trials[best * n : (best + 1) * n]
