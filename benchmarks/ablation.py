@@ -37,7 +37,12 @@ import torch
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import predictors as predicting
-from lm_eval_cola.predict.dataset import TrainingSet, build_training_set, routable
+from lm_eval_cola.predict.dataset import (
+    TrainingSet,
+    build_training_set,
+    routable,
+    saved_or_built,
+)
 from lm_eval_cola.predict.selection import split, subset, validation_accuracy
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.store import Store
@@ -70,13 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     lm = load(args.model_args, args.device)
     store = Store(args.store, read_only=True)
-    cache = Path(args.training_set) if args.training_set else None
-    if cache is not None and cache.is_file():
-        data = torch.load(cache, weights_only=False)
-    else:
-        data = build_training_set(lm, store, args.run, args.candidates, None, args.include_path)
-        if cache is not None:
-            torch.save(data, cache)
+    data = saved_or_built(
+        args.training_set,
+        lambda: build_training_set(lm, store, args.run, args.candidates, None, args.include_path),
+    )
     fit_rows, held_rows = split(len(data.doc_hashes))
     fit_on, held = subset(data, fit_rows), subset(data, held_rows)
     lines = [

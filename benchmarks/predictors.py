@@ -28,7 +28,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict import predictors as predicting
-from lm_eval_cola.predict.dataset import build_training_set, shortest_routable
+from lm_eval_cola.predict.dataset import build_training_set, saved_or_built, shortest_routable
 from lm_eval_cola.predict.evaluate import PredictorScore, evaluate
 from lm_eval_cola.predict.selection import GRIDS, select, subset
 from lm_eval_cola.store import queries
@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ood_tasks", default="", help="comma-separated tasks judged out of domain")
     add("--ood_limit", type=int, default=200)
     add("--k", type=int, default=5, help="chains a ranking predictor proposes (oracle@k)")
+    add("--training_set", help="cache the built training set in this file (reused if present)")
     add("--report", default="results/PREDICTORS.md")
     return parser.parse_args(argv)
 
@@ -78,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     lm = load(args.model_args, args.device)
     store = Store(args.store, read_only=True)
-    data = build_training_set(
-        lm, store, args.run, args.candidates, None, args.include_path, args.prune_to
+    data = saved_or_built(
+        args.training_set,
+        lambda: build_training_set(
+            lm, store, args.run, args.candidates, None, args.include_path, args.prune_to
+        ),
     )
     sizes = [n for n in map(int, args.sizes.split(",")) if n <= len(data.doc_hashes)]
     if not sizes:

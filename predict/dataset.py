@@ -13,7 +13,9 @@ since the search (same prompt, split and metric): anything else is refused befor
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from sqlalchemy import select
@@ -157,6 +159,18 @@ def build_training_set(
         filled=filled,
         routes=routes,
     )
+
+
+def saved_or_built(path: str | None, build: Callable[[], TrainingSet]) -> TrainingSet:
+    """The training set saved at ``path`` if there is one (a pickle: only load your own),
+    else ``build()``, saved there when a path is given. Building scores thousands of chains;
+    benchmarks that look at one training set several ways build it once."""
+    if path and Path(path).is_file():
+        return torch.load(path, weights_only=False)
+    data = build()
+    if path:
+        torch.save(data, path)
+    return data
 
 
 def routable(chain: Chain, n_layers: int) -> list[int] | None:
