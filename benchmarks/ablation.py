@@ -7,8 +7,9 @@ search) and a validation fifth of its documents, no test document involved:
   express each document has (the target is the first of them), and how many of its per-layer
   decisions change when the tie is broken the other way;
 - **routers, teacher-forced**: per-layer decision accuracy on the validation documents (each
-  fed the states along its own target path) against always running the layer once, and how
-  often the rare decisions (skip, repeat) are recalled;
+  fed the states along its own target path) against always running the layer once and against
+  decisions drawn at random at the routers' own rates, and how often the rare decisions (skip,
+  repeat) are recalled;
 - **features**: knn's and the network's validation accuracy (read from the score table) with
   each document's own prompt states against the same predictors trained on states shuffled
   across documents, from which they can learn only how often each candidate is right; the
@@ -150,9 +151,9 @@ def _routers(fit_on: TrainingSet, held: TrainingSet, lm) -> list[str]:
         f"{len(routes)} validation documents with a target, {labels.numel()} decisions; "
         f"always running the layer once is right on {100 * (labels == 1).float().mean():.1f}%.",
         "",
-        "| routers | decisions right | skips recalled | repeats recalled | skip or repeat "
-        "predicted |",
-        "|---|---|---|---|---|",
+        "| routers | decisions right | at random with its rates | skips recalled | repeats "
+        "recalled | skip or repeat predicted |",
+        "|---|---|---|---|---|---|",
     ]
     for name, options in ROUTERS.items():
         router = predicting.train("router", fit_on, lm.identity, **options)
@@ -164,9 +165,11 @@ def _routers(fit_on: TrainingSet, held: TrainingSet, lm) -> list[str]:
                     for r in routes
                 ]
             )  # fmt: skip
+        chance = sum((chosen == a).float().mean() * (labels == a).float().mean() for a in range(3))
         lines.append(
-            f"| {name} | {_share(chosen == labels)} | {_share(chosen[labels == 0] == 0)} | "
-            f"{_share(chosen[labels == 2] == 2)} | {_share(chosen != 1)} |"
+            f"| {name} | {_share(chosen == labels)} | {100 * chance:.1f}% | "
+            f"{_share(chosen[labels == 0] == 0)} | {_share(chosen[labels == 2] == 2)} | "
+            f"{_share(chosen != 1)} |"
         )
     return lines
 
