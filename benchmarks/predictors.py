@@ -182,6 +182,17 @@ def _train(data, lm, names: list[str], max_depth: float | None) -> dict[str, pre
     return trained
 
 
+def _statics(results: dict[str, PredictorScore]) -> str:
+    """Each distinct best static chain (a depth budget has its own), and who trained with it."""
+    names: dict[tuple[str, float], list[str]] = {}
+    for name, r in results.items():
+        names.setdefault((r.static_chain, r.static_accuracy), []).append(name)
+    return "; ".join(
+        f"`{chain}` {100 * accuracy:.1f}% ({', '.join(users)})"
+        for (chain, accuracy), users in names.items()
+    )
+
+
 def _table(n: int, results: dict[str, PredictorScore], seconds: float) -> list[str]:
     first = next(iter(results.values()))
     domain = "in domain" if first.in_domain else "out of domain"
@@ -190,8 +201,8 @@ def _table(n: int, results: dict[str, PredictorScore], seconds: float) -> list[s
         f"## Trained on {n} documents, judged on {first.documents} {first.task} documents "
         f"({domain}, {seconds / 60:.1f} min)",
         "",
-        f"Identity chain {100 * first.identity_accuracy:.1f}%, best static chain "
-        f"`{first.static_chain}` {100 * first.static_accuracy:.1f}%.",
+        f"Identity chain {100 * first.identity_accuracy:.1f}%; best static chain of each "
+        f"training set: {_statics(results)}.",
         "",
         "| predictor | accuracy | vs identity, points [paired 95% CI] | McNemar p | layers run "
         f"| depth | not the identity | oracle@{first.k} (not an accuracy) |",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from lm_eval_cola.lm import ColaLM
@@ -62,6 +63,7 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
     assert "| documents with a correct chain |" in text and "Router targets" in text
     # held to 3 of 4 layers: static chooses a pruned chain; knn's 2 feature layers leave 1
     assert text.count("| static@75% |") == 3 and "| knn@75% |" not in text
+    assert re.search(r"`[0-9.-]+` [0-9.]+% \([^)]*static@75%", text)  # its chain is named
     rows = [line for line in text.splitlines() if line.startswith("| static@75% |")]
     assert all(float(row.split("|")[5]) <= 3 for row in rows)  # layers run
 
