@@ -132,6 +132,7 @@ def _training_data(store: Store, runs: list[str], data) -> list[str]:
     found = {b: [length for correct, length in rows if correct] for b, rows in best.items()}
     targets = [route.runs for route in data.routes if route is not None]
     own = sum(_from_own_search(data, i) for i in range(len(data.doc_hashes)))
+    rates = data.correct.float().mean(dim=0).tolist()
     return [
         "",
         "## The training data",
@@ -150,6 +151,10 @@ def _training_data(store: Store, runs: list[str], data) -> list[str]:
         f"{sum(int(t.sum()) for t in targets) / max(len(targets), 1):.2f} layers run on average; "
         f"for {own} of them it is shorter than every right candidate (or no candidate is "
         f"right), so it comes from the document's own search.",
+        "",
+        "Candidate chains (share of the training documents each answers right): "
+        + ", ".join(f"`{c}` {100 * r:.1f}%" for c, r in zip(data.candidates, rates, strict=True))
+        + ".",
     ]
 
 

@@ -61,6 +61,7 @@ def test_predictor_report_has_a_learning_curve_and_out_of_domain_tables(
     assert text.count("| knn |") == 3 and text.count("| static |") == 3
     assert text.count("| router |") == text.count("| router-ce |") == 3
     assert "| documents with a correct chain |" in text and "Router targets" in text
+    assert "Candidate chains (share of the training documents each answers right): `0-3`" in text
     # held to 3 of 4 layers: static chooses a pruned chain; knn's 2 feature layers leave 1
     assert text.count("| static@75% |") == 3 and "| knn@75% |" not in text
     assert re.search(r"`[0-9.-]+` [0-9.]+% \([^)]*static@75%", text)  # its chain is named
