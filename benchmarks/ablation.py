@@ -38,12 +38,14 @@ import torch
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import predictors as predicting
+from lm_eval_cola.predict.cli import training_data_options
 from lm_eval_cola.predict.dataset import (
     TrainingSet,
     build_training_set,
     routable,
     saved_or_built,
 )
+from lm_eval_cola.predict.router import PLAIN_ROUTER
 from lm_eval_cola.predict.selection import split, subset, validation_accuracy
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.store import Store
@@ -52,7 +54,7 @@ from lm_eval_cola.store.store import Store
 #: is whether the states carry signal, not which setting reads it best)
 FEATURE_KINDS = {"knn": {"k": 10}, "network": {}}
 #: the routers compared: Dr.LLM's loss and plain cross-entropy
-ROUTERS = {"router": {}, "router-ce": {"loss": "ce", "balance": False}}
+ROUTERS = {"router": {}, "router-ce": PLAIN_ROUTER}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,11 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="example: python benchmarks/ablation.py --store results/train.db --run 1",
     )
     add = parser.add_argument
-    add("--store", required=True, help="store with the training search")
-    add("--run", action="append", required=True, help="training run id or name (repeatable)")
-    add("--model_args", default="", help="cola model args (default: SmolLM2-135M-Instruct)")
-    add("--device", help="default: cuda when there is one, else cpu")
-    add("--include_path", help="extra folder of task YAMLs, as for lm_eval")
+    training_data_options(parser)
     add("--candidates", type=int, default=8)
     add("--training_set", help="cache the built training set in this file (reused if present)")
     add("--report", default="results/ABLATION.md")

@@ -28,8 +28,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict import predictors as predicting
+from lm_eval_cola.predict.cli import training_data_options
 from lm_eval_cola.predict.dataset import build_training_set, saved_or_built, shortest_routable
 from lm_eval_cola.predict.evaluate import PredictorScore, evaluate
+from lm_eval_cola.predict.router import PLAIN_ROUTER
 from lm_eval_cola.predict.selection import GRIDS, select, subset
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Run
@@ -38,7 +40,7 @@ from lm_eval_cola.tasks import load_tasks
 
 #: Named variants trained beside the registered kinds: Dr.LLM's routers (focal loss, class
 #: weights) against the same routers on plain cross-entropy.
-VARIANTS = {"router-ce": ("router", {"loss": "ce", "balance": False})}
+VARIANTS = {"router-ce": ("router", PLAIN_ROUTER)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,11 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="example: python benchmarks/predictors.py --store results/train.db --run 1",
     )
     add = parser.add_argument
-    add("--store", required=True, help="store with the training search")
-    add("--run", action="append", required=True, help="training run id or name (repeatable)")
-    add("--model_args", default="", help="cola model args (default: SmolLM2-135M-Instruct)")
-    add("--device", help="default: cuda when there is one, else cpu")
-    add("--include_path", help="extra folder of task YAMLs, as for lm_eval")
+    training_data_options(parser)
     add("--sizes", default="100,400,1500", help="training documents per point of the curve")
     add(
         "--kinds",
@@ -79,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     lm = load(args.model_args, args.device)
     store = Store(args.store, read_only=True)
+    kinds = [VARIANTS.get(name, (name,))[0] for name in args.kinds.split(",")]
     data = saved_or_built(
         args.training_set,
         lambda: build_training_set(
-            lm, store, args.run, args.candidates, None, args.include_path, args.prune_to
+            lm, store, args.run, args.candidates, None, args.include_path, args.prune_to, kinds
         ),
     )
     sizes = [n for n in map(int, args.sizes.split(",")) if n <= len(data.doc_hashes)]
@@ -130,8 +129,6 @@ def _training_data(store: Store, runs: list[str], data) -> list[str]:
             for b in budgets
         }
     found = {b: [length for correct, length in rows if correct] for b, rows in best.items()}
-    targets = [route.runs for route in data.routes if route is not None]
-    own = sum(_from_own_search(data, i) for i in range(len(data.doc_hashes)))
     rates = data.correct.float().mean(dim=0).tolist()
     return [
         "",
@@ -145,16 +142,28 @@ def _training_data(store: Store, runs: list[str], data) -> list[str]:
         "| mean length of the best correct chain | "
         + " | ".join(f"{sum(found[b]) / max(len(found[b]), 1):.2f}" for b in budgets)
         + " |",
+        *_router_targets(data),
+        "",
+        "Candidate chains (share of the training documents each answers right): "
+        + ", ".join(f"`{c}` {100 * r:.1f}%" for c, r in zip(data.candidates, rates, strict=True))
+        + ".",
+    ]
+
+
+def _router_targets(data) -> list[str]:
+    """How many documents have a target path for routers, and how long it is (nothing when no
+    router was trained: the paths were not built)."""
+    if data.routes is None:
+        return []
+    targets = [route.runs for route in data.routes if route is not None]
+    own = sum(_from_own_search(data, i) for i in range(len(data.doc_hashes)))
+    return [
         "",
         f"Router targets (each document's shortest right chain routers can express): "
         f"{len(targets)} of {len(data.doc_hashes)} documents have one, "
         f"{sum(int(t.sum()) for t in targets) / max(len(targets), 1):.2f} layers run on average; "
         f"for {own} of them it is shorter than every right candidate (or no candidate is "
         f"right), so it comes from the document's own search.",
-        "",
-        "Candidate chains (share of the training documents each answers right): "
-        + ", ".join(f"`{c}` {100 * r:.1f}%" for c, r in zip(data.candidates, rates, strict=True))
-        + ".",
     ]
 
 

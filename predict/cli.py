@@ -41,10 +41,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_evaluate(commands)
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def model_options(parser: argparse.ArgumentParser) -> None:
+    """The model the predictors read and run, and where extra task YAMLs are."""
     parser.add_argument("--model_args", default="", help="cola/hf model args (default: SmolLM2)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ...")
+    parser.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
     parser.add_argument("--include_path", help="extra folder of task YAMLs, as for lm_eval")
+
+
+def training_data_options(parser: argparse.ArgumentParser) -> None:
+    """Where the training documents come from: search runs of a store, read with a model. Shared
+    with the benchmark scripts that build the same training set."""
+    parser.add_argument("--store", required=True, help="SQLite path or SQLAlchemy URL")
+    parser.add_argument(
+        "--run", action="append", required=True, help="training run id or name (repeatable)"
+    )
+    model_options(parser)
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
@@ -55,10 +66,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         epilog=EPILOG_TRAIN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--store", required=True, help="SQLite path or SQLAlchemy URL")
-    parser.add_argument(
-        "--run", action="append", required=True, help="training run id or name (repeatable)"
-    )
+    training_data_options(parser)
     parser.add_argument("--output_dir", required=True, help="writes KIND.pt per predictor")
     parser.add_argument(
         "--kinds",
@@ -97,7 +105,6 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "training documents (20%%, from the score table), then train on all of them",
     )
     parser.add_argument("--seed", type=int, default=0)
-    _model_options(parser)
     parser.set_defaults(func=train)
 
 
@@ -127,7 +134,7 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
         "--k", type=int, default=5, help="chains a ranking predictor proposes, for oracle@k"
     )
     parser.add_argument("--output", help="also write the results as JSON here")
-    _model_options(parser)
+    model_options(parser)
     parser.set_defaults(func=evaluate)
 
 
@@ -153,7 +160,7 @@ def train(args: argparse.Namespace) -> int:
         lm = _load_model(args)
         spec = FeatureSpec(args.layer, args.max_tokens) if args.layer else None
         data = build_training_set(
-            lm, store, args.run, args.candidates, spec, args.include_path, args.prune_to
+            lm, store, args.run, args.candidates, spec, args.include_path, args.prune_to, kinds
         )
     except (TrainingDataError, StoreError, ValueError) as err:
         return _fail(str(err))

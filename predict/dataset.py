@@ -13,8 +13,8 @@ since the search (same prompt, split and metric): anything else is refused befor
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
 from lm_eval_cola.fingerprint import is_sampled, reregister_hint
+from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict.features import (
     FeatureSpec,
     PromptStates,
@@ -62,7 +63,8 @@ class RoutePath:
 @dataclass
 class TrainingSet:
     """Training documents × candidate chains, with the documents' prompt states, and for
-    routers each document's target path (``None`` where no right chain is routable)."""
+    routers each document's target path (``None`` where no right chain is routable). States
+    and paths are built only for the kinds that read them: ``None`` otherwise."""
 
     task: str
     split: str | None
@@ -71,10 +73,10 @@ class TrainingSet:
     candidates: list[Chain]
     scores: torch.Tensor  # (documents, candidates), the task metric, higher is better
     correct: torch.Tensor  # (documents, candidates), bool
-    states: list[torch.Tensor]  # per document, (tokens, hidden size)
+    states: list[torch.Tensor] | None  # per document, (tokens, hidden size); None: not built
     spec: FeatureSpec
     filled: int  # evaluations run here because the store did not hold them
-    routes: list[RoutePath | None] = field(default_factory=list)
+    routes: list[RoutePath | None] | None = None  # None: not built (no router among the kinds)
 
     def within(self, max_layers: int) -> TrainingSet:
         """The same documents with only the candidates of at most ``max_layers`` layers (a
@@ -109,11 +111,14 @@ def build_training_set(
     spec: FeatureSpec | None = None,
     include_path: str | None = None,
     prune_to: int | None = None,
+    kinds: Iterable[str] = tuple(PREDICTORS),
 ) -> TrainingSet:
-    """Everything a predictor trains on, for the documents the ``runs`` finished; with
-    ``prune_to``, the candidates include the greedy path of pruned chains down to that many
-    layers (:mod:`~lm_eval_cola.predict.pruning`, chosen on the first
-    ``PRUNING_DOCUMENTS`` training documents)."""
+    """Everything the predictors ``kinds`` train on, for the documents the ``runs`` finished;
+    with ``prune_to``, the candidates include the greedy path of pruned chains down to that
+    many layers (:mod:`~lm_eval_cola.predict.pruning`, chosen on the first
+    ``PRUNING_DOCUMENTS`` training documents). Prompt states and router paths, a forward pass
+    per document each, are computed only when one of the kinds reads them."""
+    classes = [PREDICTORS.get(kind) for kind in kinds]
     info = _check_runs(store, runs, lm.identity.fingerprint)
     settings = info.settings
     task = load_tasks(
@@ -138,14 +143,18 @@ def build_training_set(
         _add_columns(path, objective.binary, candidates, scores, correct)
     filled = _fill_missing(objective, documents, candidates, scores, correct)
     spec = spec or FeatureSpec(layer=max(1, lm.executor.n_layers // 2))
-    encode = PromptStates(lm, spec)
-    states = [encode(prompt_of(d.instances)) for d in tqdm(documents, desc="Prompt states")]
-    with store.session() as session:
-        searched = queries.correct_chains(session, info.run_ids)
-    routes = [
-        route_path(lm, prompt_of(d.instances), _right(searched, d, candidates, row), spec.windows)
-        for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
-    ]
+    states = routes = None
+    if any(c.reads_prompt for c in classes):
+        encode = PromptStates(lm, spec)
+        states = [encode(prompt_of(d.instances)) for d in tqdm(documents, desc="Prompt states")]
+    if any(c.reads_routes for c in classes):
+        with store.session() as session:
+            searched = queries.correct_chains(session, info.run_ids)
+        windows = spec.windows
+        routes = [
+            route_path(lm, prompt_of(d.instances), _right(searched, d, candidates, row), windows)
+            for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
+        ]
     return TrainingSet(
         task=info.task.name,
         split=info.task.split,

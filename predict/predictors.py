@@ -43,7 +43,7 @@ from torch import nn
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.predict import PREDICTORS
-from lm_eval_cola.predict.dataset import TrainingSet
+from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet
 from lm_eval_cola.predict.features import FeatureSpec, pooled
 from lm_eval_cola.predict.programs import MAX_SEGMENT, OPERATIONS, decode, longest, parse
 
@@ -76,6 +76,9 @@ class Predictor(ABC):
     kind: ClassVar[str]
     #: False for predictors that ignore the prompt (no hidden states are computed for them).
     reads_prompt: ClassVar[bool] = True
+    #: True for predictors that learn each document's target path (``TrainingSet.routes``),
+    #: which costs a routed forward pass per training document to build.
+    reads_routes: ClassVar[bool] = False
 
     def __init__(self, info: PredictorInfo) -> None:
         self.info = info
@@ -144,6 +147,13 @@ def register_predictor(cls: type[Predictor]) -> type[Predictor]:
 def train(kind: str, data: TrainingSet, model: ModelIdentity, **options) -> Predictor:
     """Fit the predictor ``kind`` on ``data`` for ``model``."""
     predictor = PREDICTORS.get(kind)
+    if (predictor.reads_prompt and data.states is None) or (
+        predictor.reads_routes and data.routes is None
+    ):
+        raise TrainingDataError(
+            f"'{kind}' reads what this training set was built without (prompt states or "
+            f"router paths); build it with '{kind}' among its kinds"
+        )
     info = PredictorInfo(
         kind=kind,
         model=asdict(model),

@@ -56,6 +56,10 @@ class Routers(nn.Module):
         return self.layers[layer](pooled)
 
 
+#: the routers on plain, unweighted cross-entropy: the baseline that Dr.LLM's loss is judged against
+PLAIN_ROUTER = {"loss": "ce", "balance": False}
+
+
 @dataclass(frozen=True)
 class RouterOptions:
     """Dr.LLM's defaults: focal loss (gamma 2) with class weights, 25 epochs."""
@@ -76,6 +80,7 @@ class RouterPredictor(Predictor):
     kind = "router"
     #: its input is the routed forward pass itself, not the shared prompt states
     reads_prompt = False
+    reads_routes = True
 
     def __init__(self, info: PredictorInfo) -> None:
         super().__init__(info)

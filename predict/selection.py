@@ -33,9 +33,13 @@ def subset(data: TrainingSet, rows: list[int]) -> TrainingSet:
         doc_hashes=[data.doc_hashes[i] for i in rows],
         scores=data.scores[rows],
         correct=data.correct[rows],
-        states=[data.states[i] for i in rows],
-        routes=[data.routes[i] for i in rows] if data.routes else [],
+        states=_rows(data.states, rows),
+        routes=_rows(data.routes, rows),
     )
+
+
+def _rows(values: list | None, rows: list[int]) -> list | None:
+    return None if values is None else [values[i] for i in rows]
 
 
 def split(n: int, share: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -47,7 +51,8 @@ def split(n: int, share: float = 0.2, seed: int = 0) -> tuple[list[int], list[in
 
 def validation_accuracy(predictor: CandidatePredictor, data: TrainingSet) -> float:
     """The share of ``data``'s documents whose chosen candidate is correct (from the table)."""
-    right = [bool(data.correct[i, predictor.choose(s)]) for i, s in enumerate(data.states)]
+    states = data.states or [None] * len(data.doc_hashes)  # None: a kind that ignores them
+    right = [bool(data.correct[i, predictor.choose(s)]) for i, s in enumerate(states)]
     return sum(right) / len(right)
 
 

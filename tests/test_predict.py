@@ -88,6 +88,31 @@ def test_training_table_is_complete_and_measured(lm, task_dir, trained):
             assert (trial.score, trial.correct) == (data.scores[i, j], data.correct[i, j])
 
 
+def test_a_training_set_builds_only_what_its_kinds_read(lm, task_dir, trained):
+    """Static reads neither prompt states nor router paths, so neither is computed for it
+    (same table); a kind that reads them refuses such a set with the fix."""
+    store, run_id, full, _, _ = trained
+    data = build_training_set(
+        lm, Store(str(store), read_only=True), [run_id], 6, SPEC, task_dir, kinds=["static"]
+    )
+    assert data.states is None and data.routes is None
+    assert data.candidates == full.candidates and torch.equal(data.scores, full.scores)
+    assert P.train("static", data, lm.identity).predict(None) == P.train(
+        "static", full, lm.identity
+    ).predict(None)
+    for kind in ("knn", "router"):
+        with pytest.raises(TrainingDataError, match=f"build it with '{kind}' among its kinds"):
+            P.train(kind, data, lm.identity)
+    routers_only = build_training_set(
+        lm, Store(str(store), read_only=True), [run_id], 6, SPEC, task_dir, kinds=["router"]
+    )
+    assert routers_only.states is None
+    for mine, theirs in zip(routers_only.routes, full.routes, strict=True):
+        assert (mine is None and theirs is None) or (
+            torch.equal(mine.runs, theirs.runs) and torch.equal(mine.states, theirs.states)
+        )
+
+
 def test_training_refuses_runs_of_another_model_or_a_changed_task(lm, task_dir, trained, tmp_path):
     store, run_id, _, _, _ = trained
     other = ColaLM(pretrained=lm.pretrained, device="cpu", batch_size=1)
