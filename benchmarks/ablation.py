@@ -8,8 +8,9 @@ search) and a validation fifth of its documents, no test document involved:
   decisions change when the tie is broken the other way;
 - **routers, teacher-forced**: per-layer decision accuracy on the validation documents (each
   fed the states along its own target path) against always running the layer once and against
-  decisions drawn at random at the routers' own rates, and how often the rare decisions (skip,
-  repeat) are recalled;
+  decisions drawn at random at the routers' own rates, the same for decisions that keep to
+  any of the equally short right chains (what routers trained on tied targets learn), and how
+  often the rare decisions (skip, repeat) are recalled;
 - **features**: knn's and the network's validation accuracy (read from the score table) with
   each document's own prompt states against the same predictors trained on states shuffled
   across documents, from which they can learn only how often each candidate is right; the
@@ -42,10 +43,10 @@ from lm_eval_cola.predict.cli import training_data_options
 from lm_eval_cola.predict.dataset import (
     TrainingSet,
     build_training_set,
-    routable,
     saved_or_built,
+    shortest_paths,
 )
-from lm_eval_cola.predict.router import PLAIN_ROUTER
+from lm_eval_cola.predict.router import ROUTER_VARIANTS
 from lm_eval_cola.predict.selection import split, subset, validation_accuracy
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.store import Store
@@ -53,8 +54,8 @@ from lm_eval_cola.store.store import Store
 #: the predictors whose features are ablated, with fixed settings (no selection: the question
 #: is whether the states carry signal, not which setting reads it best)
 FEATURE_KINDS = {"knn": {"k": 10}, "network": {}}
-#: the routers compared: Dr.LLM's loss and plain cross-entropy
-ROUTERS = {"router": {}, "router-ce": PLAIN_ROUTER}
+#: the routers compared: Dr.LLM's recipe and its variants
+ROUTERS = {"router": {}, **ROUTER_VARIANTS}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -108,12 +109,10 @@ def _label_noise(store: Store, runs: list[str], data: TrainingSet) -> list[str]:
     for i, doc_hash in enumerate(data.doc_hashes):
         right = [Chain.parse(c) for c in searched.get(doc_hash, [])]
         right += [c for c, ok in zip(data.candidates, data.correct[i].tolist(), strict=True) if ok]
-        paths = [p for p in (routable(c, n_layers) for c in right) if p is not None]
-        if not paths:
+        ties = shortest_paths(right, n_layers)
+        if not ties:
             continue
         targets += 1
-        shortest = min(map(sum, paths))
-        ties = list(dict.fromkeys(tuple(p) for p in paths if sum(p) == shortest))
         if len(ties) > 1:
             tied += 1
             flips += sum(a != b for a, b in zip(ties[0], ties[-1], strict=True))
@@ -149,10 +148,12 @@ def _routers(fit_on: TrainingSet, held: TrainingSet, lm) -> list[str]:
         f"{len(routes)} validation documents with a target, {labels.numel()} decisions; "
         f"always running the layer once is right on {100 * (labels == 1).float().mean():.1f}%.",
         "",
-        "| routers | decisions right | at random with its rates | skips recalled | repeats "
-        "recalled | skip or repeat predicted |",
-        "|---|---|---|---|---|---|",
+        "| routers | decisions right | at random with its rates | on a shortest right chain "
+        "| at random with its rates | skips recalled | repeats recalled | skip or repeat "
+        "predicted |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    allowed = torch.stack([route.targets() for route in routes]) > 0  # (docs, layers, 3)
     for name, options in ROUTERS.items():
         router = predicting.train("router", fit_on, lm.identity, **options)
         with torch.no_grad():
@@ -163,11 +164,14 @@ def _routers(fit_on: TrainingSet, held: TrainingSet, lm) -> list[str]:
                     for r in routes
                 ]
             )  # fmt: skip
-        chance = sum((chosen == a).float().mean() * (labels == a).float().mean() for a in range(3))
+        rate = [(chosen == a).float().mean() for a in range(3)]
+        chance = sum(rate[a] * (labels == a).float().mean() for a in range(3))
+        kept = allowed.gather(2, chosen[..., None])[..., 0]
+        kept_by_chance = sum(rate[a] * allowed[..., a].float().mean() for a in range(3))
         lines.append(
-            f"| {name} | {_share(chosen == labels)} | {100 * chance:.1f}% | "
-            f"{_share(chosen[labels == 0] == 0)} | {_share(chosen[labels == 2] == 2)} | "
-            f"{_share(chosen != 1)} |"
+            f"| {name} | {_share(chosen == labels)} | {100 * chance:.1f}% | {_share(kept)} | "
+            f"{100 * kept_by_chance:.1f}% | {_share(chosen[labels == 0] == 0)} | "
+            f"{_share(chosen[labels == 2] == 2)} | {_share(chosen != 1)} |"
         )
     return lines
 

@@ -31,7 +31,7 @@ from lm_eval_cola.predict import predictors as predicting
 from lm_eval_cola.predict.cli import training_data_options
 from lm_eval_cola.predict.dataset import build_training_set, saved_or_built, shortest_routable
 from lm_eval_cola.predict.evaluate import PredictorScore, evaluate
-from lm_eval_cola.predict.router import PLAIN_ROUTER
+from lm_eval_cola.predict.router import ROUTER_VARIANTS
 from lm_eval_cola.predict.selection import GRIDS, select, subset
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Run
@@ -39,8 +39,8 @@ from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks
 
 #: Named variants trained beside the registered kinds: Dr.LLM's routers (focal loss, class
-#: weights) against the same routers on plain cross-entropy.
-VARIANTS = {"router-ce": ("router", PLAIN_ROUTER)}
+#: weights, one target path) against the same routers trained otherwise.
+VARIANTS = {name: ("router", options) for name, options in ROUTER_VARIANTS.items()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

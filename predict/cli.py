@@ -94,6 +94,13 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
         "--router_loss", choices=["focal", "ce"], default="focal", help="Dr.LLM: focal"
     )
     parser.add_argument(
+        "--router_targets",
+        choices=["path", "ties"],
+        default="path",
+        help="what routers learn: each document's shortest right path (Dr.LLM), or every "
+        "decision that keeps to one of its equally short right chains",
+    )
+    parser.add_argument(
         "--router_unweighted",
         action="store_true",
         help="routers without class weights (Dr.LLM weights classes by inverse frequency)",
@@ -165,7 +172,12 @@ def train(args: argparse.Namespace) -> int:
     except (TrainingDataError, StoreError, ValueError) as err:
         return _fail(str(err))
     network = {"epochs": args.epochs, "seed": args.seed}
-    router = {"loss": args.router_loss, "balance": not args.router_unweighted, "seed": args.seed}
+    router = {
+        "loss": args.router_loss,
+        "balance": not args.router_unweighted,
+        "targets": args.router_targets,
+        "seed": args.seed,
+    }
     options = {"knn": {"k": args.k}, "network": network, "program": network, "router": router}
     for kind in kinds:
         chosen, tried = options.get(kind, {}), []

@@ -54,10 +54,20 @@ class TrainingDataError(ValueError):
 @dataclass(frozen=True)
 class RoutePath:
     """A document's target path for routers: how many times each layer runs (0, 1 or 2),
-    and the windowed mean-pooled hidden state entering each layer along that path."""
+    and the windowed mean-pooled hidden state entering each layer along that path. Where
+    several right chains are equally short, ``ties`` says per layer, of those that agree with
+    the path on every earlier layer, the share that runs it 0, 1 or 2 times: each such
+    decision keeps a router on a shortest right chain, so none is the one right answer."""
 
     runs: torch.Tensor  # (layers,) long
     states: torch.Tensor  # (layers, hidden) float32
+    ties: torch.Tensor | None = None  # (layers, 3) float32, rows sum to 1; None: one-hot runs
+
+    def targets(self) -> torch.Tensor:
+        """(layers, 3): the share of shortest right chains taking each decision."""
+        if self.ties is not None:
+            return self.ties
+        return torch.nn.functional.one_hot(self.runs, MAX_ROUTED_RUNS + 1).float()
 
 
 @dataclass
@@ -205,17 +215,37 @@ def _right(
 def shortest_routable(chains: list[Chain], n_layers: int) -> list[int] | None:
     """The runs per layer of the shortest chain routers can express (the first among equals),
     or ``None`` when none can be."""
+    return next(iter(shortest_paths(chains, n_layers)), None)
+
+
+def shortest_paths(chains: list[Chain], n_layers: int) -> list[list[int]]:
+    """The runs per layer of every shortest chain routers can express, distinct, in order."""
     paths = [p for p in (routable(chain, n_layers) for chain in chains) if p is not None]
-    return min(paths, key=sum, default=None)
+    shortest = min(map(sum, paths), default=0)
+    return [list(p) for p in dict.fromkeys(tuple(p) for p in paths if sum(p) == shortest)]
+
+
+def tie_shares(paths: list[list[int]]) -> torch.Tensor:
+    """(layers, 3) for the first of ``paths``: per layer, of the paths equal to it on every
+    earlier layer, the share running that layer 0, 1 or 2 times."""
+    followed = paths[0]
+    shares = torch.zeros(len(followed), MAX_ROUTED_RUNS + 1)
+    for layer in range(len(followed)):
+        agreeing = [p for p in paths if p[:layer] == followed[:layer]]
+        for path in agreeing:
+            shares[layer, path[layer]] += 1 / len(agreeing)
+    return shares
 
 
 def route_path(lm, prompt: str, right: list[Chain], windows: int) -> RoutePath | None:
     """The shortest of the document's right chains that routers can express (the first among
     equals), with the states entering each layer as routers following it would see them
-    (teacher forcing); ``None`` when no right chain is routable."""
-    runs = shortest_routable(right, lm.executor.n_layers)
-    if runs is None:
+    (teacher forcing) and the other shortest ones as :attr:`RoutePath.ties`; ``None`` when no
+    right chain is routable."""
+    paths = shortest_paths(right, lm.executor.n_layers)
+    if not paths:
         return None
+    runs = paths[0]
     seen: list[torch.Tensor] = []
 
     def follow(layer: int, hidden: torch.Tensor) -> int:
@@ -223,7 +253,8 @@ def route_path(lm, prompt: str, right: list[Chain], windows: int) -> RoutePath |
         return runs[layer]
 
     run_routed(lm, prompt, follow)
-    return RoutePath(torch.tensor(runs), torch.stack(seen))
+    ties = tie_shares(paths) if len(paths) > 1 else None
+    return RoutePath(torch.tensor(runs), torch.stack(seen), ties)
 
 
 def _check_runs(store: Store, runs: list[int | str], fingerprint: str) -> _RunsInfo:

@@ -26,7 +26,7 @@ from torch import nn
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
-from lm_eval_cola.predict.dataset import TrainingSet
+from lm_eval_cola.predict.dataset import RoutePath, TrainingSet
 from lm_eval_cola.predict.features import run_routed, windowed_mean
 from lm_eval_cola.predict.predictors import (
     Predictor,
@@ -56,8 +56,12 @@ class Routers(nn.Module):
         return self.layers[layer](pooled)
 
 
-#: the routers on plain, unweighted cross-entropy: the baseline that Dr.LLM's loss is judged against
-PLAIN_ROUTER = {"loss": "ce", "balance": False}
+#: routers trained otherwise than by Dr.LLM's recipe, which the benchmarks compare with it:
+#: plain unweighted cross-entropy, and targets shared among equally short right chains
+ROUTER_VARIANTS = {
+    "router-ce": {"loss": "ce", "balance": False},
+    "router-ties": {"targets": "ties"},
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class RouterOptions:
     loss: str = "focal"  # or "ce"
     gamma: float = 2.0
     balance: bool = True  # class weights by inverse frequency, per layer
+    targets: str = "path"  # or "ties": every decision on a shortest right chain (RoutePath.ties)
     width: int = 128
     epochs: int = 25
     lr: float = 1e-3
@@ -102,13 +107,14 @@ class RouterPredictor(Predictor):
                 "no training document has a right chain that routers can express (each "
                 "layer skipped, run or run twice, in order)"
             )
-        states = torch.stack([data.routes[i].states for i in documents])  # (docs, layers, d)
-        labels = torch.stack([data.routes[i].runs for i in documents])  # (docs, layers)
-        weights = _class_weights(labels) if settings.balance else torch.ones(labels.shape[1], 3)
+        routes = [data.routes[i] for i in documents]
+        states = torch.stack([route.states for route in routes])  # (docs, layers, d)
+        targets = torch.stack([_targets(route, settings.targets) for route in routes])
+        weights = _class_weights(targets) if settings.balance else torch.ones(targets.shape[1:])
         loss = functools.partial(_loss, settings=settings, weights=weights)
 
         def loss_on(network: Routers, indices: list[int]) -> torch.Tensor:
-            return loss(network, states[indices], labels[indices])
+            return loss(network, states[indices], targets[indices])
 
         build = functools.partial(Routers, states.shape[-1], predictor.n_layers, settings.width)
         training = TrainingOptions(
@@ -158,28 +164,39 @@ class RouterPredictor(Predictor):
         self.network.eval()
 
 
-def _class_weights(labels: torch.Tensor) -> torch.Tensor:
+def _targets(route: RoutePath, kind: str) -> torch.Tensor:
+    """(layers, 3): the decisions a router is trained towards, one-hot along the followed path
+    (``"path"``, Dr.LLM's) or shared among the shortest right chains (``"ties"``)."""
+    if kind not in ("path", "ties"):
+        raise ValueError(f"router targets '{kind}': choose 'path' or 'ties'")
+    ties = route.targets()
+    return ties if kind == "ties" else nn.functional.one_hot(route.runs, ACTIONS).float()
+
+
+def _class_weights(targets: torch.Tensor) -> torch.Tensor:
     """(layers, 3): per layer, each class weighted by the inverse of its frequency there
-    (absent classes 0), normalised to mean 1 over the examples."""
-    counts = torch.stack([(labels == a).sum(0) for a in range(ACTIONS)], dim=1).float()
-    weights = torch.where(counts > 0, labels.shape[0] / (ACTIONS * counts.clamp_min(1)), 0.0)
+    (absent classes 0), normalised to mean 1 over the examples; ``targets`` is
+    (documents, layers, 3), a class's frequency its summed share."""
+    counts = targets.sum(0)
+    weights = torch.where(counts > 0, targets.shape[0] / (ACTIONS * counts.clamp_min(1e-9)), 0.0)
     return weights
 
 
 def _loss(
     network: Routers,
     states: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     settings: RouterOptions,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Focal (or plain) cross-entropy over every (document, layer), class-weighted."""
+    """Focal (or plain) cross-entropy over every (document, layer), class-weighted, against
+    target shares (one-hot for a single path)."""
     total, norm = torch.zeros(()), torch.zeros(())
     for layer in range(states.shape[1]):
-        logits, target = network(layer, states[:, layer]), labels[:, layer]
-        log_p = torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0]
+        log_p = torch.log_softmax(network(layer, states[:, layer]), dim=-1)
         focus = (1 - log_p.exp()) ** settings.gamma if settings.loss == "focal" else 1.0
-        weight = weights[layer, target]
-        total = total - (weight * focus * log_p).sum()
-        norm = norm + weight.sum()
+        weight = targets[:, layer] * weights[layer]  # (docs, 3)
+        # per document first: with one-hot targets, exactly the gathered class's term
+        total = total - (weight * focus * log_p).sum(-1).sum()
+        norm = norm + weight.sum(-1).sum()
     return total / norm.clamp_min(1e-9)

@@ -24,6 +24,7 @@ from lm_eval_cola.predict.dataset import (
     TrainingSet,
     build_training_set,
     routable,
+    tie_shares,
 )
 from lm_eval_cola.predict.evaluate import LeakError, evaluate, mcnemar, paired_interval
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
@@ -148,6 +149,8 @@ def test_router_paths_follow_each_documents_shortest_right_chain(trained):
             assert route is None
             continue
         assert route.runs.tolist() in paths and int(route.runs.sum()) == min(map(sum, paths))
+        tied = [p for p in dict.fromkeys(map(tuple, paths)) if sum(p) == sum(route.runs)]
+        assert (route.ties is None) == (len(tied) == 1)
         shortest_candidate = min(
             (sum(p) for c in candidates if (p := routable(Chain.parse(c), 4))), default=99
         )
@@ -205,6 +208,38 @@ def test_routers_learn_each_layers_decision(lm, loss, balance):
     for route in data.routes:
         decided = [int(router.network(layer, route.states[layer]).argmax()) for layer in range(4)]
         assert decided == route.runs.tolist()
+
+
+def test_tied_targets_share_each_decision_among_the_agreeing_shortest_paths():
+    """Followed path [1, 0, 1, 1]; two other shortest paths: [1, 1, 0, 1] leaves it at layer 1,
+    [0, 1, 1, 1] at layer 0, so layer 0 is split 1:2 and layer 1 is split among the two paths
+    that ran layer 0, and from layer 2 on only the followed path agrees."""
+    shares = tie_shares([[1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 1, 1]])
+    expected = [[1 / 3, 2 / 3, 0], [1 / 2, 1 / 2, 0], [0, 1, 0], [0, 1, 0]]
+    assert torch.allclose(shares, torch.tensor(expected))
+    route = RoutePath(torch.tensor([1, 0, 1, 1]), torch.zeros(4, 8), shares)
+    assert torch.equal(route.targets(), shares)
+    assert route.targets().sum(-1).tolist() == pytest.approx([1, 1, 1, 1])
+
+
+def test_routers_on_tied_targets_keep_to_a_shortest_chain(lm):
+    """Cluster A's documents may skip layer 2 or layer 3 (two equally short right chains):
+    on one-hot targets half of them teach each, on tied targets every router learns that
+    skipping either is right, and each decision it makes stays on a shortest right chain."""
+    data = synthetic_routes()
+    two_ways = tie_shares([[1, 1, 0, 1], [1, 1, 1, 0]])
+    data.routes = [
+        RoutePath(r.runs, r.states, two_ways if i % 2 == 0 else None)
+        for i, r in enumerate(data.routes)
+    ]
+    router = P.train("router", data, lm.identity, targets="ties", epochs=60)
+    assert router.info.options["targets"] == "ties"
+    for route in data.routes:
+        decided = [int(router.network(layer, route.states[layer]).argmax()) for layer in range(4)]
+        allowed = route.targets()
+        assert all(allowed[layer, d] > 0 for layer, d in enumerate(decided)), decided
+    with pytest.raises(ValueError, match="choose 'path' or 'ties'"):
+        P.train("router", data, lm.identity, targets="soft")
 
 
 @pytest.mark.parametrize(
