@@ -16,6 +16,7 @@ Example (after a training search, e.g. ``cola search --tasks arc_easy --split tr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("lm_eval.cola").setLevel(logging.INFO)  # e.g. each step of --prune_to
     lm = load(args.model_args, args.device)
     store = Store(args.store, read_only=True)
     kinds = [VARIANTS.get(name, (name,))[0] for name in args.kinds.split(",")]
