@@ -63,9 +63,10 @@ class RoutePath:
     states: torch.Tensor  # (layers, hidden) float32
     ties: torch.Tensor | None = None  # (layers, 3) float32, rows sum to 1; None: one-hot runs
 
-    def targets(self) -> torch.Tensor:
-        """(layers, 3): the share of shortest right chains taking each decision."""
-        if self.ties is not None:
+    def targets(self, tied: bool = True) -> torch.Tensor:
+        """(layers, 3): the share of shortest right chains taking each decision (``tied``), or
+        one-hot along the followed path."""
+        if tied and self.ties is not None:
             return self.ties
         return torch.nn.functional.one_hot(self.runs, MAX_ROUTED_RUNS + 1).float()
 

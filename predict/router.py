@@ -26,7 +26,7 @@ from torch import nn
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
-from lm_eval_cola.predict.dataset import RoutePath, TrainingSet
+from lm_eval_cola.predict.dataset import TrainingSet
 from lm_eval_cola.predict.features import run_routed, windowed_mean
 from lm_eval_cola.predict.predictors import (
     Predictor,
@@ -107,9 +107,12 @@ class RouterPredictor(Predictor):
                 "no training document has a right chain that routers can express (each "
                 "layer skipped, run or run twice, in order)"
             )
+        if settings.targets not in ("path", "ties"):
+            raise ValueError(f"router targets '{settings.targets}': choose 'path' or 'ties'")
         routes = [data.routes[i] for i in documents]
         states = torch.stack([route.states for route in routes])  # (docs, layers, d)
-        targets = torch.stack([_targets(route, settings.targets) for route in routes])
+        tied = settings.targets == "ties"
+        targets = torch.stack([route.targets(tied) for route in routes])  # (docs, layers, 3)
         weights = _class_weights(targets) if settings.balance else torch.ones(targets.shape[1:])
         loss = functools.partial(_loss, settings=settings, weights=weights)
 
@@ -162,15 +165,6 @@ class RouterPredictor(Predictor):
         self.network = Routers(hidden, self.n_layers, self.options.width)
         self.network.load_state_dict(state)
         self.network.eval()
-
-
-def _targets(route: RoutePath, kind: str) -> torch.Tensor:
-    """(layers, 3): the decisions a router is trained towards, one-hot along the followed path
-    (``"path"``, Dr.LLM's) or shared among the shortest right chains (``"ties"``)."""
-    if kind not in ("path", "ties"):
-        raise ValueError(f"router targets '{kind}': choose 'path' or 'ties'")
-    ties = route.targets()
-    return ties if kind == "ties" else nn.functional.one_hot(route.runs, ACTIONS).float()
 
 
 def _class_weights(targets: torch.Tensor) -> torch.Tensor:
