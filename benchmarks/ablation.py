@@ -36,13 +36,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch
 
-from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import load
 from lm_eval_cola.predict import predictors as predicting
 from lm_eval_cola.predict.cli import training_data_options
 from lm_eval_cola.predict.dataset import (
     TrainingSet,
     build_training_set,
+    right_chains,
     saved_or_built,
     shortest_paths,
 )
@@ -107,8 +107,7 @@ def _label_noise(store: Store, runs: list[str], data: TrainingSet) -> list[str]:
     n_layers = len(data.candidates[0])
     targets = tied = flips = 0
     for i, doc_hash in enumerate(data.doc_hashes):
-        right = [Chain.parse(c) for c in searched.get(doc_hash, [])]
-        right += [c for c, ok in zip(data.candidates, data.correct[i].tolist(), strict=True) if ok]
+        right = right_chains(searched, doc_hash, data.candidates, data.correct[i].tolist())
         ties = shortest_paths(right, n_layers)
         if not ties:
             continue

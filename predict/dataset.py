@@ -163,7 +163,12 @@ def build_training_set(
             searched = queries.correct_chains(session, info.run_ids)
         windows = spec.windows
         routes = [
-            route_path(lm, prompt_of(d.instances), _right(searched, d, candidates, row), windows)
+            route_path(
+                lm,
+                prompt_of(d.instances),
+                right_chains(searched, d.doc_hash, candidates, row),
+                windows,
+            )
             for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
         ]
     return TrainingSet(
@@ -204,12 +209,12 @@ def routable(chain: Chain, n_layers: int) -> list[int] | None:
     return runs
 
 
-def _right(
-    searched: dict[str, list[str]], document: Document, candidates: list[Chain], correct: list[bool]
+def right_chains(
+    searched: dict[str, list[str]], doc_hash: str, candidates: list[Chain], correct: list[bool]
 ) -> list[Chain]:
-    """The chains known to be right on the document: those its search found, then the
+    """The chains known to be right on a document: those its search found, then the
     candidates scored on it."""
-    found = [Chain.parse(chain) for chain in searched.get(document.doc_hash, [])]
+    found = [Chain.parse(chain) for chain in searched.get(doc_hash, [])]
     return found + [chain for chain, right in zip(candidates, correct, strict=True) if right]
 
 
