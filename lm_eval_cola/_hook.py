@@ -5,7 +5,9 @@ interpreter start. It only installs an import watcher: when ``lm_eval.models`` (
 fills the registry with the built-in backends) has finished executing, ``cola`` is added as a
 lazy placeholder; when ``lm_eval.tasks.manager`` has, every ``TaskManager`` also indexes
 ``lm_eval_cola/task_configs`` (``arc_easy_gen``, ``arc_challenge_gen``, ``gsm8k_direct``), so
-``lm_eval --tasks arc_easy_gen`` needs no ``--include_path``. Nothing of lm-eval, torch or this
+``lm_eval --tasks arc_easy_gen`` needs no ``--include_path``; when the CLI's configuration
+module has, ``--model cola``'s arguments are checked as soon as they are read and this
+package's errors print as one line (:func:`register_cli`). Nothing of lm-eval, torch or this
 package is imported before lm-eval itself is, and the built-ins stay resolvable because
 registration happens after them.
 """
@@ -51,8 +53,44 @@ def register_tasks() -> None:
     TaskManager.__init__ = __init__
 
 
+def register_cli() -> None:
+    """Check ``--model cola``'s arguments as soon as the ``lm_eval`` CLI has read them, before it
+    indexes tasks or loads weights, and print this package's errors as one line.
+
+    ``EvaluatorConfig`` is where lm-eval's CLI (and only its CLI) turns its arguments into one
+    configuration; its public constructors ``from_cli`` and ``from_config`` are wrapped.
+    """
+    from lm_eval.config.evaluate_config import EvaluatorConfig
+
+    from lm_eval_cola.errors import install_excepthook
+
+    install_excepthook("lm_eval")
+    for name in ("from_cli", "from_config"):
+        original = getattr(EvaluatorConfig, name).__func__
+        if not getattr(original, "_cola_checked", False):
+            setattr(EvaluatorConfig, name, classmethod(_preflighted(original)))
+
+
+def _preflighted(build):
+    @functools.wraps(build)
+    def checked(cls, *args, **kwargs):
+        config = build(cls, *args, **kwargs)
+        if config.model == "cola":
+            from lm_eval_cola.model_args import preflight
+
+            preflight(config.model_args or {})
+        return config
+
+    checked._cola_checked = True
+    return checked
+
+
 #: Module -> what to run right after it executes.
-_WATCHED = {"lm_eval.models": register, "lm_eval.tasks.manager": register_tasks}
+_WATCHED = {
+    "lm_eval.models": register,
+    "lm_eval.tasks.manager": register_tasks,
+    "lm_eval.config.evaluate_config": register_cli,
+}
 
 
 class _Watcher:
@@ -84,11 +122,13 @@ class _Watcher:
 def register_now() -> None:
     """Register at once, importing lm-eval's built-in backends first (see the module doc)."""
     # importing runs the watchers (or the built-ins are already registered)
+    import lm_eval.config.evaluate_config
     import lm_eval.models
     import lm_eval.tasks.manager  # noqa: F401
 
     register()
     register_tasks()
+    register_cli()
 
 
 def install() -> None:

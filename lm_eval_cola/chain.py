@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from lm_eval_cola.errors import ColaError
+
 #: A chain may be at most this many times as long as the model is deep, unless told otherwise.
 DEFAULT_MAX_LENGTH_FACTOR = 4
 
@@ -26,7 +28,7 @@ _SYNTAX_HELP = (
 )
 
 
-class ChainError(ValueError):
+class ChainError(ColaError, ValueError):
     """A chain that cannot be parsed or does not fit the model; the message names the fix."""
 
 

@@ -11,6 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lm_eval_cola import logs
+from lm_eval_cola.errors import ColaError, report
+from lm_eval_cola.logs import LEVELS
+
 EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
   cola data import --tasks arc_easy   (ARC-Easy ships with the package)
@@ -46,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     search_cli.add_parser(sub)
     predict_cli.add_parser(sub)
     refingerprint.add_parser(sub)
+    for command in _leaf_parsers(parser):
+        command.add_argument(
+            "--verbosity",
+            default="WARNING",
+            choices=LEVELS,
+            help="messages of other libraries (lm-eval, datasets, Alembic, Optuna, ...) shown "
+            "from this level; this package's own notes always show (default: WARNING)",
+        )
     sub.add_parser(
         "lm_eval",
         help="the stock lm-eval CLI with --model cola registered",
@@ -53,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parsers of every command that runs something (``cola search``, ``cola db stats``)."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not groups:
+        return [parser]
+    return [
+        leaf
+        for group in groups
+        for child in group.choices.values()
+        for leaf in _leaf_parsers(child)
+    ]
 
 
 def run_lm_eval(argv: Sequence[str]) -> int:
@@ -72,7 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["lm_eval"]:
         return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    logs.setup(args.verbosity)
+    try:
+        return int(args.func(args) or 0)
+    except ColaError as err:
+        return report(f"cola {args.command}", err)
 
 
 if __name__ == "__main__":

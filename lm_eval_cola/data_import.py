@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tqdm import tqdm
+
+from lm_eval_cola.errors import ColaError
+
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
@@ -52,7 +56,7 @@ TMP_PREFIX = ".cola-import-"  # dot-named, so datasets' cache lookup (a glob of 
 IGNORED_KWARGS = {"trust_remote_code"}  # lm-eval drops it itself on datasets >= 4
 
 
-class DataImportError(RuntimeError):
+class DataImportError(ColaError, RuntimeError):
     """The import cannot be done as asked; the message says what to change."""
 
 
@@ -314,11 +318,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         if "," in args.tasks:
             raise DataImportError("Pass one task to --tasks per call, each with its --data_dir.")
-        ref = task_dataset(args.tasks, args.include_path)
-        splits = find_splits(data_dir_of(args.tasks, ref, args.data_dir))
-        cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
-        where = import_dataset(ref, splits, cache_dir)
-        lines = verify(ref, splits, cache_dir)
+        with tqdm(total=3, desc=f"Importing {args.tasks}", unit="step") as bar:
+            bar.set_postfix_str("finding the task's data set")
+            ref = task_dataset(args.tasks, args.include_path)
+            splits = find_splits(data_dir_of(args.tasks, ref, args.data_dir))
+            cache_dir = (args.cache_dir or default_cache_dir()).expanduser().resolve()
+            bar.update()
+            bar.set_postfix_str(f"building the cache of {len(splits)} splits")
+            where = import_dataset(ref, splits, cache_dir)
+            bar.update()
+            bar.set_postfix_str("loading it back offline, as lm-eval will")
+            lines = verify(ref, splits, cache_dir)
+            bar.update()
+            bar.set_postfix_str("done")
     except DataImportError as err:
         print(f"cola data import: error: {err}", file=sys.stderr)
         return 1

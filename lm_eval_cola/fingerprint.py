@@ -25,6 +25,8 @@ import torch
 import xxhash
 from torch import nn
 
+from lm_eval_cola.errors import ColaError
+
 SCHEME = "xxh3"
 #: Bytes of a GPU tensor copied to the host at a time.
 CHUNK_BYTES = 256 * 2**20
@@ -34,7 +36,7 @@ _LOAD_FIELDS = ("_name_or_path", "_commit_hash", "transformers_version", "_attn_
 _SAMPLES_PER_TENSOR = 4096
 
 
-class FingerprintError(ValueError):
+class FingerprintError(ColaError, ValueError):
     """Some of the weights cannot be read, so they cannot be fingerprinted."""
 
 

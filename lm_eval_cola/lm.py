@@ -37,10 +37,20 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.errors import one_line
 from lm_eval_cola.executor import ChainExecutor, PrefixCache, Work
 from lm_eval_cola.fingerprint import identify, is_sampled, reregister_hint, sampled_fingerprint
+from lm_eval_cola.model_args import (
+    ModelArgsError,
+    check_names,
+    depth_from_config,
+    open_chains,
+    parse,
+    preflight,
+    validate_chains,
+)
 from lm_eval_cola.packing import PackedBatch, PackedRow, pack
-from lm_eval_cola.sources import ChainSource, ChainSourceError, document_keys, open_source
+from lm_eval_cola.sources import ChainSourceError, document_keys
 
 logger = logging.getLogger("lm_eval.cola")
 #: Packed rows remembered per model, by their requests (a search packs each document once).
@@ -108,8 +118,8 @@ class ColaLM(HFLM):
         shared_context: bool | None = None,
         **kwargs,
     ) -> None:
-        self.static_chain = Chain.parse(chain) if chain is not None else None
-        self.source: ChainSource | None = open_source(chains) if chains is not None else None
+        check_names(kwargs)
+        self.static_chain, self.source = open_chains(chain, chains)
         self.strict_chains = bool(strict_chains)
         self.max_chain_length = max_chain_length
         self.shared_context = self.source is not None if shared_context is None else shared_context
@@ -123,7 +133,7 @@ class ColaLM(HFLM):
 
             pretrained, name = default_model_path(), DISPLAY_NAME
         if isinstance(pretrained, str):
-            self._validate_chains(_depth_from_config(pretrained, kwargs))
+            self._validate_chains(depth_from_config(pretrained, kwargs))
         super().__init__(pretrained=pretrained, **kwargs)
         self.executor = ChainExecutor(self.model)
         self.executor.check(self.device)
@@ -136,10 +146,7 @@ class ColaLM(HFLM):
 
     def _validate_chains(self, n_layers: int) -> None:
         """Every chain this run can use fits the model; raised before any compute."""
-        if self.static_chain is not None:
-            self.static_chain.validate(n_layers, self.max_chain_length)
-        if self.source is not None:
-            self.source.validate(n_layers, self.max_chain_length)
+        validate_chains(self.static_chain, self.source, n_layers, self.max_chain_length)
 
     # -- the three request types, each run under the documents' chains ------------------------
 
@@ -534,7 +541,12 @@ def load(model_args: str = "", device: str | None = None) -> ColaLM:
     ``--model_args``, on ``device`` (default: CUDA when there is one, else the CPU), with the
     batch size of one document that the search objective sets itself."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return ColaLM.create_from_arg_string(model_args, {"device": device, "batch_size": 1})
+    args = parse(model_args)
+    preflight(args)
+    try:
+        return ColaLM.create_from_arg_obj(args, {"device": device, "batch_size": 1})
+    except OSError as err:  # weights or tokenizer files that cannot be read
+        raise ModelArgsError(f"the model cannot be loaded: {one_line(err)}") from err
 
 
 def _prompt_key(context: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
@@ -566,15 +578,3 @@ def _share(spent: Work, documents: Sequence[Hashable] | None, work: dict[Hashabl
         for position, document in enumerate(documents):
             total = getattr(work[document], field.name) + share + (position < rest)
             setattr(work[document], field.name, total)
-
-
-def _depth_from_config(pretrained: str, kwargs: dict) -> int:
-    """The model's depth from its config alone, so bad chains fail before weights load."""
-    config = transformers.AutoConfig.from_pretrained(
-        pretrained,
-        revision=kwargs.get("revision", "main"),
-        trust_remote_code=kwargs.get("trust_remote_code", False),
-        gguf_file=kwargs.get("gguf_file"),
-        subfolder=kwargs.get("subfolder", ""),
-    )
-    return config.get_text_config().num_hidden_layers

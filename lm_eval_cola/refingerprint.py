@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sqlite3
 import sys
 
@@ -55,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
     from lm_eval_cola.fingerprint import sampled_fingerprint
     from lm_eval_cola.lm import load
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     lm = load(args.model_args, args.device)
     sampled = sampled_fingerprint(lm.model)
     print(f"{lm.identity.name}: sampled fingerprint {sampled[:12]}, now {lm.identity.fingerprint}")

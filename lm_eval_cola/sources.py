@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from lm_eval_cola.chain import Chain, ChainError
+from lm_eval_cola.errors import ColaError
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.registry import Registry
 from lm_eval_cola.tasks import doc_hash
@@ -33,7 +34,7 @@ def document_keys(requests: Iterable) -> list[tuple[str, str]]:
     return keys
 
 
-class ChainSourceError(ValueError):
+class ChainSourceError(ColaError, ValueError):
     """A chain source that cannot be opened or does not fit the model; the message names the fix."""
 
 

@@ -19,6 +19,8 @@ from typing import Any
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
 
+from lm_eval_cola.errors import ColaError
+
 #: The metric scored by default, per output type.
 DEFAULT_METRICS = {
     "multiple_choice": "acc",
@@ -28,7 +30,7 @@ DEFAULT_METRICS = {
 }
 
 
-class TaskError(ValueError):
+class TaskError(ColaError, ValueError):
     """The task cannot be used as asked; the message says why and what to change."""
 
 

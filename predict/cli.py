@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -150,11 +149,10 @@ def train(args: argparse.Namespace) -> int:
     from lm_eval_cola.predict.features import FeatureSpec
     from lm_eval_cola.predict.predictors import save, within_depth
     from lm_eval_cola.predict.predictors import train as fit
-    from lm_eval_cola.predict.selection import GRIDS, select
+    from lm_eval_cola.predict.selection import GRIDS, describe, select
     from lm_eval_cola.store.engine import StoreError
     from lm_eval_cola.store.store import Store
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = sorted(set(kinds) - set(PREDICTORS))
     if args.max_depth is not None and args.max_depth <= 0:
@@ -188,8 +186,8 @@ def train(args: argparse.Namespace) -> int:
             if args.select and kind in GRIDS:
                 best, tried = select(kind, own, lm.identity, seed=args.seed)
                 chosen = {**chosen, **best}
-                scores = "; ".join(f"{_settings(o)} {a:.3f}" for o, a in tried)
-                print(f"{kind}: validation accuracy {scores} -> {_settings(best)}")
+                scores = "; ".join(f"{describe(o)} {a:.3f}" for o, a in tried)
+                print(f"{kind}: validation accuracy {scores} -> {describe(best)}")
             predictor = fit(kind, own, lm.identity, **chosen)
         except ValueError as err:
             return _fail(f"{kind}: {err}")
@@ -211,7 +209,6 @@ def evaluate(args: argparse.Namespace) -> int:
     from lm_eval_cola.predict.predictors import PredictorFileError, load
     from lm_eval_cola.tasks import load_tasks, task_documents
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         predictors = [load(path) for path in args.predictors]
         tasks = load_tasks(args.tasks, args.include_path, split=args.split)
@@ -255,10 +252,6 @@ def _print_results(results) -> None:
     )
     if not any(r.delta_low > 0 for r in results):
         print("No predictor beats the identity chain on these documents (95% interval).")
-
-
-def _settings(options: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in options.items())
 
 
 def _load_model(args: argparse.Namespace):

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.errors import ColaError
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
 from lm_eval_cola.fingerprint import is_sampled, reregister_hint
 from lm_eval_cola.predict import PREDICTORS
@@ -47,7 +48,7 @@ DOCUMENTS_AT_ONCE = 16
 PRUNING_DOCUMENTS = 300
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(ColaError, ValueError):
     """The runs cannot train a predictor for this model; the message says why."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.errors import ColaError
 from lm_eval_cola.predict.dataset import DOCUMENTS_AT_ONCE
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
@@ -29,7 +30,7 @@ from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.tasks import Document, task_documents
 
 
-class LeakError(ValueError):
+class LeakError(ColaError, ValueError):
     """Evaluation documents overlap a predictor's training documents."""
 
 

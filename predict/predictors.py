@@ -39,8 +39,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.errors import ColaError
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet
@@ -206,7 +208,7 @@ def save(predictor: Predictor, path: str | Path) -> Path:
     return path
 
 
-class PredictorFileError(ValueError):
+class PredictorFileError(ColaError, ValueError):
     """A predictor file that cannot be read; the message names it and the fix."""
 
 
@@ -364,7 +366,7 @@ def fit_network(
     held, fit_on = order[:n_held], order[n_held:]
     optimizer = torch.optim.AdamW(network.parameters(), lr=options.lr, weight_decay=0.01)
     best = (math.inf, {k: v.clone() for k, v in network.state_dict().items()})
-    for _ in range(options.epochs):
+    for _ in tqdm(range(options.epochs), desc="Training", unit="epoch", leave=False):
         network.train()
         shuffled = [fit_on[i] for i in torch.randperm(len(fit_on), generator=generator)]
         for start in range(0, len(shuffled), options.batch_size):

@@ -11,6 +11,7 @@ pick their epoch on held-out training documents instead (:func:`fit_network`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -19,11 +20,31 @@ from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.predict.dataset import TrainingSet
 from lm_eval_cola.predict.predictors import CandidatePredictor, train
 
+logger = logging.getLogger("lm_eval.cola")
+
 #: the settings tried per kind
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "knn": [{"k": k} for k in (1, 3, 5, 10, 20, 50)],
     "network": [{"width": w, "epochs": e} for w in (32, 64, 128) for e in (20, 40)],
 }
+
+
+def meaningful(kind: str, grid: list[dict[str, Any]], documents: int) -> list[dict[str, Any]]:
+    """The settings that can mean what they say on ``documents`` training documents (knn's k
+    at most that many; at least the smallest k), with a note of those skipped."""
+    kept = [o for o in grid if o.get("k", 0) <= documents] or grid[:1]
+    skipped = [describe(o) for o in grid if o not in kept]
+    if skipped:
+        logger.info(
+            "%s: skipped %s: more neighbours than the %d documents it is fitted on",
+            kind, ", ".join(skipped), documents,
+        )  # fmt: skip
+    return kept
+
+
+def describe(options: dict[str, Any]) -> str:
+    """``k=5`` or ``width=64,epochs=20``: a setting as the command line prints it."""
+    return ",".join(f"{k}={v}" for k, v in options.items())
 
 
 def subset(data: TrainingSet, rows: list[int]) -> TrainingSet:
@@ -64,7 +85,7 @@ def select(
     fit_on, held = subset(data, fit_rows), subset(data, held_rows)
     tried = [
         (options, validation_accuracy(train(kind, fit_on, model, **options), held))
-        for options in GRIDS[kind]
+        for options in meaningful(kind, GRIDS[kind], len(fit_rows))
     ]
     best = max(tried, key=lambda item: item[1])  # max keeps the first among equals
     return best[0], tried

@@ -8,9 +8,8 @@ checked without the model (method, budget, tasks, metric, store) is checked befo
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
+from lm_eval_cola.errors import report
 from lm_eval_cola.search.base import SEARCHERS
 from lm_eval_cola.search.space import MODES
 
@@ -80,10 +79,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lm_eval_cola.model_args import parse, preflight
     from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_from_env
+    from lm_eval_cola.store.engine import check_usable
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         settings = SearchSettings(
             method=args.method,
@@ -100,12 +99,13 @@ def run(args: argparse.Namespace) -> int:
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
         shard = _parse_shard(args.shard) if args.shard else shard_from_env()
+        preflight(parse(args.model_args))
         tasks = _load_tasks(args)
-        store = _open_store(args.store)
+        check_usable(args.store)  # created only once the model has loaded
         lm = _load_model(args)
+        store = _open_store(args.store)
     except (ValueError, RuntimeError, KeyError) as err:
-        print(f"cola search: error: {err}", file=sys.stderr)
-        return 2
+        return report("cola search", err)
     for task in tasks.values():
         search = SearchRun(
             lm, task, store, settings, args.prefix_cache_mb, args.run_name, args.parallel_docs
@@ -127,9 +127,9 @@ def _space(args: argparse.Namespace) -> dict:
 
 
 def _parse_pairs(text: str) -> dict:
-    from lm_eval.utils import simple_parse_args_string
+    from lm_eval_cola.model_args import parse
 
-    return simple_parse_args_string(text)
+    return parse(text)
 
 
 def _parse_shard(text: str) -> tuple[int, int]:

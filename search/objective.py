@@ -90,7 +90,7 @@ class Objective:
             first.setdefault(proposal.chain, len(first))
         pending = sorted(range(len(proposals)), key=lambda i: first[proposals[i].chain])
         trials: list[Trial] = [None] * len(proposals)  # type: ignore[list-item]
-        with tqdm(total=len(proposals), desc=desc, disable=desc is None) as progress:
+        with tqdm(total=len(proposals), desc=desc, disable=desc is None or not proposals) as bar:
             while pending:
                 chunk, documents, later = [], set(), []
                 for index in pending:
@@ -103,7 +103,7 @@ class Objective:
                 scored = self.score_many([proposals[i] for i in chunk])
                 for index, trial in zip(chunk, scored, strict=True):
                     trials[index] = trial
-                progress.update(len(chunk))
+                bar.update(len(chunk))
                 pending = later
         return trials
 

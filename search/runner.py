@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -102,6 +102,32 @@ class Tally:
         }
 
 
+class SearchProgress:
+    """A bar of evaluations across every document in flight, so its rate and ETA are true from
+    the first pass over the model (documents finish together, late, when searched in
+    parallel); documents done and the tally beside it."""
+
+    def __init__(self, documents: int, budget: int, what: str) -> None:
+        self.documents, self.done, self.budget = documents, 0, budget
+        self.bar = tqdm(total=documents * budget, desc=f"Searching {what}", unit="eval")
+        self.bar.set_postfix(self._postfix())
+
+    def scored(self, evaluations: int) -> None:
+        self.bar.update(evaluations)
+
+    def finished(self, evaluations: int, tally: Tally) -> None:
+        """A document is done; one that stopped short of its budget shrinks the total."""
+        self.done += 1
+        self.bar.total -= self.budget - evaluations
+        self.bar.set_postfix(self._postfix(tally))
+
+    def _postfix(self, tally: Tally | None = None) -> dict[str, str]:
+        return {"documents": f"{self.done}/{self.documents}", **(tally.postfix() if tally else {})}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def shard_from_env() -> tuple[int, int]:
     """Under torchrun or accelerate launch, each rank searches its own share."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -173,17 +199,16 @@ class SearchRun:
             run_id, self.run_name, len(mine), index, count, skipped, self.parallel_docs,
         )  # fmt: skip
         self.tally = tally = Tally()
-        progress = tqdm(
-            total=len(mine), desc=f"Searching {self.task.config.task} ({self.settings.method})"
+        progress = SearchProgress(
+            len(mine), self.settings.budget, f"{self.task.config.task} ({self.settings.method})"
         )
-        for document, trials in self.searches(mine):
+        for document, trials in self.searches(mine, progress.scored):
             evaluations = [_evaluation_info(t) for t in trials]
             seconds = sum(t.seconds for t in trials)
             limit = self._token_layer_limit(document, trials)
             self.store.record_document(run_id, ids[document.doc_hash], evaluations, seconds, limit)
             tally.add(trials, self.space.n_layers)
-            progress.update()
-            progress.set_postfix(tally.postfix())
+            progress.finished(len(trials), tally)
         progress.close()
         self.store.finish_run_if_done(run_id)
         return run_id
@@ -197,9 +222,12 @@ class SearchRun:
                 reregister_hint(f"--store {self.store.url}"),
             )  # fmt: skip
 
-    def searches(self, documents: list[Document]) -> Iterator[tuple[Document, list[Trial]]]:
+    def searches(
+        self, documents: list[Document], scored: Callable[[int], None] = lambda n: None
+    ) -> Iterator[tuple[Document, list[Trial]]]:
         """Search the documents, ``parallel_docs`` at a time; yields each as it finishes with
-        all the chains its method evaluated (the first is the full model)."""
+        all the chains its method evaluated (the first is the full model). ``scored`` hears
+        of every pass over the model, with its number of evaluations."""
         waiting, active = iter(documents), []
         while True:
             while len(active) < self.parallel_docs and (document := next(waiting, None)):
@@ -218,6 +246,7 @@ class SearchRun:
                 trials = self.objective.score_many(proposals)
                 for (search, _), trial in zip(asked, trials, strict=True):
                     search.search.record(trial)
+                scored(len(trials))
 
     def _searcher(self, document: Document):
         seed = _document_seed(self.settings.seed, document.doc_hash)

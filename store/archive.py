@@ -15,20 +15,18 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from sqlalchemy.engine import make_url
-
 from lm_eval_cola.store import engine as engines
 
 
 def sqlite_path(store: str) -> Path:
     """The file of an SQLite store; other databases have their own dump tools."""
-    url = make_url(engines.normalise_url(store))
-    if url.get_backend_name() != "sqlite" or not url.database:
+    path = engines.sqlite_file(store)
+    if path is None:
         raise engines.StoreError(
-            f"{engines.display(str(url))} is not an SQLite file: back up a PostgreSQL store "
-            "with pg_dump"
+            f"{engines.display(engines.normalise_url(store))} is not an SQLite file: back up a "
+            "PostgreSQL store with pg_dump"
         )
-    return Path(url.database)
+    return path
 
 
 def write(store: str, output: Path) -> int:

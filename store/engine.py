@@ -12,6 +12,7 @@ schema.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import sqlite3
 import time
@@ -29,6 +30,8 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
+from lm_eval_cola.errors import ColaError
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: Alembic's revision table, named so that Optuna's own (``alembic_version``) can share the
 #: database: search baselines keep their studies in the store's database.
@@ -39,7 +42,7 @@ BUSY_TIMEOUT_S = 60
 SCHEMA_LOCK = 0x636F6C61
 
 
-class StoreError(RuntimeError):
+class StoreError(ColaError, RuntimeError):
     """Something about the store prevents the operation; the message says what to do."""
 
 
@@ -69,6 +72,31 @@ def normalise_url(store: str) -> str:
         return store
     path = str(Path(store).expanduser().resolve())
     return URL.create("sqlite", database=path).render_as_string(hide_password=False)
+
+
+def sqlite_file(store: str) -> Path | None:
+    """The file of an SQLite store; ``None`` for other databases."""
+    url = make_url(normalise_url(store))
+    if url.get_backend_name() != "sqlite" or not url.database:
+        return None
+    return Path(url.database)
+
+
+def check_usable(store: str) -> None:
+    """Refuse a store that cannot be written (locked, corrupt, outdated, no such folder) without
+    creating a new one, so that a command that fails later, before its first write, leaves no
+    empty store behind."""
+    path = sqlite_file(store)
+    if path is not None and not path.exists():
+        if not path.parent.is_dir():
+            raise StoreError(f"folder of store '{path}' does not exist")
+        return
+    with translated(store):
+        engine = create(store)
+        try:
+            ensure_schema(engine, store, create_missing=False)
+        finally:
+            engine.dispose()
 
 
 def display(url: str) -> str:
@@ -254,15 +282,30 @@ def _upgrade(connection: Connection) -> None:
     """All migrations in the caller's transaction: they commit together or not at all."""
     from alembic import command
 
-    command.upgrade(_alembic_config(connection), "head")
+    with _quiet_alembic():
+        command.upgrade(_alembic_config(connection), "head")
 
 
 def _revision(connection: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    return MigrationContext.configure(
-        connection, opts={"version_table": VERSION_TABLE}
-    ).get_current_revision()
+    with _quiet_alembic():
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+@contextlib.contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic's INFO lines (its SQL dialect, each migration it runs) say nothing a store's
+    user can act on; they show only where someone has set Alembic's log level."""
+    alembic = logging.getLogger("alembic")
+    level = alembic.level
+    if level == logging.NOTSET:
+        alembic.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        alembic.setLevel(level)
 
 
 def _lock_schema(connection: Connection) -> None:

@@ -1,7 +1,9 @@
 """The CoLa paper's figures for any run in a store, as matplotlib figures (``cola plot``).
 
 Each figure answers one question with data computed in SQL (``queries.py``) and carries a
-title, labelled axes and the run(s) it came from:
+title, labelled axes and the run(s) it came from. So that a reader can trust it at a glance,
+whole quantities (layer indices, chain lengths, budgets) get whole-number ticks, bars have
+edges, and legends sit right of the axes, where they cover no data:
 
 - :func:`layer_usage`: per layer, how often the best chains apply it, skip it and repeat it
   (the paper's Figures 5 and 6);
@@ -16,6 +18,7 @@ title, labelled axes and the run(s) it came from:
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +26,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, MultipleLocator
 
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Run
@@ -39,17 +44,55 @@ def describe(store: Store, run_id: int) -> str:
         run = session.get(Run, run_id)
         if run is None:
             raise ValueError(f"{store} has no run {run_id}")
-        space = run.space.get("mode", "both")
         return (
-            f"run {run.id}: {run.method}, {space} space, budget {run.budget}, "
+            f"run {run.id}: {run.method}, {space_name(run)} space, budget {run.budget}, "
             f"{run.task.name} ({run.task.split}), {_short(run.model.name)} "
             f"({run.model.n_layers} layers)"
         )
 
 
+def space_name(run: Run) -> str:
+    """``skip+repeat``, ``skip-only`` or ``repeat-only``: the search space, in the paper's words."""
+    mode = run.space.get("mode", "both")
+    return {"both": "skip+repeat", "skip": "skip-only", "repeat": "repeat-only"}.get(mode, mode)
+
+
 def _short(name: str) -> str:
     """A model name short enough for a title: its last path part, without remarks."""
     return name.rstrip("/").split("/")[-1].split(" (")[0][:40]
+
+
+#: Line styles for the runs of a budget figure, so that curves which coincide stay visible.
+STYLES = ("-", "--", ":", "-.")
+#: Bar edges: adjacent bars of one colour must read as separate bars, not one wide bar.
+EDGE = {"edgecolor": "black", "linewidth": 0.6}
+
+
+def runs_phrase(run_ids: Sequence[int]) -> str:
+    """``run 1``, ``runs 1 and 2``, ``runs 1, 2 and 3``: a title that reads as English."""
+    ids = list(map(str, run_ids))
+    if len(ids) == 1:
+        return f"run {ids[0]}"
+    return f"runs {', '.join(ids[:-1])} and {ids[-1]}"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 document``, ``2 documents``: a count that reads as English."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _integer_ticks(axis: Axis, every: bool = True) -> None:
+    """Ticks on whole numbers only, for layer indices, lengths and budgets (there is no layer
+    2.5), in steps of 1, 2, 5 or 10; with ``every``, a minor tick on each integer so that each
+    bar or step can be read off."""
+    axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+    if every:
+        axis.set_minor_locator(MultipleLocator(1))
+
+
+def _legend_outside(ax: Axes) -> None:
+    """The legend right of the axes, where it can never cover a curve, bar or point."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def layer_usage(store: Store, run_id: int) -> Figure:
@@ -58,18 +101,21 @@ def layer_usage(store: Store, run_id: int) -> Figure:
     layers = list(range(stats.n_layers))
     figure, axes = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
     panels = [
-        (stats.usage, "mean applications", "tab:blue"),
-        (stats.skip_rate, "share skipping it", "tab:red"),
-        (stats.repeat_rate, "share repeating it", "tab:green"),
+        (stats.usage, "mean applications\n(dashed: once)", "tab:blue"),
+        (stats.skip_rate, "share of chains\nskipping it", "tab:red"),
+        (stats.repeat_rate, "share of chains\nrepeating it", "tab:green"),
     ]
     for ax, (values, label, colour) in zip(axes, panels, strict=True):
-        ax.bar(layers, values, color=colour)
+        ax.bar(layers, values, color=colour, **EDGE)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
     axes[-1].set_xlabel("layer index")
+    axes[-1].set_xlim(-0.6, stats.n_layers - 0.4)  # no tick past the last layer
+    _integer_ticks(axes[-1].xaxis)
     figure.suptitle(
-        f"Layer usage in the best chains of {stats.documents} documents\n{describe(store, run_id)}",
+        f"Layer usage in the best chains of {_count(stats.documents, 'document')}\n"
+        f"{describe(store, run_id)}",
         fontsize=10,
     )
     figure.tight_layout()
@@ -86,23 +132,27 @@ def chain_lengths(store: Store, run_id: int) -> Figure:
             n for original, ok, n in rows if original == 0 and ok
         ],
     }
-    lengths = [n for values in groups.values() for n in values] or [n_layers]
-    bins = range(min([*lengths, n_layers]) - 1, max([*lengths, n_layers]) + 2)
-    figure, ax = plt.subplots(figsize=(8, 4.5))
-    for label, values in groups.items():
-        ax.hist(values, bins=bins, alpha=0.6, label=f"{label}: {len(values)} documents")
-    ax.axvline(n_layers, color="black", ls="--", lw=1, label=f"model depth {n_layers}")
+    lengths = [n_layers, *(n for values in groups.values() for n in values)]
+    # one bin per length, centred on it: the bar of length 26 stands over the tick 26
+    bins = [n - 0.5 for n in range(min(lengths), max(lengths) + 2)]
+    figure, ax = plt.subplots(figsize=(10, 4.5))
+    labels = [f"{label}:\n{_count(len(values), 'document')}" for label, values in groups.items()]
+    # side by side, not overlaid: no third colour where the two groups overlap
+    ax.hist(list(groups.values()), bins=bins, label=labels, **EDGE)
+    ax.axvline(n_layers, color="black", ls="--", lw=1, zorder=0, label=f"model depth {n_layers}")
+    ax.set_xlim(min(lengths) - 1, max(lengths) + 1)
     ax.set_xlabel("length of the best correct chain (layers applied)")
     ax.set_ylabel("documents")
+    _integer_ticks(ax.xaxis)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, never 0.2 of a document
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     ax.set_title(f"Best chain lengths\n{describe(store, run_id)}", fontsize=10)
     figure.tight_layout()
     return figure
 
 
 def pareto(store: Store, run_id: int, doc_id: int | None = None) -> Figure:
-    figure, ax = plt.subplots(figsize=(8, 4.5))
+    figure, ax = plt.subplots(figsize=(10, 4.5))
     with store.session() as session:
         n_layers = queries.stats(session, run_id).n_layers
         if doc_id is not None:
@@ -114,60 +164,75 @@ def pareto(store: Store, run_id: int, doc_id: int | None = None) -> Figure:
         else:
             _run_front(ax, queries.shortest_correct(session, run_id), n_layers)
             title = "Correct chains within a depth budget"
-    ax.axvline(n_layers, color="black", ls="--", lw=1, label=f"model depth {n_layers}")
+    ax.axvline(n_layers, color="black", ls="--", lw=1, zorder=0, label=f"model depth {n_layers}")
     ax.set_xlabel("chain length (layers applied)")
-    ax.legend(fontsize=8)
+    _integer_ticks(ax.xaxis)
+    _legend_outside(ax)
     ax.set_title(f"{title}\n{describe(store, run_id)}", fontsize=10)
     figure.tight_layout()
     return figure
 
 
-def _document_front(ax, points: list[tuple[int, float]]) -> None:
-    lengths, scores = zip(*points, strict=True)
-    ax.scatter(lengths, scores, s=12, alpha=0.5, label=f"{len(points)} chains evaluated")
+def _document_front(ax: Axes, points: list[tuple[int, float]]) -> None:
+    """Every chain as a point whose area counts the chains with that length and score (many
+    share both, and one small dot for 30 chains would hide them), and the Pareto front: the
+    best score of any chain of at most each length, up to the longest chain evaluated."""
+    counts = Counter(points)
+    lengths, scores = zip(*counts, strict=True)
+    scale = min(12.0, 400 / max(counts.values()))  # the largest point stays a point
+    sizes = [scale * n for n in counts.values()]
+    label = f"{_count(len(points), 'chain')} evaluated\n(area: chains at the point)"
+    ax.scatter(lengths, scores, s=sizes, alpha=0.5, zorder=3, label=label)
     front, best = [], float("-inf")
     for length, score in sorted(points, key=lambda p: (p[0], -p[1])):
         if score > best:
             front.append((length, score))
             best = score
+    if max(lengths) > front[-1][0]:
+        front.append((max(lengths), best))
     ax.step(*zip(*front, strict=True), where="post", color="tab:red", label="Pareto front")
     ax.set_ylabel("score (task metric)")
 
 
-def _run_front(ax, shortest: list[int | None], n_layers: int) -> None:
+def _run_front(ax: Axes, shortest: list[int | None], n_layers: int) -> None:
     found = [n for n in shortest if n is not None]
     top = max([*found, n_layers])
     budgets = list(range(1, top + 1))
     share = [sum(n <= b for n in found) / max(len(shortest), 1) for b in budgets]
-    ax.step(budgets, share, where="post", label=f"{len(shortest)} documents")
-    ax.set_ylabel("share of documents with a correct chain of at most this length")
+    # a dot per length: the last share, at the longest chain, is a point and not a step
+    label = _count(len(shortest), "document")
+    ax.step(budgets, share, where="post", marker="o", markersize=3, label=label)
+    ax.set_ylabel("share of documents with a correct\nchain of at most this length")
     ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
 
 
 def budget_curves(store: Store, run_ids: Sequence[int]) -> Figure:
-    figure, ax = plt.subplots(figsize=(8, 4.5))
+    figure, ax = plt.subplots(figsize=(10, 4.5))
     with store.session() as session:
         documents = queries.common_documents(session, run_ids)
         if not documents:
             raise ValueError(f"runs {', '.join(map(str, run_ids))} have no finished document "
                              "in common: compare runs of the same task")  # fmt: skip
-        for run_id in run_ids:
+        for index, run_id in enumerate(run_ids):
             run = session.get(Run, run_id)
             steps = queries.first_correct_step(session, run_id, documents)
             budgets = list(range(1, run.budget + 1))
             share = [sum(s is not None and s <= b for s in steps) / len(steps) for b in budgets]
-            ax.plot(budgets, share, label=f"{run.method} (run {run_id}, budget {run.budget})")
+            label = f"{run.method}, {space_name(run)} space (run {run_id}, budget {run.budget})"
+            ax.step(budgets, share, where="post", ls=STYLES[index % len(STYLES)], label=label)
         first = session.get(Run, run_ids[0])
         task, model = first.task.name, _short(first.model.name)
     ax.set_xlabel("chain evaluations per document (budget)")
     ax.set_ylabel("share of documents with a correct chain")
     ax.set_ylim(0, 1.02)
+    _integer_ticks(ax.xaxis, every=False)  # a budget counts whole evaluations
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    runs = ", ".join(map(str, run_ids))
+    _legend_outside(ax)
+    finished = "it" if len(run_ids) == 1 else "every run"
     ax.set_title(
-        f"Existence rate against budget: {task}, {model}\n"
-        f"runs {runs}, on the {len(documents)} documents every run finished",
+        f"Existence rate against budget: {task}, {model}\n{runs_phrase(run_ids)}, on the "
+        f"{_count(len(documents), 'document')} {finished} finished",
         fontsize=10,
     )
     figure.tight_layout()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pytest
+from matplotlib.colors import to_rgba
 
 from lm_eval_cola.cli import main
 from lm_eval_cola.store import cli as store_cli
@@ -53,8 +54,11 @@ def test_budget_curves_count_documents_solved_within_each_budget(store):
     figure = plots.budget_curves(store, [1])
     curve = next(line for line in lines(figure) if len(line) == 4)
     assert curve == [(1, 3 / 6), (2, 5 / 6), (3, 5 / 6), (4, 5 / 6)]
-    assert "grid (run 1, budget 4)" in figure.axes[0].get_legend().get_texts()[0].get_text()
-    assert "on the 6 documents every run finished" in figure.axes[0].get_title()
+    assert (
+        "grid, skip+repeat space (run 1, budget 4)"
+        in figure.axes[0].get_legend().get_texts()[0].get_text()
+    )
+    assert "run 1, on the 6 documents it finished" in figure.axes[0].get_title()
     plt.close(figure)
 
 
@@ -69,7 +73,7 @@ def test_methods_are_compared_on_the_documents_every_run_finished(store):
     figure = plots.budget_curves(store, [1, 2])
     grid, mcts = [line for line in lines(figure) if len(line) > 1]
     assert grid == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)] and mcts == [(1, 1.0), (2, 1.0)]
-    assert "on the 2 documents every run finished" in figure.axes[0].get_title()
+    assert "runs 1 and 2, on the 2 documents every run finished" in figure.axes[0].get_title()
     plt.close(figure)
     with pytest.raises(ValueError, match="no finished document in common"):
         plots.budget_curves(store, [1, 3])
@@ -91,6 +95,92 @@ def test_chain_length_histogram_counts_whole_documents(store):
     assert heights == [1] * 5  # best correct lengths: C->C 3, 4, 5; W->C 5, 3 (one bar each)
     assert all(tick == int(tick) for tick in figure.axes[0].get_yticks())
     plt.close(figure)
+
+
+def test_chain_length_bars_have_edges_and_stand_over_their_length(store):
+    """Without edges, the bars of lengths 26 and 27 read as one wide bar; a bar of length 3
+    spans 2.5 to 3.5 (both groups side by side within it), not 3 to 4."""
+    figure = plots.chain_lengths(store, 1)
+    bars = [bar for bar in figure.axes[0].patches if bar.get_height()]
+    for bar in bars:
+        assert bar.get_linewidth() > 0
+        assert to_rgba(bar.get_edgecolor()) != to_rgba(bar.get_facecolor())
+    centres = []
+    for bar in bars:
+        length = round(bar.get_x() + bar.get_width() / 2)
+        assert length - 0.5 <= bar.get_x() and bar.get_x() + bar.get_width() <= length + 0.5
+        centres.append(length)
+    assert sorted(centres) == [3, 3, 4, 5, 5]  # C->C 3, 4, 5; W->C 5, 3
+    plt.close(figure)
+
+
+@pytest.mark.parametrize("kind", [*plots.KINDS, "document"])
+def test_integer_quantities_get_integer_ticks(store, kind):
+    """Layer indices, chain lengths and budgets are whole numbers: no tick at layer 0.5 or at
+    1.5 evaluations (the 4-layer, budget-4 store drew both)."""
+    doc_id = 2 if kind == "document" else None
+    figure = plots.render(store, "pareto" if doc_id else kind, [1, 2], doc_id=doc_id)
+    ax = figure.axes[-1]
+    low, high = ax.get_xlim()
+    ticks = [tick for tick in ax.get_xticks() if low <= tick <= high]
+    assert len(ticks) >= 2 and all(tick == int(tick) for tick in ticks), ticks
+    plt.close(figure)
+
+
+def test_titles_name_one_run_or_several_in_english(store):
+    assert plots.runs_phrase([1]) == "run 1"
+    assert plots.runs_phrase([1, 2]) == "runs 1 and 2"
+    assert plots.runs_phrase([1, 2, 3]) == "runs 1, 2 and 3"
+    figure = plots.budget_curves(store, [1])
+    assert "runs 1" not in figure.axes[0].get_title()
+    plt.close(figure)
+
+
+def test_budget_curves_that_coincide_stay_visible(store):
+    """On their two common documents both runs are at 1.0 from budget 1: one line style each,
+    so the second curve does not hide the first."""
+    figure = plots.budget_curves(store, [1, 2])
+    styles = [line.get_linestyle() for line in figure.axes[0].lines]
+    assert len(styles) == 2 and len(set(styles)) == 2
+    plt.close(figure)
+
+
+def test_pareto_front_of_a_document_spans_every_chain_length(store):
+    """Document 0 of grid: 0-2 (length 3) is correct, so the front is 1.0 from length 3 to the
+    longest chain, 4; it must not stop at 3 as if no longer chain was evaluated."""
+    figure = plots.pareto(store, 1, doc_id=0)
+    assert [(3, 1.0), (4, 1.0)] in lines(figure)
+    plt.close(figure)
+
+
+def test_points_of_a_document_count_the_chains_on_them():
+    """Chains often share a length and a score: a point's area counts them, so that
+    "3 chains evaluated" shows three chains, not two dots."""
+    figure, ax = plt.subplots()
+    plots._document_front(ax, [(3, 0.0), (3, 0.0), (4, 1.0)])
+    (points,) = ax.collections
+    assert list(points.get_sizes()) == [24, 12]
+    assert "3 chains evaluated" in points.get_label()
+    plt.close(figure)
+
+
+def test_nothing_is_cut_off_and_legends_cover_no_data(store):
+    for kind in plots.KINDS:
+        figure = plots.render(store, kind, [1, 2], doc_id=2 if kind == "pareto" else None)
+        figure.canvas.draw()
+        page = figure.bbox
+        texts = [figure._suptitle] if figure._suptitle else []
+        for ax in figure.axes:
+            texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+            legend = ax.get_legend()
+            if legend is not None:
+                texts.append(legend)
+                assert legend.get_window_extent().x0 >= ax.get_window_extent().x1, kind
+        for text in texts:
+            box = text.get_window_extent()
+            assert page.x0 <= box.x0 and box.x1 <= page.x1, (kind, text)
+            assert page.y0 <= box.y0 and box.y1 <= page.y1, (kind, text)
+        plt.close(figure)
 
 
 def test_every_figure_has_a_title_axes_labels_and_its_run(store):

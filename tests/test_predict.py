@@ -3,6 +3,7 @@ included), the ``predictor:`` source in lm-eval, and held-out evaluation that re
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -459,6 +460,22 @@ def test_out_of_domain_tasks_are_judged_with_their_own_metric(lm, task_dir, trai
         assert result.delta_low <= result.delta <= result.delta_high
 
 
+def test_settings_that_cannot_mean_what_they_say_are_skipped_with_a_note(caplog):
+    grid = selection.GRIDS["knn"]
+    with caplog.at_level(logging.INFO, logger="lm_eval.cola"):
+        kept = selection.meaningful("knn", grid, 8)
+    assert kept == [{"k": 1}, {"k": 3}, {"k": 5}]
+    (note,) = caplog.messages
+    assert (
+        note
+        == "knn: skipped k=10, k=20, k=50: more neighbours than the 8 documents it is fitted on"
+    )
+    assert selection.meaningful("knn", grid, 0) == [{"k": 1}]  # never nothing to try
+    assert (
+        selection.meaningful("network", selection.GRIDS["network"], 2) == selection.GRIDS["network"]
+    )
+
+
 def test_hyper_parameters_are_chosen_on_a_validation_split_of_the_training_documents(lm):
     """Each setting trains on the fit part and is judged, from the score table, on held-out
     training documents; the best one wins (the first among equals)."""
@@ -469,7 +486,7 @@ def test_hyper_parameters_are_chosen_on_a_validation_split_of_the_training_docum
     fit_rows, held_rows = selection.split(len(data.doc_hashes))
     assert sorted(fit_rows + held_rows) == list(range(40)) and len(held_rows) == 8
     best, tried = selection.select("knn", data, lm.identity)
-    assert [options for options, _ in tried] == selection.GRIDS["knn"]
+    assert [options for options, _ in tried] == [o for o in selection.GRIDS["knn"] if o["k"] <= 32]
     held = selection.subset(data, held_rows)
     for options, accuracy in tried:
         knn = P.train("knn", selection.subset(data, fit_rows), lm.identity, **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -430,3 +431,27 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
     ]:
         done = subprocess.run([*base, *args], capture_output=True, text=True, env=env)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_the_bar_counts_evaluations_before_the_first_document_finishes(
+    tiny_llama_dir, task_dir, tmp_path
+):
+    """With documents searched in parallel they all finish late; the bar must move before."""
+    command = [
+        sys.executable, "-m", "lm_eval_cola", "search", "--model_args",
+        f"pretrained={tiny_llama_dir}", "--device", "cpu", "--tasks", "cola_mc",
+        "--include_path", task_dir, "--budget", "6", "--parallel_docs", "4",
+        "--store", str(tmp_path / "bar.db"),
+    ]  # fmt: skip
+    env = {**os.environ, "TQDM_MININTERVAL": "0", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    states = [
+        (int(m.group(1)), int(m.group(2)), int(m.group(3)))
+        for m in re.finditer(
+            r"Searching cola_mc.*? (\d+)/(\d+) \[.*?documents=(\d+)/7", done.stderr
+        )
+    ]
+    assert states[0] == (0, 7 * 6, 0)
+    before_any_document = [n for n, _, finished in states if finished == 0]
+    assert max(before_any_document) >= 4, done.stderr[-2000:]  # a pass over 4 documents
+    assert states[-1][0] == states[-1][1] and states[-1][2] == 7
