@@ -82,7 +82,7 @@ setup(
         "pandas>=2.0",
         "gguf>=0.10",
         "safetensors>=0.4",
-        "tqdm>=4.59",
+        "tqdm>=4.66",  # TQDM_* environment settings (tests)
         "xxhash>=3.0",
         "matplotlib>=3.7",
     ],

@@ -15,10 +15,8 @@ out of domain, with its own default metric when it lacks theirs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
@@ -27,15 +25,12 @@ from lm_eval_cola.predict.dataset import DOCUMENTS_AT_ONCE
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
 from lm_eval_cola.search.objective import Objective, Proposal
+from lm_eval_cola.statistics import mcnemar, paired_interval
 from lm_eval_cola.tasks import Document, task_documents
 
 
 class LeakError(ColaError, ValueError):
     """Evaluation documents overlap a predictor's training documents."""
-
-
-#: bootstrap resamples of the documents for the paired interval
-RESAMPLES = 10_000
 
 
 @dataclass(frozen=True)
@@ -85,30 +80,6 @@ def metric_for(predictors: list[Predictor], task) -> str | None:
     """The predictors' metric on their own task, else the task's default (out of domain)."""
     metric = predictors[0].info.metric
     return metric if metric in task.higher_is_better() else None
-
-
-def paired_interval(
-    chosen: list[bool], reference: list[bool], seed: int = 0
-) -> tuple[float, float]:
-    """95% bootstrap interval of mean(chosen) - mean(reference), documents resampled in pairs."""
-    differences = np.asarray(chosen, dtype=float) - np.asarray(reference, dtype=float)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(differences), size=(RESAMPLES, len(differences)))
-    means = differences[draws].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def mcnemar(chosen: list[bool], reference: list[bool]) -> float:
-    """Exact McNemar p-value: of the documents where the two disagree, how unlikely a split
-    this uneven is if each is equally likely to be the right one."""
-    wins = sum(c and not r for c, r in zip(chosen, reference, strict=True))
-    losses = sum(r and not c for c, r in zip(chosen, reference, strict=True))
-    n, low = wins + losses, min(wins, losses)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(low + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def check_no_leak(predictors: list[Predictor], documents: list[Document]) -> None:

@@ -40,6 +40,8 @@ class Trial:
     #: generated the same tokens share a key, and can share the step's work)
     decode_steps: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: the answer the chain gave (:func:`lm_eval_cola.search.objective.response`)
+    response: str | None = None
 
     @property
     def length(self) -> int:

@@ -21,6 +21,7 @@ EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
   cola search --tasks arc_easy --split train --limit 500 --budget 50 --store cola.db
   cola search --tasks arc_easy_gen --limit 500 --budget 200 --store cola.db
+  cola search --tasks arc_easy --limit 100 --budget 50 --target decoy --store cola.db
   (the same command again continues a killed run with the documents not yet done)
 """
 
@@ -57,6 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--filter", dest="filter_name", help="default: the task's first")
     search.add_argument("--max_gen_toks", type=int, help="cap on generated tokens")
     search.add_argument(
+        "--target",
+        default="gold",
+        choices=("gold", "decoy"),
+        help="what the search is rewarded by: the gold answer, or a designated wrong one "
+        "(the option after the gold one; a number plus one), to measure how much of the oracle "
+        "a lottery over answers gives (default: gold)",
+    )
+    search.add_argument(
         "--parallel_docs",
         type=int,
         default=16,
@@ -81,7 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lm_eval_cola.model_args import parse, preflight
     from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_from_env
+    from lm_eval_cola.search.targets import check_decoys
     from lm_eval_cola.store.engine import check_usable
+    from lm_eval_cola.tasks import task_documents
 
     try:
         settings = SearchSettings(
@@ -95,12 +106,16 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             num_fewshot=args.num_fewshot,
             max_gen_toks=args.max_gen_toks,
+            target=args.target,
         )
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
         shard = _parse_shard(args.shard) if args.shard else shard_from_env()
         preflight(parse(args.model_args))
         tasks = _load_tasks(args)
+        if args.target == "decoy":
+            for task in tasks.values():
+                check_decoys(task, task_documents(task, args.limit))
         check_usable(args.store)  # created only once the model has loaded
         lm = _load_model(args)
         store = _open_store(args.store)

@@ -25,10 +25,14 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import PrefixCache, Work
 from lm_eval_cola.lm import RunOptions
 from lm_eval_cola.search.base import Trial
+from lm_eval_cola.search.targets import judged_by
 from lm_eval_cola.tasks import Document, check_task
 
 #: Metrics whose per-document value is 1 for a right answer and 0 for a wrong one.
 BINARY_PREFIXES = ("acc", "exact_match", "em")
+#: Generated answers are kept up to this many characters: every short answer whole, and enough
+#: of a long one to tell answers apart.
+RESPONSE_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,11 @@ class Objective:
         metric: str | None = None,
         filter_name: str | None = None,
         prefix_cache_mb: float = 0.0,
+        target: str = "gold",
     ) -> None:
         self.lm, self.task = lm, task
+        #: the task as it judges answers: against the gold answer, or a decoy (targets.py)
+        self.judge = judged_by(task, target)
         self.output_type = task.get_config("output_type")
         self.metric, self.filter_name = check_task(task, metric, filter_name)
         self.higher_is_better = task.higher_is_better().get(self.metric, True)
@@ -140,7 +147,8 @@ class Objective:
         for ensemble in self.task._filters:
             ensemble.apply(document.instances)
         results = [i.filtered_resps[self.filter_name] for i in document.instances]
-        metrics = self.task.process_results(document.doc, results)
+        metrics = self.judge.process_results(document.doc, results)
+        answer = response(self.task, self.output_type, self.metric, document.doc, results)
         score = _as_score(metrics[self.metric], self.higher_is_better)
         # Without a reference (the full model itself, scored first) a graded metric counts as
         # correct; after that, a chain is correct when it does at least as well.
@@ -156,6 +164,7 @@ class Objective:
             decode_token_layers=work.decode_token_layers,
             decode_steps=tuple(steps),
             seconds=seconds,
+            response=answer,
         )
 
     def row_tokens(self, document: Document) -> int | None:
@@ -168,6 +177,22 @@ class Objective:
         if types == {"generate_until"} and len(document.instances) == 1:
             return len(self.lm.tok_encode(document.instances[0].args[0]))
         return None
+
+
+def response(task: Task, output_type: str, metric: str, doc: dict, results: list) -> str | None:
+    """The answer a chain gave, from the task's filtered responses: for a multiple-choice task
+    the index of the option chosen as ``metric`` chooses it (``acc_norm`` divides each option's
+    log-likelihood by its length in characters, as lm-eval does), for a generation task the
+    filtered answer, cut to :data:`RESPONSE_CHARS`; ``None`` for other kinds of task."""
+    if output_type == "multiple_choice":
+        scores = [float(ll) for ll, _ in results]
+        if metric == "acc_norm":
+            lengths = [len(choice) for choice in task.doc_to_choice(doc)]
+            scores = [s / max(n, 1) for s, n in zip(scores, lengths, strict=True)]
+        return str(max(range(len(scores)), key=scores.__getitem__))
+    if output_type == "generate_until":
+        return str(results[0])[:RESPONSE_CHARS]
+    return None
 
 
 def _as_score(value: Any, higher_is_better: bool) -> float:

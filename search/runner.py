@@ -28,6 +28,7 @@ from lm_eval_cola.fingerprint import reregister_hint
 from lm_eval_cola.search.base import DocumentSearch, Trial, searcher_class
 from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.search.space import ChainSpace
+from lm_eval_cola.search.targets import TARGETS, check_decoys
 from lm_eval_cola.store.store import (
     DocumentInfo,
     EvaluationInfo,
@@ -55,8 +56,12 @@ class SearchSettings:
     limit: int | None = None
     num_fewshot: int | None = None
     max_gen_toks: int | None = None
+    #: what the search is rewarded by: the gold answer or a decoy (targets.py)
+    target: str = "gold"
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"--target {self.target}: choose one of {', '.join(TARGETS)}")
         if self.budget < 1:
             raise ValueError(f"budget {self.budget}: a search needs at least 1 evaluation")
         method = searcher_class(self.method)  # an unknown method fails here, before any compute
@@ -164,8 +169,12 @@ class SearchRun:
             raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
         self.lm, self.task, self.store, self.settings = lm, task, store, settings
         self.space = ChainSpace(lm.executor.n_layers, **settings.space)
-        self.objective = Objective(lm, task, settings.metric, settings.filter_name, prefix_cache_mb)
+        self.objective = Objective(
+            lm, task, settings.metric, settings.filter_name, prefix_cache_mb, settings.target
+        )
         self.documents = task_documents(task, settings.limit)
+        if settings.target == "decoy":
+            check_decoys(task, self.documents)
         self.run_name = run_name or self.default_name()
         self.parallel_docs = parallel_docs
 
@@ -274,7 +283,13 @@ class SearchRun:
         return tokens * distinct_prefixes(t.chain for t in trials) + len(decoding)
 
     def _named_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self.settings).items() if k != "limit"}
+        """What names the run: every setting but the limit (a larger one grows the run) and a
+        gold target (the default, which runs searched before decoys did not record)."""
+        settings = asdict(self.settings)
+        del settings["limit"]
+        if settings["target"] == "gold":
+            del settings["target"]
+        return settings
 
     def run_info(self) -> RunInfo:
         settings = self._named_settings()
@@ -329,4 +344,5 @@ def _evaluation_info(trial: Trial) -> EvaluationInfo:
         layer_applications=trial.layer_applications,
         token_layer_applications=trial.token_layer_applications,
         seconds=trial.seconds,
+        response=trial.response,
     )

@@ -10,16 +10,18 @@ This module imports nothing heavy at load time: ``cola`` imports it to build its
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from lm_eval_cola.store.controls import Lottery
     from lm_eval_cola.store.queries import RunStats
 
 EPILOG = """examples:
@@ -46,7 +48,10 @@ Of the originally correct documents, the share where a shorter chain is also cor
   originally wrong ones, the share some chain corrects.
 The best chain of each document (highest score, then shortest; as cola db chains --pick best):
   its mean length against the model's depth, and per layer how often the best chains apply it
-  on average (usage) and the share of best chains that skip the layer and that repeat it."""
+  on average (usage) and the share of best chains that skip the layer and that repeat it.
+Distinct answers: how many different answers (the option chosen, or the generated answer) a
+  document's evaluated chains gave; many answers mean a search for the gold one is partly a
+  lottery over answers."""
 #: Decimals of shares and accuracies in tables.
 DIGITS = 3
 
@@ -66,6 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_runs(commands)
     _add_chains(commands)
     _add_stats(commands)
+    _add_controls(commands)
     _add_sql(commands)
     _add_export(commands)
     _add_archive(commands)
@@ -205,28 +211,42 @@ def _chains(args: argparse.Namespace) -> None:
 
 
 def _add_stats(commands: argparse._SubParsersAction) -> None:
-    parser = _command(
+    _add_run_report(
         commands,
         "stats",
         "the CoLa paper's questions for one run",
         "cola db stats --store cola.db --run 3 --format json",
-        _stats,
-        details=STATS_DETAILS,
+        STATS_DETAILS,
+        "run_stats",
+        _stats_text,
     )
+
+
+def _add_run_report(
+    commands: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    example: str,
+    details: str,
+    compute: str,
+    as_text: Callable[[Any], str],
+) -> None:
+    """A sub-command reporting on one run (``--run``): ``frames.<compute>`` as text or JSON."""
+
+    def report(args: argparse.Namespace) -> None:
+        from lm_eval_cola.store import frames
+
+        result = getattr(frames, compute)(args.store, args.run)
+        if args.format == "json":
+            print(json.dumps(dataclasses.asdict(result), indent=2))
+            return
+        print(as_text(result))
+
+    parser = _command(commands, name, summary, example, report, details=details)
     parser.add_argument("--run", required=True, help="run id or name")
     parser.add_argument(
         "--format", choices=("table", "json"), default="table", help="(default: %(default)s)"
     )
-
-
-def _stats(args: argparse.Namespace) -> None:
-    from lm_eval_cola.store import frames
-
-    result = frames.run_stats(args.store, args.run)
-    if args.format == "json":
-        print(json.dumps(vars(result), indent=2))
-        return
-    print(_stats_text(result))
 
 
 def _stats_text(result: RunStats) -> str:
@@ -245,6 +265,7 @@ def _stats_text(result: RunStats) -> str:
         "mean length of the best chains": f"{result.mean_chosen_length:.2f} "
         f"(model depth {result.n_layers})",
         "token-layer applications computed": _work_text(result),
+        "distinct answers among a document's chains": _answers_text(result),
     }
     width = max(map(len, lines))
     layers = _layer_table(result)
@@ -257,6 +278,75 @@ def _stats_text(result: RunStats) -> str:
             layers,
         ]
     )
+
+
+# -- controls ---------------------------------------------------------------------------------
+
+CONTROLS_DETAILS = """\
+Pairs a gold run with the decoy run of the same settings (cola search --target decoy: the
+  same search rewarded by a designated wrong answer) and compares them on the documents both
+  finished. For each target: documents whose full model gives it, and of the others those
+  where some evaluated chain gives it. On the documents where the full model gives neither,
+  corrections above the lottery: the gold search's share minus the decoy's, with a paired 95%
+  bootstrap interval. An interval that includes 0 says the oracle's corrections are no more
+  than a search for any answer would find."""
+
+
+def _add_controls(commands: argparse._SubParsersAction) -> None:
+    _add_run_report(
+        commands,
+        "controls",
+        "an oracle run beside its decoy run: how much of it a lottery gives",
+        "cola db controls --store cola.db --run arc-mcts",
+        CONTROLS_DETAILS,
+        "controls",
+        _controls_text,
+    )
+
+
+def _controls_text(result: Lottery) -> str:
+    """Gold and decoy side by side, then the difference that matters."""
+    n = result.documents
+
+    def of(part: int, whole: int) -> str:
+        return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
+
+    rows = [
+        ("", "gold", "decoy"),
+        ("full model gives it", of(result.gold_original, n), of(result.decoy_original, n)),
+        (
+            "some chain gives it where the full model does not",
+            of(result.gold.reached, result.gold.documents),
+            of(result.decoy.reached, result.decoy.documents),
+        ),
+        (
+            "the same, where the full model gives neither",
+            of(result.gold_on_neither, result.neither),
+            of(result.decoy_on_neither, result.neither),
+        ),
+    ]
+    width = max(len(row[0]) for row in rows)
+    lines = [
+        f"gold run {result.gold_run}, decoy run {result.decoy_run}: {n} documents both finished"
+    ]
+    lines += [f"  {a:<{width}}  {b:>16}  {c:>16}" for a, b, c in rows]
+    if result.above_lottery is None:
+        lines.append("corrections above the lottery: - (no document where the model gives neither)")
+    else:
+        low, high = result.interval
+        lines.append(
+            f"corrections above the lottery: {100 * result.above_lottery:+.1f} points "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired 95% bootstrap interval, "
+            f"{result.neither} documents)"
+        )
+    return "\n".join(lines)
+
+
+def _answers_text(result: RunStats) -> str:
+    if result.mean_distinct_answers is None:
+        return "not recorded (searched before schema 0003, or the task gives no answer)"
+    counts = ", ".join(f"{n}: {documents}" for n, documents in result.answer_diversity.items())
+    return f"{result.mean_distinct_answers:.2f} on average (documents by answers: {counts})"
 
 
 def _work_text(result: RunStats) -> str:

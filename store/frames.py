@@ -17,8 +17,10 @@ from dataclasses import fields
 
 import pandas as pd
 
+from lm_eval_cola.store import controls as controls_queries
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.engine import StoreError, StoreReadOnly, translated
+from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 
 StoreLike = Store | str | os.PathLike
@@ -77,6 +79,25 @@ def run_stats(store: StoreLike, run_id: RunLike) -> queries.RunStats:
             return queries.stats(session, found)
 
 
+def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Lottery:
+    """A run (gold or decoy) against its counterpart of the other target: how much of the
+    oracle a lottery over answers gives (:mod:`lm_eval_cola.store.controls`)."""
+    with opened(store) as opened_store:
+        (found,) = resolve_runs(opened_store, run_id)
+        with opened_store.session() as session:
+            other = controls_queries.paired_run(session, found)
+            if other is None:
+                raise ValueError(
+                    f"run {found} has no counterpart: search the same settings with "
+                    "--target decoy (or, for a decoy run, without it)"
+                )
+            run = session.get(Run, found)
+            gold, decoy = (
+                (found, other) if controls_queries.target_of(run) == "gold" else (other, found)
+            )
+            return controls_queries.lottery(session, gold, decoy)
+
+
 def stats(store: StoreLike, run_id: RunLike) -> pd.DataFrame:
     """One row: the run's documents, original and oracle accuracy, the shares of originally
     correct documents with a shorter correct chain and of originally wrong ones some chain
@@ -93,7 +114,7 @@ def layer_rates(store: StoreLike, run_id: RunLike) -> pd.DataFrame:
 def stats_frame(result: queries.RunStats) -> pd.DataFrame:
     """The scalars of ``result`` as one row; a share of no documents (None) as NaN, so that
     the shares are float columns."""
-    scalars = {k: v for k, v in vars(result).items() if not isinstance(v, list)}
+    scalars = {k: v for k, v in vars(result).items() if not isinstance(v, list | dict)}
     return pd.DataFrame([{k: math.nan if v is None else v for k, v in scalars.items()}])
 
 

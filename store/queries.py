@@ -8,11 +8,11 @@ choosing one chain per document never loads the evaluations into Python.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, Text, case, cast, func, select
+from sqlalchemy import JSON, Float, Integer, Text, case, cast, distinct, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Subquery
 
@@ -103,6 +103,11 @@ class RunStats:
     #: chain prefix once over each document's distinct tokens); None where not recorded
     token_layer_applications: int | None = None
     token_layer_limit: int | None = None
+    #: documents by the number of distinct answers their evaluated chains gave ({2: 40}: 40
+    #: documents got two different answers), and its mean; documents with no recorded
+    #: answer (searched before schema 0003, or a task without answers) are left out
+    answer_diversity: dict[int, int] = field(default_factory=dict)
+    mean_distinct_answers: float | None = None
 
 
 def per_document(session: Session, run_id: int, n_layers: int) -> list[tuple]:
@@ -120,7 +125,7 @@ def per_document(session: Session, run_id: int, n_layers: int) -> list[tuple]:
 
 
 def stats(session: Session, run_id: int) -> RunStats:
-    n_layers = _depth(session, run_id)
+    n_layers = run_depth(session, run_id)
     docs = per_document(session, run_id, n_layers)
     with_original = [d for d in docs if d[1] is not None]
     right = [d for d in with_original if d[1] == 1]
@@ -142,7 +147,24 @@ def stats(session: Session, run_id: int) -> RunStats:
         skip_rate=_layer_rates(chosen, n_layers, lambda count: count == 0),
         repeat_rate=_layer_rates(chosen, n_layers, lambda count: count > 1),
         **_work(session, run_id),
+        **_answers(session, run_id),
     )
+
+
+def _answers(session: Session, run_id: int) -> dict[str, Any]:
+    """How many different answers each document's chains gave (see :class:`RunStats`)."""
+    distinct_answers = func.count(distinct(Evaluation.response))
+    per_document = (
+        select(distinct_answers.label("answers"))
+        .where(Evaluation.run_id == run_id, Evaluation.response.is_not(None))
+        .group_by(Evaluation.document_id)
+        .subquery()
+    )
+    counted = select(per_document.c.answers, func.count()).group_by(per_document.c.answers)
+    diversity = {int(n): int(documents) for n, documents in session.execute(counted)}
+    documents = sum(diversity.values())
+    mean = sum(n * d for n, d in diversity.items()) / documents if documents else None
+    return {"answer_diversity": dict(sorted(diversity.items())), "mean_distinct_answers": mean}
 
 
 def sampled_scheme():
@@ -298,6 +320,7 @@ class EvaluationRow:
     length: int
     score: float
     correct: bool
+    response: str | None
     metrics: dict[str, Any]
 
 
@@ -316,6 +339,7 @@ def evaluations(
             Evaluation.length,
             Evaluation.score,
             Evaluation.correct,
+            Evaluation.response,
             Evaluation.metrics,
         )
         .join(Document, Document.id == Evaluation.document_id)
@@ -417,7 +441,7 @@ def _original_correct(run_id: int, n_layers: int) -> Subquery:
 def chosen_lengths(session: Session, run_id: int) -> list[tuple[int | None, bool, int]]:
     """Per document: (original correct 1/0 or None, best chain correct, best chain's length),
     the best chain as :func:`pick` chooses it with ``best``."""
-    n_layers = _depth(session, run_id)
+    n_layers = run_depth(session, run_id)
     ranked, original = _ranked([run_id], "best"), _original_correct(run_id, n_layers)
     rows = session.execute(
         select(original.c.original, ranked.c.correct, ranked.c.length)
@@ -491,7 +515,7 @@ def document_evaluations(session: Session, run_id: int, doc_id: int) -> list[tup
     return [tuple(row) for row in rows]
 
 
-def _depth(session: Session, run_id: int) -> int:
+def run_depth(session: Session, run_id: int) -> int:
     n_layers = session.scalar(select(Model.n_layers).join(Run).where(Run.id == run_id))
     if n_layers is None:
         raise ValueError(f"no run {run_id} in the store")

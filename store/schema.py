@@ -19,6 +19,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 #: Run status values.
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+#: Characters of an answer the store keeps (the search cuts generated answers shorter).
+RESPONSE_LENGTH = 256
 
 
 def utcnow() -> datetime:
@@ -147,3 +149,8 @@ class Evaluation(Base):
         doc="token positions x layers computed for it (None before schema 0002)"
     )
     seconds: Mapped[float]
+    response: Mapped[str | None] = mapped_column(
+        String(RESPONSE_LENGTH),
+        doc="the answer the chain gave: the chosen option's index (multiple choice) or the "
+        "filtered generated answer, cut short; None for other tasks and before schema 0003",
+    )

@@ -69,6 +69,7 @@ class EvaluationInfo:
     layer_applications: int = 0
     token_layer_applications: int | None = None
     seconds: float = 0.0
+    response: str | None = None
 
 
 @dataclass(frozen=True)

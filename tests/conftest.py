@@ -198,7 +198,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0099"
-down_revision = "0002"
+down_revision = "0003"
 
 
 def upgrade() -> None:

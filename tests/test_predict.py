@@ -27,12 +27,13 @@ from lm_eval_cola.predict.dataset import (
     routable,
     tie_shares,
 )
-from lm_eval_cola.predict.evaluate import LeakError, evaluate, mcnemar, paired_interval
+from lm_eval_cola.predict.evaluate import LeakError, evaluate
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
 from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.sources import ChainSourceError, open_source
+from lm_eval_cola.statistics import mcnemar, paired_interval
 from lm_eval_cola.store.schema import Document, Evaluation, Task
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks, task_documents

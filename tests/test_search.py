@@ -154,6 +154,17 @@ def lm(tiny_llama_dir):
     return ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
 
 
+def logged_samples(lm, task_dir: str, name: str, **cola_args) -> list[dict]:
+    """lm-eval's own sample log of task ``name`` run through ``--model cola``."""
+    out = lm_eval.simple_evaluate(
+        model=ColaLM(pretrained=lm.pretrained, device="cpu", batch_size=1, **cola_args),
+        tasks=[name],
+        task_manager=TaskManager(include_path=task_dir),
+        log_samples=True,
+    )
+    return out["samples"][name]
+
+
 @pytest.mark.parametrize("name", TASKS)
 def test_objective_scores_like_lm_eval(lm, task_dir, name):
     """A chain's score on a document equals lm-eval's own per-document metric for it."""
@@ -161,15 +172,32 @@ def test_objective_scores_like_lm_eval(lm, task_dir, name):
     objective = Objective(lm, task(task_dir, name))
     documents = task_documents(task(task_dir, name), None)
     scored = {d.doc_hash: objective.score(d, chain).metrics for d in documents}
-    out = lm_eval.simple_evaluate(
-        model=ColaLM(pretrained=lm.pretrained, chain=str(chain), device="cpu", batch_size=1),
-        tasks=[name],
-        task_manager=TaskManager(include_path=task_dir),
-        log_samples=True,
-    )
-    for sample in out["samples"][name]:
+    for sample in logged_samples(lm, task_dir, name, chain=str(chain)):
         for metric, value in scored[sample["doc_hash"]].items():
             assert json.loads(json.dumps(sample[metric])) == pytest.approx(value), metric
+
+
+@pytest.mark.parametrize(
+    "name, metric", [("cola_mc", "acc"), ("cola_mc", "acc_norm"), ("cola_gen", None)]
+)
+def test_the_answer_a_chain_gave_is_the_one_lm_eval_judged(lm, task_dir, name, metric):
+    """A multiple-choice answer is the option the metric picks (right exactly when the metric
+    says so); a generated one is the filtered text lm-eval logs."""
+    chain = Chain.parse("0.1.1.3")
+    objective = Objective(lm, task(task_dir, name), metric)
+    documents = task_documents(task(task_dir, name), None)
+    trials = {d.doc_hash: objective.score(d, chain) for d in documents}
+    for sample in logged_samples(lm, task_dir, name, chain=str(chain)):
+        trial = trials[sample["doc_hash"]]
+        if name == "cola_gen":
+            assert trial.response == sample["filtered_resps"][0]
+            continue
+        assert (int(trial.response) == int(sample["target"])) == bool(sample[metric])
+        if metric == "acc":
+            lls = [float(ll) for ll, _ in sample["filtered_resps"]]
+            assert int(trial.response) == lls.index(max(lls))
+    if name == "cola_mc":
+        assert len({t.response for t in trials.values()}) > 1, "the tiny model varies"
 
 
 @pytest.mark.parametrize("name", ["cola_mc", "cola_gen"])
@@ -257,14 +285,8 @@ def test_searched_chains_reevaluate_the_same_through_lm_eval(lm, task_dir, tmp_p
     with Store(str(tmp_path / "cola.db"), read_only=True).session() as session:
         picks = {p.doc_hash: p for p in queries.pick(session, [run_id])}
     chains = f"store:{tmp_path / 'cola.db'};run={run_id}"
-    out = lm_eval.simple_evaluate(
-        model=ColaLM(pretrained=lm.pretrained, chains=chains, device="cpu", batch_size=1),
-        tasks=[name],
-        task_manager=TaskManager(include_path=task_dir),
-        log_samples=True,
-    )
     objective = Objective(lm, task(task_dir, name))
-    for sample in out["samples"][name]:
+    for sample in logged_samples(lm, task_dir, name, chains=chains):
         metric = json.loads(json.dumps(sample[objective.metric]))
         expected = picks[sample["doc_hash"]].score
         if objective.binary:
@@ -276,7 +298,13 @@ def test_searched_chains_reevaluate_the_same_through_lm_eval(lm, task_dir, tmp_p
 def scored(store_path, run_id) -> list[tuple]:
     with Store(str(store_path), read_only=True).session() as session:
         rows = session.execute(
-            select(Evaluation.document_id, Evaluation.chain, Evaluation.correct, Evaluation.score)
+            select(
+                Evaluation.document_id,
+                Evaluation.chain,
+                Evaluation.correct,
+                Evaluation.response,
+                Evaluation.score,
+            )
             .where(Evaluation.run_id == run_id)
             .order_by(Evaluation.document_id, Evaluation.chain)
         )
@@ -294,8 +322,10 @@ def test_parallel_documents_store_what_one_at_a_time_stores(lm, task_dir, tmp_pa
         search(lm, task_dir, tmp_path / path, name=name, budget=12, how=how)
         calls.append(lm.executor.work.forward_calls - before)
     one, many = scored(tmp_path / "one.db", 1), scored(tmp_path / "many.db", 1)
-    assert [row[:3] for row in many] == [row[:3] for row in one]
-    assert [row[3] for row in many] == pytest.approx([row[3] for row in one], abs=1e-5)
+    assert [row[:4] for row in many] == [row[:4] for row in one]
+    assert [row[4] for row in many] == pytest.approx([row[4] for row in one], abs=1e-5)
+    if name != "cola_text":
+        assert all(row[3] is not None for row in one), "every answer is stored"
     if name == "cola_mc":
         assert calls[1] <= calls[0] / 2
 

@@ -34,7 +34,16 @@ from sqlalchemy import Engine, event, func, select, text
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.store import engine as engines
 from lm_eval_cola.store import queries
-from lm_eval_cola.store.schema import Base, Document, Evaluation, Model, Run, RunDocument, Task
+from lm_eval_cola.store.schema import (
+    RESPONSE_LENGTH,
+    Base,
+    Document,
+    Evaluation,
+    Model,
+    Run,
+    RunDocument,
+    Task,
+)
 from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
 
 MODEL = ModelIdentity("tiny", None, "llama", 4, "float32", "ab" * 32)
@@ -393,7 +402,7 @@ def test_older_store_names_the_command_that_upgrades_it(tmp_path, monkeypatch, n
     with pytest.raises(engines.StoreOutdated, match=re.escape(upgrade)):
         Store(path)
     engine = engines.create(path)
-    assert engines.upgrade(engine) == ("0002", "0099")
+    assert engines.upgrade(engine) == ("0003", "0099")
     engine.dispose()
     assert counts(path)["tasks"] == 1, "upgrading keeps the rows"
 
@@ -431,13 +440,20 @@ def test_chains_are_stored_in_canonical_form(tmp_path: Path) -> None:
     assert (row.chain, row.length) == ("0-3", 4)
 
 
+def release(tmp_path: Path, last: str) -> Path:
+    """The migrations of the release whose newest schema was ``last``."""
+    folder = tmp_path / f"migrations-{last}"
+    shutil.copytree(engines.MIGRATIONS, folder, ignore=shutil.ignore_patterns("__py*"))
+    for migration in (folder / "versions").glob("*.py"):
+        if migration.name[:4] > last:
+            migration.unlink()
+    return folder
+
+
 def test_a_store_of_schema_0001_upgrades_keeping_every_evaluation(tmp_path, monkeypatch):
     """Stores searched before token-layer counting (schema 0001) upgrade in place: their rows
     stay, and the new counts read as unknown (NULL), never as zero."""
-    first_release = tmp_path / "migrations"
-    shutil.copytree(engines.MIGRATIONS, first_release, ignore=shutil.ignore_patterns("__py*"))
-    for later in (first_release / "versions").glob("0002_*.py"):
-        later.unlink()
+    first_release = release(tmp_path, "0001")
     path = str(tmp_path / "old.db")
     with monkeypatch.context() as old:
         old.setattr(engines, "MIGRATIONS", first_release)
@@ -458,7 +474,7 @@ def test_a_store_of_schema_0001_upgrades_keeping_every_evaluation(tmp_path, monk
     with pytest.raises(engines.StoreOutdated, match="cola db upgrade"):
         Store(path)
     engine = engines.create(path)
-    assert engines.upgrade(engine) == ("0001", "0002")
+    assert engines.upgrade(engine) == ("0001", engines.head_revision())
     engine.dispose()
     with Store(path, read_only=True) as store, store.session() as session:
         (evaluation,) = session.scalars(select(Evaluation)).all()
@@ -466,3 +482,59 @@ def test_a_store_of_schema_0001_upgrades_keeping_every_evaluation(tmp_path, monk
         assert session.scalars(select(RunDocument.token_layer_limit)).all() == [None]
         stats = queries.stats(session, run_id)
     assert stats.original_accuracy == 1.0 and stats.token_layer_applications is None
+    assert evaluation.response is None and stats.mean_distinct_answers is None
+
+
+def test_a_store_of_schema_0002_upgrades_with_empty_responses(tmp_path, monkeypatch):
+    """Stores searched before answers were kept (schema 0002) upgrade in place: every row and
+    value stays, and each evaluation's answer reads as unknown (NULL)."""
+    path = str(tmp_path / "old.db")
+    with monkeypatch.context() as old:
+        old.setattr(engines, "MIGRATIONS", release(tmp_path, "0002"))
+        with Store(path) as store:
+            run_id, documents = register(store, "before-answers", documents=2)
+        with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+            for document in documents:
+                connection.execute(
+                    "INSERT INTO run_documents (run_id, document_id, evaluations, seconds, "
+                    "token_layer_limit, finished_at) VALUES (?, ?, 1, 0.5, 40, '2026-12-01')",
+                    (run_id, document),
+                )
+                connection.execute(
+                    "INSERT INTO evaluations (run_id, document_id, chain, length, metrics, "
+                    "score, correct, layer_applications, token_layer_applications, seconds) "
+                    """VALUES (?, ?, '0-3', 4, '{"acc": 1.0}', 1.0, 1, 16, 40, 0.5)""",
+                    (run_id, document),
+                )
+        before = counts(path)
+    with pytest.raises(engines.StoreOutdated, match="cola db upgrade"):
+        Store(path)
+    engine = engines.create(path)
+    assert engines.upgrade(engine) == ("0002", "0003")
+    engine.dispose()
+    assert counts(path) == before
+    with Store(path, read_only=True) as store, store.session() as session:
+        rows = queries.evaluations(session, [run_id])
+        stats = queries.stats(session, run_id)
+    assert [(r.chain, r.score, r.correct, r.metrics, r.response) for r in rows] == [
+        ("0-3", 1.0, True, {"acc": 1.0}, None)
+    ] * 2
+    assert stats.token_layer_applications == 80 and stats.answer_diversity == {}
+
+
+def test_responses_round_trip(tmp_path: Path) -> None:
+    path = str(tmp_path / "cola.db")
+    long_answer = "x" * RESPONSE_LENGTH
+    answers = ["2", " 42 apples", long_answer, None]
+    with Store(path) as store:
+        run_id, (document, *_) = register(store, "answers", documents=1)
+        written = [
+            EvaluationInfo(chain, 4, {}, 1.0, True, response=answer)
+            for chain, answer in zip(["0-3", "0-2", "1-3", "0.2.3"], answers, strict=True)
+        ]
+        store.record_document(run_id, document, written, seconds=0.0)
+        with store.session() as session:
+            read = {r.chain: r.response for r in queries.evaluations(session, [run_id])}
+            stats = queries.stats(session, run_id)
+    assert read == {"0-3": "2", "0-2": " 42 apples", "1-3": long_answer, "0.2-3": None}
+    assert stats.answer_diversity == {3: 1} and stats.mean_distinct_answers == 3.0

@@ -62,6 +62,9 @@ STATS = {
     # 10 tokens a layer; each document's limit is recorded as 100 token-layers
     "token_layer_applications": 10 * sum(len(Chain.parse(c)) for doc in GRID for c, *_ in doc),
     "token_layer_limit": 100 * 6,
+    # each evaluation answers "A" when correct, else "B": documents 2 and 5 got one answer
+    "answer_diversity": {1: 2, 2: 4},
+    "mean_distinct_answers": (1 + 1 + 2 * 4) / 6,
 }
 
 
@@ -69,7 +72,13 @@ def evaluation(chain: str, score: float, correct: bool) -> EvaluationInfo:
     parsed = Chain.parse(chain)
     metrics = {"acc": float(correct), "acc_norm": score}
     return EvaluationInfo(
-        str(parsed), len(parsed), metrics, score, correct, token_layer_applications=10 * len(parsed)
+        str(parsed),
+        len(parsed),
+        metrics,
+        score,
+        correct,
+        token_layer_applications=10 * len(parsed),
+        response="A" if correct else "B",
     )
 
 
@@ -142,7 +151,7 @@ def test_runs_frame_has_progress_and_headline_numbers(url: str) -> None:
 
 def test_stats_frames_answer_the_papers_questions(url: str) -> None:
     row = frames.stats(url, run_id=1).iloc[0].to_dict()
-    scalars = {k: v for k, v in STATS.items() if not isinstance(v, list)}
+    scalars = {k: v for k, v in STATS.items() if not isinstance(v, list | dict)}
     assert row == pytest.approx(scalars)
     rates = frames.layer_rates(url, "grid")
     assert list(rates["layer"]) == [0, 1, 2, 3]
@@ -156,7 +165,7 @@ def test_chains_frame_picks_and_lists(path: str) -> None:
     assert list(best["chain"]) == BEST and list(best["doc_id"]) == list(range(6))
     assert list(best.columns) == [
         *("run_id", "task", "doc_id", "doc_hash", "chain", "length", "score", "correct"),
-        *("metrics.acc", "metrics.acc_norm"),
+        *("response", "metrics.acc", "metrics.acc_norm"),
     ]
     assert list(best["length"]) == [len(Chain.parse(c)) for c in BEST]
     assert (best["metrics.acc_norm"] == best["score"]).all()
@@ -233,6 +242,8 @@ def test_stats_command(path: str, capsys) -> None:
         "originally wrong that some chain corrects": "0.667",
         "mean length of the best chains": "3.83 (model depth 4)",
         "token-layer applications computed": "580 (0.97x the physical limit, 600)",
+        "distinct answers among a document's chains": "1.67 on average (documents by "
+        "answers: 1: 2, 2: 4)",
     }
     assert out.startswith("run 1: 6 documents evaluated")
     layers = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-4:]}
@@ -245,6 +256,7 @@ def test_stats_command(path: str, capsys) -> None:
     status, out, _ = cola(capsys, "db", "stats", "--store", path, "--run", "1", "--format", "json")
     assert status == 0
     answers = json.loads(out)
+    answers["answer_diversity"] = {int(n): d for n, d in answers["answer_diversity"].items()}
     for key, value in STATS.items():
         assert answers[key] == pytest.approx(value), key
 
@@ -254,6 +266,7 @@ def test_stats_of_a_run_without_the_identity_chain_says_so(path: str, capsys) ->
     assert status == 0
     assert "run 3: 0 documents evaluated" in out
     assert re.search(r"original accuracy \(chain 0-3\) +-$", out, re.MULTILINE)
+    assert re.search(r"distinct answers among a document's chains +not recorded", out)
 
 
 def test_chains_command_formats(path: str, capsys, tmp_path: Path) -> None:
@@ -393,12 +406,12 @@ def test_upgrade_command(tmp_path: Path, capsys, monkeypatch, request) -> None:
     path = str(tmp_path / "cola.db")
     fill(path)
     status, out, _ = cola(capsys, "db", "upgrade", "--store", path)
-    assert status == 0 and out == f"store sqlite:///{path} is current (schema 0002)\n"
+    assert status == 0 and out == f"store sqlite:///{path} is current (schema 0003)\n"
     monkeypatch.setattr(engines, "MIGRATIONS", request.getfixturevalue("next_release"))
     status, _, err = cola(capsys, "db", "runs", "--store", path)
     assert status == 1 and f"upgrade it with cola db upgrade --store {path}" in err
     status, out, _ = cola(capsys, "db", "upgrade", "--store", path)
-    assert status == 0 and out == f"store sqlite:///{path} upgraded: schema 0002 -> 0099\n"
+    assert status == 0 and out == f"store sqlite:///{path} upgraded: schema 0003 -> 0099\n"
     assert frames.stats(path, 1).iloc[0]["oracle_accuracy"] == pytest.approx(5 / 6)
 
 

@@ -1,0 +1,177 @@
+"""Controls beside the oracle: decoy targets, decoy searches paired with their gold runs, and
+the corrections a search for the gold answer finds above those a search for a wrong one does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.cli import main
+from lm_eval_cola.lm import ColaLM
+from lm_eval_cola.search.objective import Objective
+from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.search.targets import TargetError, decoy, judged_by
+from lm_eval_cola.store import controls, queries
+from lm_eval_cola.store.schema import Run
+from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import load_tasks, task_documents
+from tests.conftest import MC_DOCS
+
+TEMPLATE = Path(__file__).parents[1] / "lm_eval_cola" / "task_configs" / "_arc_gen_template_yaml"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_dir):
+    return ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+
+
+def loaded(task_dir: str, name: str):
+    return load_tasks(name, task_dir)[name]
+
+
+@pytest.fixture(scope="module")
+def letter_dir(tmp_path_factory) -> str:
+    """The shipped lettered-answer template (arc_*_gen) on the test's ARC-format documents."""
+    root = tmp_path_factory.mktemp("letters")
+    data = root / "arc.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (root / "cola_letters.yaml").write_text(
+        f"include: {TEMPLATE}\ntask: cola_letters\ntag: []\ndataset_path: json\n"
+        f"dataset_name: null\ndataset_kwargs: {{data_files: {{test: {json.dumps(str(data))}}}}}\n"
+        "training_split: null\nvalidation_split: null\nfewshot_split: null\n"
+    )
+    return str(root)
+
+
+def test_a_multiple_choice_decoy_is_the_next_option_cyclically(task_dir):
+    task = loaded(task_dir, "cola_mc")
+    docs = [d.doc for d in task_documents(task, None)]
+    assert [decoy(task, d) for d in docs] == [1, 2, 0, 1, 2, 0, 1]  # gold A B C A B C A
+    assert all(decoy(task, d) != task.doc_to_target(d) for d in docs)
+
+
+def test_a_letter_decoy_is_the_next_lettered_option(letter_dir):
+    task = loaded(letter_dir, "cola_letters")
+    docs = [d.doc for d in task_documents(task, None)]
+    assert [task.doc_to_target(d) for d in docs[:3]] == ["A", "B", "C"]
+    assert [decoy(task, d) for d in docs[:3]] == ["B", "C", "A"]  # three options: C -> A
+
+
+def test_a_number_decoy_is_the_gold_number_plus_one(task_dir):
+    task = loaded(task_dir, "cola_gen")
+    docs = [d.doc for d in task_documents(task, None)]
+    assert [task.doc_to_target(d) for d in docs] == ["3", "5", "8"]
+    assert [decoy(task, d) for d in docs] == ["4", "6", "9"]
+    for gold, expected in [("1,000", "1001"), ("-1", "0"), ("2.5", "3.5"), ("$7", "8")]:
+        assert decoy(_Target(gold), {}) == expected
+
+
+class _Target:
+    """A generation task whose every target is ``gold`` and whose prompt has no options."""
+
+    def __init__(self, gold: str) -> None:
+        self.gold = gold
+        self.config = type("Config", (), {"task": "numbers", "doc_to_choice": None})()
+
+    def doc_to_target(self, doc):
+        return self.gold
+
+    def doc_to_text(self, doc):
+        return "How many?"
+
+    def get_config(self, key):
+        return "generate_until"
+
+
+def test_tasks_without_a_decoy_are_refused(task_dir):
+    task = loaded(task_dir, "cola_text")
+    with pytest.raises(TargetError, match="needs a multiple-choice task"):
+        decoy(task, task_documents(task, None)[0].doc)
+    with pytest.raises(TargetError, match="'blue' is none of them"):
+        decoy(_Target("blue"), {})
+
+
+@pytest.mark.parametrize("name", ["cola_mc", "cola_gen"])
+def test_a_decoy_search_is_rewarded_by_the_decoy_alone(lm, task_dir, name):
+    """Judged by the task's own metric against the decoy: right exactly when the answer is the
+    decoy, never when it is the gold one."""
+    task = loaded(task_dir, name)
+    gold, decoys = Objective(lm, task), Objective(lm, task, target="decoy")
+    for document in task_documents(task, None):
+        for chain in (Chain.identity(4), Chain.parse("0.1.1.3"), Chain.parse("3.2.1.0")):
+            right, lure = gold.score(document, chain), decoys.score(document, chain)
+            assert right.response == lure.response
+            expected = decoy(task, document.doc)
+            if name == "cola_mc":
+                assert lure.correct == (int(lure.response) == expected)
+            else:
+                assert lure.correct == (lure.response.strip() == expected)
+            assert not (lure.correct and right.correct)
+    assert judged_by(task, "gold") is task
+
+
+def search(lm, task, store: Store, **settings) -> int:
+    return SearchRun(lm, task, store, SearchSettings("mcts", 6, **settings)).run()
+
+
+def test_a_decoy_run_is_its_own_run_paired_with_its_gold_run(lm, task_dir, tmp_path):
+    task = loaded(task_dir, "cola_mc")
+    with Store(str(tmp_path / "cola.db")) as store:
+        gold = search(lm, task, store)
+        lure = search(lm, task, store, target="decoy")
+        other_seed = search(lm, task, store, target="decoy", seed=1)
+        with store.session() as session:
+            runs = {run.id: run for run in session.scalars(select(Run))}
+            assert "target" not in runs[gold].settings, "gold runs keep the names they had"
+            assert runs[lure].settings["target"] == "decoy" and runs[lure].name != runs[gold].name
+            assert controls.paired_run(session, gold) == lure
+            assert controls.paired_run(session, lure) == gold
+            assert controls.paired_run(session, other_seed) is None
+            result = controls.lottery(session, gold, lure)
+            gold_rows = queries.per_document(session, gold, 4)
+            decoy_rows = {row[0]: row for row in queries.per_document(session, lure, 4)}
+    neither = [row for row in gold_rows if not row[1] and not decoy_rows[row[0]][1]]
+    assert result.documents == 7 and result.neither == len(neither)
+    assert result.gold_on_neither == sum(row[2] for row in neither)
+    assert result.decoy_on_neither == sum(decoy_rows[row[0]][2] for row in neither)
+    assert result.gold_original + result.decoy_original <= 7  # never both on one document
+
+
+def test_cola_db_controls_prints_the_comparison(lm, task_dir, tmp_path, capsys):
+    task = loaded(task_dir, "cola_mc")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store)
+        search(lm, task, store, target="decoy")
+    assert main(["db", "controls", "--store", path, "--run", str(gold)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gold run 1, decoy run 2: 7 documents both finished")
+    assert "corrections above the lottery" in out
+    assert main(["db", "controls", "--store", path, "--run", "2", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["gold_run"], result["decoy_run"], result["documents"]) == (1, 2, 7)
+    assert main(["db", "runs", "--store", path]) == 0
+    capsys.readouterr()
+    with Store(path) as store:
+        search(lm, task, store, seed=5)
+    assert main(["db", "controls", "--store", path, "--run", "3"]) == 1
+    assert "has no counterpart" in capsys.readouterr().err
+
+
+def test_cola_search_refuses_a_decoy_for_a_task_without_one(tiny_llama_dir, task_dir, tmp_path):
+    command = [
+        sys.executable, "-m", "lm_eval_cola", "search", "--model_args",
+        f"pretrained={tiny_llama_dir}", "--device", "cpu", "--tasks", "cola_text",
+        "--include_path", task_dir, "--target", "decoy", "--store", str(tmp_path / "x.db"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--target decoy needs a multiple-choice task" in done.stderr.splitlines()[-1]
