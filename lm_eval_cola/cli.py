@@ -1,8 +1,9 @@
 """The ``cola`` command: one sub-command per job, each defined next to the code it runs.
 
-Every sub-command module exposes ``add_parser(subparsers)``, which registers its parser and
-sets ``func`` to the function that runs it. ``cola lm_eval ...`` is the stock lm-eval CLI
-with ``--model cola`` registered, for environments where ``.pth`` files are not processed.
+Every sub-command module exposes ``add_parser(subparsers)``, which registers its parser (made
+with :func:`add_command`) and sets ``func`` to the function that runs it. ``cola lm_eval ...``
+is the stock lm-eval CLI with ``--model cola`` registered, for environments where ``.pth``
+files are not processed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from lm_eval_cola.logs import LEVELS
 
 EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
+  cola search --tasks arc_easy --limit 100 --budget 50 --target decoy --store cola.db
+  cola controls random --store cola.db --run 1 --k 50
+  cola db controls --store cola.db --run 1
   cola data import --tasks arc_easy   (ARC-Easy ships with the package)
   cola db stats --store cola.db --run 1
   cola plot --store cola.db --run 1 2 --output_dir figures/
@@ -26,10 +30,21 @@ EPILOG = """examples:
 """
 
 
+def add_command(
+    subparsers: argparse._SubParsersAction, name: str, **kwargs
+) -> argparse.ArgumentParser:
+    """A sub-command's parser whose description and examples keep their line breaks (every
+    command's ``--help`` ends with examples)."""
+    return subparsers.add_parser(
+        name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lm_eval_cola import data_import, refingerprint
     from lm_eval_cola.predict import cli as predict_cli
     from lm_eval_cola.search import cli as search_cli
+    from lm_eval_cola.search import controls as controls_cli
     from lm_eval_cola.store import cli as store_cli
 
     parser = argparse.ArgumentParser(
@@ -48,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cli.add_parser(sub)
     store_cli.add_plot_parser(sub)
     search_cli.add_parser(sub)
+    controls_cli.add_parser(sub)
     predict_cli.add_parser(sub)
     refingerprint.add_parser(sub)
     for command in _leaf_parsers(parser):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from lm_eval_cola.cli import add_command
 from lm_eval_cola.errors import ColaError
 
 if TYPE_CHECKING:
@@ -288,7 +289,8 @@ def verify(ref: DatasetRef, splits: dict[str, Path], cache_dir: Path) -> list[st
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``import`` on the ``cola data`` sub-commands."""
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "import",
         help="build the datasets cache for a stock lm-eval task from local JSONL files",
         description=(
@@ -296,7 +298,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "JSONL files, so that the unchanged task runs offline on exactly those rows."
         ),
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--tasks", required=True, help="one lm-eval task name, e.g. arc_easy")
     parser.add_argument(

@@ -21,6 +21,8 @@ import contextlib
 import sqlite3
 import sys
 
+from lm_eval_cola.cli import add_command
+
 EPILOG = """examples:
   cola refingerprint --store cola.db --predictors predictors/*.pt
   cola refingerprint --model_args pretrained=Qwen/Qwen3-0.6B --store postgresql://host/cola
@@ -32,12 +34,12 @@ EPILOG = """examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "refingerprint",
         help="re-register results stored under the earlier weights fingerprint",
         description=__doc__.split("\n\n")[0],
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model_args", default="", help="the model's args (default: SmolLM2)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ...")

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from lm_eval_cola.cli import add_command
 from lm_eval_cola.predict import PREDICTORS
 
 EPILOG_TRAIN = """example:
@@ -28,12 +29,12 @@ EPILOG_EVALUATE = """example:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    predict = subparsers.add_parser(
+    predict = add_command(
+        subparsers,
         "predict",
         help="train and evaluate chain predictors (chains from the input alone)",
         description="Train chain predictors from a store and evaluate them on held-out documents.",
         epilog=EPILOG_TRAIN + "\n" + EPILOG_EVALUATE.replace("example:\n", ""),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = predict.add_subparsers(dest="predict_command", metavar="COMMAND", required=True)
     _add_train(commands)
@@ -58,12 +59,12 @@ def training_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "train",
         help="train predictors on the documents of search runs",
         description="Train predictors on the chains that search runs stored, one file per kind.",
         epilog=EPILOG_TRAIN,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     training_data_options(parser)
     parser.add_argument("--output_dir", required=True, help="writes KIND.pt per predictor")
@@ -115,7 +116,8 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         "evaluate",
         help="judge predictors on held-out documents",
         description=(
@@ -126,7 +128,6 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
             "the gold answer picks, so it is not an accuracy)."
         ),
         epilog=EPILOG_EVALUATE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--predictors", nargs="+", required=True, help="files from train")
     parser.add_argument(

@@ -81,6 +81,8 @@ SEARCHERS: Registry[Searcher] = Registry(
         "gp": f"{_OPTUNA}:GP",
         "qmc": f"{_OPTUNA}:QMC",
         "nsga2": f"{_OPTUNA}:NSGA2",
+        "random-walk": "lm_eval_cola.search.baselines:RandomWalks",
+        "menu": "lm_eval_cola.search.baselines:Menu",
     },
 )
 

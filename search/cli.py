@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from lm_eval_cola.cli import add_command
 from lm_eval_cola.errors import report
 from lm_eval_cola.search.base import SEARCHERS
 from lm_eval_cola.search.space import MODES
@@ -27,12 +28,12 @@ EPILOG = """examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "search",
         help="search chains per document and record every one in a store",
         description=__doc__.split("\n\n")[0],
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     model = parser.add_argument_group("model and task (as in lm_eval)")
     model.add_argument("--model_args", default="", help="cola/hf model args (default: SmolLM2)")

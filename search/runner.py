@@ -58,6 +58,8 @@ class SearchSettings:
     max_gen_toks: int | None = None
     #: what the search is rewarded by: the gold answer or a decoy (targets.py)
     target: str = "gold"
+    #: the gold run an unguided baseline run is a control of (``cola controls``)
+    control_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -283,12 +285,13 @@ class SearchRun:
         return tokens * distinct_prefixes(t.chain for t in trials) + len(decoding)
 
     def _named_settings(self) -> dict[str, Any]:
-        """What names the run: every setting but the limit (a larger one grows the run) and a
-        gold target (the default, which runs searched before decoys did not record)."""
+        """What names the run: every setting but the limit (a larger one grows the run) and the
+        defaults that runs searched before them did not record (a gold target, no control)."""
         settings = asdict(self.settings)
         del settings["limit"]
-        if settings["target"] == "gold":
-            del settings["target"]
+        for name, default in (("target", "gold"), ("control_of", None)):
+            if settings[name] == default:
+                del settings[name]
         return settings
 
     def run_info(self) -> RunInfo:

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lm_eval_cola.cli import add_command
+
 if TYPE_CHECKING:
     import pandas as pd
 
-    from lm_eval_cola.store.controls import Lottery
+    from lm_eval_cola.store.controls import Controls, Lottery
     from lm_eval_cola.store.queries import RunStats
 
 EPILOG = """examples:
@@ -60,12 +62,12 @@ Command = Callable[[argparse.Namespace], None]
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``db`` and its sub-commands on the ``cola`` sub-commands."""
-    db = subparsers.add_parser(
+    db = add_command(
+        subparsers,
         "db",
         help="query a chain store: runs, chains, the paper's statistics, SQL, export",
         description="Query, export and upgrade a chain store.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
     _add_runs(commands)
@@ -89,12 +91,12 @@ def _command(
     prefix: str = "db ",
 ) -> argparse.ArgumentParser:
     """A sub-command with ``--store``, whose errors are reported as one line."""
-    parser = commands.add_parser(
+    parser = add_command(
+        commands,
         name,
         help=summary,
         description="\n\n".join(filter(None, [summary[0].upper() + summary[1:] + ".", details])),
         epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--store", default="cola.db", help="SQLite path or SQLAlchemy URL (default: cola.db)"
@@ -304,31 +306,36 @@ def _add_controls(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def _controls_text(result: Lottery) -> str:
+def _controls_text(result: Controls) -> str:
+    """The decoy comparison, then every run's corrections at equal numbers of chains."""
+    lines = [] if result.decoy is None else [_decoy_text(result.decoy), ""]
+    return "\n".join([*lines, _at_k_text(result)])
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
+
+
+def _decoy_text(result: Lottery) -> str:
     """Gold and decoy side by side, then the difference that matters."""
     n = result.documents
-
-    def of(part: int, whole: int) -> str:
-        return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
-
     rows = [
         ("", "gold", "decoy"),
-        ("full model gives it", of(result.gold_original, n), of(result.decoy_original, n)),
+        ("full model gives it", _share(result.gold_original, n), _share(result.decoy_original, n)),
         (
             "some chain gives it where the full model does not",
-            of(result.gold.reached, result.gold.documents),
-            of(result.decoy.reached, result.decoy.documents),
+            _share(result.gold.reached, result.gold.documents),
+            _share(result.decoy.reached, result.decoy.documents),
         ),
         (
             "the same, where the full model gives neither",
-            of(result.gold_on_neither, result.neither),
-            of(result.decoy_on_neither, result.neither),
+            _share(result.gold_on_neither, result.neither),
+            _share(result.decoy_on_neither, result.neither),
         ),
     ]
     width = max(len(row[0]) for row in rows)
-    lines = [
-        f"gold run {result.gold_run}, decoy run {result.decoy_run}: {n} documents both finished"
-    ]
+    runs = f"gold run {result.gold_run}, decoy run {result.decoy_run}"
+    lines = [f"{runs}: {n} documents both finished"]
     lines += [f"  {a:<{width}}  {b:>16}  {c:>16}" for a, b, c in rows]
     if result.above_lottery is None:
         lines.append("corrections above the lottery: - (no document where the model gives neither)")
@@ -339,6 +346,25 @@ def _controls_text(result: Lottery) -> str:
             f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired 95% bootstrap interval, "
             f"{result.neither} documents)"
         )
+    return "\n".join(lines)
+
+
+def _at_k_text(result: Controls) -> str:
+    """Per run, the originally wrong documents corrected within its first k chains."""
+    budgets = sorted({k for row in result.at_k for k in row.corrected})
+    header = f"  {'run':<22}" + "".join(f"{f'@{k}':>18}" for k in budgets)
+    lines = [
+        f"originally wrong documents corrected within the first k chains after the full model, "
+        f"on the {result.documents} documents every run below finished:",
+        header,
+    ]
+    for row in result.at_k:
+        name = f"{row.method} (run {row.run_id})"
+        cells = [
+            _share(row.corrected[k], row.documents) if k in row.corrected else "-" for k in budgets
+        ]
+        lines.append(f"  {name:<22}" + "".join(f"{c:>18}" for c in cells))
+    lines.append("(the first row is the gold search itself; the others never see a score)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""An oracle beside its lottery: a gold search against the decoy search of the same settings.
+"""An oracle beside its controls: the decoy search of the same settings, and unguided runs.
 
 A gold run and a decoy run (``cola search --target decoy``) pair up when they share model, task,
 method, budget, seed, space and every other setting but the target. On the documents both have
@@ -7,18 +7,25 @@ it was told to reach. A document counts for a target when the full model does no
 target and some evaluated chain does. The fair comparison is on the documents where the full
 model gives neither (both searches start from a wrong answer): there, *corrections above the
 lottery* is the gold search's share minus the decoy's, with a paired 95% bootstrap interval.
+
+Unguided runs (``cola controls random`` and ``menu``) name their gold run in their settings
+(``control_of``). ``@k`` of a run is the share of the documents whose full model is wrong where
+one of the run's first ``k`` chains after the full model is right; the gold search's own
+``@k`` beside them compares the label-guided search with chance at equal budgets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from lm_eval_cola.chain import Chain
 from lm_eval_cola.statistics import paired_interval
-from lm_eval_cola.store.queries import per_document, run_depth
-from lm_eval_cola.store.schema import Run
+from lm_eval_cola.store.queries import common_documents, first_correct_step, per_document, run_depth
+from lm_eval_cola.store.schema import Evaluation, Run
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,29 @@ class Lottery:
     decoy_on_neither: int
     above_lottery: float | None
     interval: tuple[float, float] | None
+
+
+@dataclass(frozen=True)
+class AtK:
+    """A run's corrections within its first ``k`` chains after the full model, for each ``k``:
+    of ``documents`` whose full model is wrong, how many."""
+
+    run_id: int
+    method: str
+    documents: int
+    corrected: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Controls:
+    """A gold run with everything that says what chance alone would give."""
+
+    gold_run: int
+    #: the documents every run below finished
+    documents: int
+    decoy: Lottery | None
+    #: the gold search itself first, then each unguided run
+    at_k: list[AtK]
 
 
 def target_of(run: Run) -> str:
@@ -109,3 +139,66 @@ def lottery(session: Session, gold_run: int, decoy_run: int) -> Lottery:
 def _reach(rows: dict[int, tuple], documents: list[int]) -> Reach:
     missed = [d for d in documents if not rows[d][1]]
     return Reach(len(missed), sum(bool(rows[d][2]) for d in missed))
+
+
+def controls(session: Session, run_id: int) -> Controls:
+    """Everything stored that controls the gold run ``run_id`` (or the gold run of a decoy or
+    unguided run ``run_id``)."""
+    gold = session.get(Run, _gold_of(session, run_id))
+    decoy = paired_run(session, gold.id)
+    runs = [gold, *controls_of(session, gold)]
+    documents = common_documents(session, [run.id for run in runs])
+    budgets = sorted({1, 5, gold.budget - 1, *(run.budget - 1 for run in runs[1:])} - {0})
+    return Controls(
+        gold_run=gold.id,
+        documents=len(documents),
+        decoy=lottery(session, gold.id, decoy) if decoy is not None else None,
+        at_k=[at_k(session, run, documents, budgets) for run in runs],
+    )
+
+
+def _gold_of(session: Session, run_id: int) -> int:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise ValueError(f"no run {run_id}")
+    if run.settings.get("control_of"):
+        found = session.scalar(select(Run.id).where(Run.name == run.settings["control_of"]))
+        if found is None:
+            raise ValueError(f"run {run_id} controls run '{run.settings['control_of']}', gone")
+        return found
+    if target_of(run) == "decoy":
+        gold = paired_run(session, run_id)
+        if gold is None:
+            raise ValueError(f"decoy run {run_id} has no gold run of the same settings")
+        return gold
+    return run_id
+
+
+def controls_of(session: Session, gold: Run) -> list[Run]:
+    """The unguided runs made as controls of ``gold``, oldest first."""
+    runs = session.scalars(select(Run).where(Run.task_id == gold.task_id).order_by(Run.id))
+    return [run for run in runs if run.settings.get("control_of") == gold.name]
+
+
+def at_k(session: Session, run: Run, documents: list[int], budgets: list[int]) -> AtK:
+    """``run``'s corrections within its first k chains after the full model (see :class:`AtK`),
+    on ``documents``."""
+    steps = first_correct_step(session, run.id, documents)
+    wrong = [step for step in steps if step != 1]
+    corrected = {
+        k: sum(step is not None and step <= k + 1 for step in wrong)
+        for k in budgets
+        if k < run.budget  # a run of budget b has b - 1 chains after the full model
+    }
+    return AtK(run.id, run.method, len(wrong), corrected)
+
+
+def run_lengths(session: Session, run_id: int) -> dict[int, int]:
+    """How many of the run's evaluated chains have each length, the full model left out: the
+    length distribution an unguided control draws from."""
+    n_layers = run_depth(session, run_id)
+    identity = str(Chain.identity(n_layers))
+    lengths = session.scalars(
+        select(Evaluation.length).where(Evaluation.run_id == run_id, Evaluation.chain != identity)
+    )
+    return dict(sorted(Counter(lengths).items()))

@@ -20,7 +20,6 @@ import pandas as pd
 from lm_eval_cola.store import controls as controls_queries
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.engine import StoreError, StoreReadOnly, translated
-from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 
 StoreLike = Store | str | os.PathLike
@@ -79,23 +78,19 @@ def run_stats(store: StoreLike, run_id: RunLike) -> queries.RunStats:
             return queries.stats(session, found)
 
 
-def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Lottery:
-    """A run (gold or decoy) against its counterpart of the other target: how much of the
-    oracle a lottery over answers gives (:mod:`lm_eval_cola.store.controls`)."""
+def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
+    """A gold run (or any of its controls) with its controls: the decoy run of the same
+    settings, and unguided runs (:mod:`lm_eval_cola.store.controls`)."""
     with opened(store) as opened_store:
         (found,) = resolve_runs(opened_store, run_id)
         with opened_store.session() as session:
-            other = controls_queries.paired_run(session, found)
-            if other is None:
-                raise ValueError(
-                    f"run {found} has no counterpart: search the same settings with "
-                    "--target decoy (or, for a decoy run, without it)"
-                )
-            run = session.get(Run, found)
-            gold, decoy = (
-                (found, other) if controls_queries.target_of(run) == "gold" else (other, found)
-            )
-            return controls_queries.lottery(session, gold, decoy)
+            result = controls_queries.controls(session, found)
+    if result.decoy is None and len(result.at_k) == 1:
+        raise ValueError(
+            f"run {result.gold_run} has no controls yet: search the same settings with "
+            "--target decoy, or run cola controls random / menu"
+        )
+    return result
 
 
 def stats(store: StoreLike, run_id: RunLike) -> pd.DataFrame:

@@ -15,8 +15,11 @@ from sqlalchemy import select
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import main
 from lm_eval_cola.lm import ColaLM
+from lm_eval_cola.search.base import Trial
+from lm_eval_cola.search.baselines import Menu, RandomWalks
 from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.search.space import ChainSpace
 from lm_eval_cola.search.targets import TargetError, decoy, judged_by
 from lm_eval_cola.store import controls, queries
 from lm_eval_cola.store.schema import Run
@@ -156,13 +159,13 @@ def test_cola_db_controls_prints_the_comparison(lm, task_dir, tmp_path, capsys):
     assert "corrections above the lottery" in out
     assert main(["db", "controls", "--store", path, "--run", "2", "--format", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert (result["gold_run"], result["decoy_run"], result["documents"]) == (1, 2, 7)
-    assert main(["db", "runs", "--store", path]) == 0
-    capsys.readouterr()
+    decoy = result["decoy"]
+    assert (decoy["gold_run"], decoy["decoy_run"], decoy["documents"]) == (1, 2, 7)
+    assert result["gold_run"] == 1 and result["at_k"][0]["run_id"] == 1
     with Store(path) as store:
         search(lm, task, store, seed=5)
     assert main(["db", "controls", "--store", path, "--run", "3"]) == 1
-    assert "has no counterpart" in capsys.readouterr().err
+    assert "run 3 has no controls yet" in capsys.readouterr().err
 
 
 def test_cola_search_refuses_a_decoy_for_a_task_without_one(tiny_llama_dir, task_dir, tmp_path):
@@ -175,3 +178,74 @@ def test_cola_search_refuses_a_decoy_for_a_task_without_one(tiny_llama_dir, task
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "--target decoy needs a multiple-choice task" in done.stderr.splitlines()[-1]
+
+
+# -- unguided baselines -------------------------------------------------------------------------
+
+
+def test_random_walks_are_reproducible_by_seed_and_follow_the_lengths():
+    space = ChainSpace(8)
+    lengths = {"6": 3, "9": 1}
+    first = [RandomWalks(space, 30, seed=7, lengths=lengths) for _ in range(2)]
+    drawn = [[walks.ask() for _ in range(30)] for walks in first]
+    assert drawn[0] == drawn[1], "the same seed draws the same chains"
+    assert drawn[0] != [RandomWalks(space, 30, 8, lengths).ask() for _ in range(30)]
+    root, *rest = drawn[0]
+    assert root == space.root and len(set(rest)) == len(rest) and root not in rest
+    assert {len(chain) for chain in rest} == {6, 9}
+    assert sum(len(chain) == 6 for chain in rest) > sum(len(chain) == 9 for chain in rest)
+    for chain in rest:
+        chain.validate(8)
+
+
+def test_a_menu_is_the_same_list_for_every_document_whatever_the_scores():
+    menu = Menu(ChainSpace(4), 4, seed=0, chains=["0-2", "0-3", "0.1.1.2.3", "0-2", "1-3"])
+    asked = []
+    for score in (1.0, 0.0, 1.0, 0.0):
+        asked.append(menu.ask())
+        menu.tell(Trial(asked[-1], score, bool(score), {}))
+    assert [str(c) for c in asked] == ["0-3", "0-2", "0-1.1-3", "1-3"]
+
+
+def cola_controls(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main(["controls", *argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_control_runs_of_a_gold_run_resume_and_are_reported(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    task = loaded(task_dir, "cola_split")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store)
+        train = search(lm, loaded_split(task_dir, "train"), store)
+        same_documents = search(lm, task, store, seed=3)
+    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "4"]
+    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    status, out, err = cola_controls(capsys, "random", *common)
+    assert status == 0, err
+    status, _, err = cola_controls(capsys, "menu", *common, "--train_run", str(train))
+    assert status == 0, err
+    status, _, err = cola_controls(capsys, "menu", *common, "--train_run", str(same_documents))
+    assert status == 2 and "has 8 of gold run 1's documents" in err
+    with Store(path, read_only=True) as store, store.session() as session:
+        runs = {run.id: run for run in session.scalars(select(Run))}
+        found = controls.controls(session, gold)
+    random_run, menu_run = 4, 5
+    assert runs[random_run].settings["control_of"] == runs[gold].name
+    assert runs[random_run].method == "random-walk" and runs[random_run].budget == 5
+    assert set(runs[random_run].settings["method_options"]["lengths"]) <= {"2", "3", "4", "5"}
+    assert runs[menu_run].settings["method_options"]["chains"] and found.decoy is None
+    assert [row.run_id for row in found.at_k] == [gold, random_run, menu_run]
+    assert all(set(row.corrected) == {1, 4} for row in found.at_k[1:])
+    status, out, _ = cola_controls(capsys, "random", *common)
+    assert status == 0 and f"random-walk control run {random_run} of run {gold}" in out
+    assert main(["db", "controls", "--store", path, "--run", str(random_run)]) == 0
+    report = capsys.readouterr().out
+    assert "random-walk (run 4)" in report and "menu (run 5)" in report
+
+
+def loaded_split(task_dir: str, split: str):
+    return load_tasks("cola_split", task_dir, split=split)["cola_split"]

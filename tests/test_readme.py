@@ -16,7 +16,7 @@ import pytest
 README = Path(__file__).parents[1] / "README.md"
 #: Steps of a command line that set up the environment this test already runs in.
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install", "tox", "COLA_TEST_POSTGRES")
-TINY = {"--limit": "4", "--budget": "3"}
+TINY = {"--limit": "4", "--budget": "3", "--k": "2"}
 
 
 def steps(text: str) -> list[tuple[str, str]]:
