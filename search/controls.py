@@ -7,20 +7,30 @@ documents, the same for every document (refused when the training run shares a d
 the gold run). Both are search runs of their own (methods ``random-walk`` and ``menu``,
 :mod:`lm_eval_cola.search.baselines`), named after their settings and their gold run, so the
 same command resumes or grows them; ``cola db controls`` reports them beside the gold search.
+
+``reversion`` checks the gold run's rescues (the shortest correct chain of each originally
+wrong document): each edit of a rescue undone on its own (:func:`single_reversions`), how
+many of those chains are still right. A rescue that no reversion leaves right is fragile: its
+correction hangs on every edit at once, as a lottery win would.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import add_command
 from lm_eval_cola.errors import ColaError, report
 
 EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
+  cola controls reversion --store cola.db --run arc-mcts
   cola db controls --store cola.db --run arc-mcts
 """
 
@@ -61,6 +71,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     menu.add_argument("--train_run", required=True, help="a search on training documents")
     menu.add_argument("--train_store", help="the training run's store (default: --store)")
     menu.set_defaults(func=run_menu)
+    reversion = _add_kind(
+        kinds, "reversion", "every rescue with each of its edits undone, one at a time"
+    )
+    reversion.add_argument("--output", help="also write the counts as JSON here")
+    reversion.set_defaults(func=run_reversion)
 
 
 def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
@@ -96,7 +111,6 @@ def run_random(args: argparse.Namespace) -> int:
 
 
 def run_menu(args: argparse.Namespace) -> int:
-    from lm_eval_cola.chain import Chain
     from lm_eval_cola.store import queries
     from lm_eval_cola.store.store import Store
 
@@ -123,28 +137,21 @@ def run_menu(args: argparse.Namespace) -> int:
 
 def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     """Build the control run of the gold run ``args.run`` with ``method`` and run it."""
-    from lm_eval_cola.lm import load
     from lm_eval_cola.model_args import parse, preflight
-    from lm_eval_cola.search.runner import SearchRun, describe_task
+    from lm_eval_cola.search.runner import SearchRun
     from lm_eval_cola.store.store import Store
     from lm_eval_cola.tasks import task_documents
 
-    k = args.k or None
     try:
         preflight(parse(args.model_args))
         with Store(args.store, read_only=True) as store:
-            gold = _gold_run(store, args.run)
-            task = _task(gold, args.include_path)
-            if describe_task(task).config_hash != gold.config_hash:
-                raise ControlError(f"task {gold.task} has changed since run {gold.id}")
+            gold, task = _gold_and_task(store, args)
             documents = {d.doc_hash for d in task_documents(task, gold.n_documents)}
-            k = k or gold.budget
+            k = args.k or gold.budget
             options = options_for(store, gold, documents)
             options = _existing_options(store, gold, method, k, options["source"]) or options
         settings = control_settings(gold, method, options, k)
-        lm = load(args.model_args, args.device)
-        if lm.identity.fingerprint != gold.fingerprint:
-            raise ControlError(f"run {gold.id} was searched on other weights than these")
+        lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
         return report(f"cola controls {args.controls_command}", err)
     with Store(args.store) as store:
@@ -155,6 +162,109 @@ def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     print(f"{gold.task}: {method} control run {run_id} of run {gold.id}: {search.tally}")
     print(f"  see: cola db controls --store {args.store} --run {gold.id}")
     return 0
+
+
+def _gold_and_task(store, args: argparse.Namespace):
+    """The gold run ``args.run`` and its task, refused if the task has changed since."""
+    from lm_eval_cola.search.runner import describe_task
+
+    gold = _gold_run(store, args.run)
+    task = _task(gold, args.include_path)
+    if describe_task(task).config_hash != gold.config_hash:
+        raise ControlError(f"task {gold.task} has changed since run {gold.id}")
+    return gold, task
+
+
+def _model_of(args: argparse.Namespace, gold: GoldRun):
+    """The model of ``--model_args``, refused unless it has the gold run's weights."""
+    from lm_eval_cola.lm import load
+
+    lm = load(args.model_args, args.device)
+    if lm.identity.fingerprint != gold.fingerprint:
+        raise ControlError(f"run {gold.id} was searched on other weights than these")
+    return lm
+
+
+def run_reversion(args: argparse.Namespace) -> int:
+    """Undo each edit of every rescue of the gold run, one at a time, and count the rescues
+    that survive (a reverted chain still right)."""
+    from lm_eval_cola.model_args import parse, preflight
+    from lm_eval_cola.search.objective import Objective, Proposal
+    from lm_eval_cola.search.space import single_reversions
+    from lm_eval_cola.store import controls
+    from lm_eval_cola.store.store import Store
+    from lm_eval_cola.tasks import task_documents
+
+    try:
+        preflight(parse(args.model_args))
+        with Store(args.store, read_only=True) as store:
+            gold, task = _gold_and_task(store, args)
+            with store.session() as session:
+                rescued = controls.rescues(session, gold.id)
+        lm = _model_of(args, gold)
+    except (ColaError, ValueError) as err:
+        return report("cola controls reversion", err)
+    n_layers = lm.executor.n_layers
+    documents = {d.doc_hash: d for d in task_documents(task, gold.n_documents)}
+    proposals = [
+        Proposal(documents[doc_hash], reverted)
+        for doc_hash, chain in rescued.items()
+        if doc_hash in documents
+        for reverted in single_reversions(Chain.parse(chain), n_layers)
+    ]
+    objective = Objective(
+        lm, task, gold.settings.get("metric"), gold.settings.get("filter_name"),
+        args.prefix_cache_mb,
+    )  # fmt: skip
+    trials = objective.score_all(proposals, args.parallel_docs, "Reverting single edits")
+    survival = Survival.of(rescued, proposals, trials)
+    print(survival.text(gold.id))
+    if args.output:
+        Path(args.output).write_text(json.dumps(dataclasses.asdict(survival), indent=2) + "\n")
+    return 0
+
+
+@dataclass(frozen=True)
+class Survival:
+    """Rescues under single-edit reversion."""
+
+    rescues: int
+    #: rescues with at least one edit to undo (a rescue may be the full model's own order
+    #: with nothing undone, which cannot happen for a wrong full model)
+    checked: int
+    reversions: int
+    still_right: int
+    #: rescues every one of whose reversions is still right, and none of whose is
+    robust: int
+    fragile: int
+
+    @classmethod
+    def of(cls, rescued: dict[str, str], proposals: list, trials: list) -> Survival:
+        per_rescue: dict[str, list[bool]] = {}
+        for proposal, trial in zip(proposals, trials, strict=True):
+            per_rescue.setdefault(proposal.document.doc_hash, []).append(trial.correct)
+        outcomes = list(per_rescue.values())
+        return cls(
+            rescues=len(rescued),
+            checked=len(outcomes),
+            reversions=sum(map(len, outcomes)),
+            still_right=sum(map(sum, outcomes)),
+            robust=sum(all(o) for o in outcomes),
+            fragile=sum(not any(o) for o in outcomes),
+        )
+
+    def text(self, run_id: int) -> str:
+        def share(part: int, whole: int) -> str:
+            return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
+
+        return "\n".join([
+            f"run {run_id}: {self.rescues} rescues (the shortest correct chain of each "
+            "originally wrong document)",
+            f"  single-edit reversions evaluated: {self.reversions} (of {self.checked} rescues)",
+            f"  reversions still right: {share(self.still_right, self.reversions)}",
+            f"  rescues that survive every reversion: {share(self.robust, self.checked)}",
+            f"  rescues that no reversion leaves right: {share(self.fragile, self.checked)}",
+        ])  # fmt: skip
 
 
 def control_settings(gold: GoldRun, method: str, options: dict, k: int):

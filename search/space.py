@@ -119,3 +119,45 @@ class ChainSpace:
     def describe(self) -> dict:
         """Everything that defines the space, with the bounds resolved (stored with a run)."""
         return {**asdict(self), "min_length": self.lower, "max_length": self.upper}
+
+
+def single_reversions(chain: Chain, n_layers: int) -> list[Chain]:
+    """The chains one edit closer to the full model: each skipped block put back, each
+    repeated block taken out, one at a time (distinct, the chain itself left out).
+
+    A chain reads as runs of consecutive ascending layers; between two runs the second either
+    starts past the first's end (layers skipped) or at or before it (layers repeated). A run
+    that starts after layer 0 or a last run that ends before the last layer skips the layers
+    around it.
+    """
+    runs = _ascending_runs(chain.layers)
+    found: dict[Chain, None] = {}
+    starts = [-1, *(run[-1] for run in runs)]
+    for index, run in enumerate(runs):
+        before = starts[index]
+        if run[0] > before + 1:  # a skip ahead of this run: put the layers back
+            filled = list(range(before + 1, run[0]))
+            found[_joined(runs[:index], [*filled, *run], runs[index + 1 :])] = None
+        elif index and run[0] <= before:  # a repeat: this run starts within the layers done
+            rest = [layer for layer in run if layer > before]
+            found[_joined(runs[:index], rest, runs[index + 1 :])] = None
+    if runs and runs[-1][-1] < n_layers - 1:
+        tail = list(range(runs[-1][-1] + 1, n_layers))
+        found[_joined(runs[:-1], [*runs[-1], *tail], [])] = None
+    found.pop(chain, None)
+    return [c for c in found if c.layers]
+
+
+def _ascending_runs(layers: tuple[int, ...]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def _joined(head: list[list[int]], middle: list[int], tail: list[list[int]]) -> Chain:
+    layers = [layer for run in head for layer in run] + middle
+    return Chain.derived(tuple(layers + [layer for run in tail for layer in run]))

@@ -24,8 +24,14 @@ from sqlalchemy.orm import Session
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.statistics import paired_interval
-from lm_eval_cola.store.queries import common_documents, first_correct_step, per_document, run_depth
-from lm_eval_cola.store.schema import Evaluation, Run
+from lm_eval_cola.store.queries import (
+    common_documents,
+    first_correct_step,
+    per_document,
+    pick,
+    run_depth,
+)
+from lm_eval_cola.store.schema import Document, Evaluation, Run
 
 
 @dataclass(frozen=True)
@@ -202,3 +208,13 @@ def run_lengths(session: Session, run_id: int) -> dict[int, int]:
         select(Evaluation.length).where(Evaluation.run_id == run_id, Evaluation.chain != identity)
     )
     return dict(sorted(Counter(lengths).items()))
+
+
+def rescues(session: Session, run_id: int) -> dict[str, str]:
+    """The run's rescues: per originally wrong document (by content hash), its shortest
+    correct chain."""
+    originals = per_document(session, run_id, run_depth(session, run_id))
+    wrong = [row[0] for row in originals if row[1] == 0]
+    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(wrong))))
+    picks = pick(session, [run_id], "shortest-correct")
+    return {p.doc_hash: p.chain for p in picks if p.doc_hash in hashes and p.correct}

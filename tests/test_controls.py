@@ -19,10 +19,10 @@ from lm_eval_cola.search.base import Trial
 from lm_eval_cola.search.baselines import Menu, RandomWalks
 from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
-from lm_eval_cola.search.space import ChainSpace
+from lm_eval_cola.search.space import ChainSpace, single_reversions
 from lm_eval_cola.search.targets import TargetError, decoy, judged_by
 from lm_eval_cola.store import controls, queries
-from lm_eval_cola.store.schema import Run
+from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import load_tasks, task_documents
 from tests.conftest import MC_DOCS
@@ -121,7 +121,8 @@ def test_a_decoy_search_is_rewarded_by_the_decoy_alone(lm, task_dir, name):
 
 
 def search(lm, task, store: Store, **settings) -> int:
-    return SearchRun(lm, task, store, SearchSettings("mcts", 6, **settings)).run()
+    settings = {"method": "mcts", "budget": 6, **settings}
+    return SearchRun(lm, task, store, SearchSettings(**settings)).run()
 
 
 def test_a_decoy_run_is_its_own_run_paired_with_its_gold_run(lm, task_dir, tmp_path):
@@ -249,3 +250,63 @@ def test_control_runs_of_a_gold_run_resume_and_are_reported(
 
 def loaded_split(task_dir: str, split: str):
     return load_tasks("cola_split", task_dir, split=split)["cola_split"]
+
+
+def test_single_reversions_undo_one_edit_each():
+    def undone(chain: str) -> list[str]:
+        return [str(c) for c in single_reversions(Chain.parse(chain), 30)]
+
+    assert undone("0-9.14-29") == ["0-29"]  # a skip put back
+    assert undone("0-11.11-29") == ["0-29"]  # a repeat taken out
+    assert undone("0-19.16-19x2.20-29") == ["0-19.16-29"]  # one of two repeats
+    assert undone("0-5.3-9.20-29") == ["0-9.20-29", "0-5.3-29"]
+    assert undone("2-25") == ["0-25", "2-29"]  # skips at the start and at the end
+    assert undone("0-29") == []
+
+
+def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir, tmp_path, capsys):
+    task = loaded(task_dir, "cola_mc")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store, budget=12)
+        with store.session() as session:  # the tiny model rescues nothing: mark two rescues
+            originals = queries.per_document(session, gold, 4)
+            for document_id in [row[0] for row in originals if row[1] == 0][:2]:
+                longest = session.scalars(
+                    select(Evaluation)
+                    .where(Evaluation.run_id == gold, Evaluation.document_id == document_id)
+                    .where(Evaluation.chain != "0-3")
+                    .order_by(Evaluation.length.desc())
+                ).first()
+                longest.correct = True
+        with store.session() as session:
+            rescued = controls.rescues(session, gold)
+    assert len(rescued) == 2
+    output = tmp_path / "survival.json"
+    argv = [
+        "--store",
+        path,
+        "--run",
+        str(gold),
+        "--include_path",
+        task_dir,
+        "--output",
+        str(output),
+    ]
+    argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    status, out, err = cola_controls(capsys, "reversion", *argv)
+    assert status == 0, err
+    counts = json.loads(output.read_text())
+    expected = [single_reversions(Chain.parse(c), 4) for c in rescued.values()]
+    assert counts["rescues"] == counts["checked"] == len(rescued)
+    assert counts["reversions"] == sum(map(len, expected))
+    assert counts["robust"] + counts["fragile"] <= counts["checked"]
+    objective = Objective(lm, task)
+    documents = {d.doc_hash: d for d in task_documents(task, None)}
+    right = sum(
+        objective.score(documents[doc_hash], chain).correct
+        for doc_hash, chains in zip(rescued, expected, strict=True)
+        for chain in chains
+    )
+    assert counts["still_right"] == right
+    assert f"reversions still right: {right}/{counts['reversions']}" in out
