@@ -9,6 +9,7 @@ is only ever applied to the document it was made for.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import defaultdict
@@ -64,6 +65,16 @@ def task_documents(task: Task, limit: int | None) -> list[Document]:
         doc = instances[0].doc
         documents.append(Document(doc_id, doc, doc_hash(doc), instances))
     return documents
+
+
+def documents_of(task: Task, docs: list[dict]) -> list[Document]:
+    """Documents whose requests lm-eval builds from ``docs`` instead of the task's own split
+    (the same questions with their options reordered, say): a copy of the task whose test
+    split is ``docs``."""
+    view = copy.copy(task)
+    view.has_test_docs = lambda: True
+    view.test_docs = lambda: docs
+    return task_documents(view, None)
 
 
 def load_tasks(

@@ -31,6 +31,7 @@ EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
   cola controls reversion --store cola.db --run arc-mcts
+  cola controls shuffle --store cola.db --run arc_easy_gen-mcts-821d6c8746ca
   cola db controls --store cola.db --run arc-mcts
 """
 
@@ -76,6 +77,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     reversion.add_argument("--output", help="also write the counts as JSON here")
     reversion.set_defaults(func=run_reversion)
+    shuffle = _add_kind(
+        kinds, "shuffle", "every rescue on its question with the options rotated 1 and 2 places"
+    )
+    shuffle.add_argument("--output", help="also write the counts as JSON here")
+    shuffle.set_defaults(func=run_shuffle)
 
 
 def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
@@ -188,40 +194,130 @@ def _model_of(args: argparse.Namespace, gold: GoldRun):
 def run_reversion(args: argparse.Namespace) -> int:
     """Undo each edit of every rescue of the gold run, one at a time, and count the rescues
     that survive (a reverted chain still right)."""
-    from lm_eval_cola.model_args import parse, preflight
-    from lm_eval_cola.search.objective import Objective, Proposal
+    from lm_eval_cola.search.objective import Proposal
     from lm_eval_cola.search.space import single_reversions
-    from lm_eval_cola.store import controls
-    from lm_eval_cola.store.store import Store
     from lm_eval_cola.tasks import task_documents
 
     try:
-        preflight(parse(args.model_args))
-        with Store(args.store, read_only=True) as store:
-            gold, task = _gold_and_task(store, args)
-            with store.session() as session:
-                rescued = controls.rescues(session, gold.id)
-        lm = _model_of(args, gold)
+        gold, task, rescued, lm = _rescues_of(args)
     except (ColaError, ValueError) as err:
         return report("cola controls reversion", err)
-    n_layers = lm.executor.n_layers
     documents = {d.doc_hash: d for d in task_documents(task, gold.n_documents)}
     proposals = [
         Proposal(documents[doc_hash], reverted)
         for doc_hash, chain in rescued.items()
         if doc_hash in documents
-        for reverted in single_reversions(Chain.parse(chain), n_layers)
+        for reverted in single_reversions(Chain.parse(chain), lm.executor.n_layers)
     ]
-    objective = Objective(
-        lm, task, gold.settings.get("metric"), gold.settings.get("filter_name"),
-        args.prefix_cache_mb,
-    )  # fmt: skip
-    trials = objective.score_all(proposals, args.parallel_docs, "Reverting single edits")
-    survival = Survival.of(rescued, proposals, trials)
-    print(survival.text(gold.id))
+    trials = _objective(lm, task, gold, args).score_all(
+        proposals, args.parallel_docs, "Reverting single edits"
+    )
+    return _reported(Survival.of(rescued, proposals, trials), gold, args)
+
+
+def run_shuffle(args: argparse.Namespace) -> int:
+    """Every rescue and the full model on the rescued documents with their options rotated
+    one and two places: does the rescue follow the gold answer's text or its old position?"""
+    from lm_eval_cola.search.objective import Proposal
+    from lm_eval_cola.search.targets import shuffled
+    from lm_eval_cola.tasks import documents_of, task_documents
+
+    try:
+        gold, task, rescued, lm = _rescues_of(args)
+        originals = {d.doc_hash: d for d in task_documents(task, gold.n_documents)}
+        kept = [h for h in rescued if h in originals]
+        moved = [shuffled(originals[h].doc, shift) for h in kept for shift in SHIFTS]
+    except (ColaError, ValueError) as err:
+        return report("cola controls shuffle", err)
+    documents = documents_of(task, moved)
+    identity = Chain.identity(lm.executor.n_layers)
+    proposals = [
+        Proposal(document, chain)
+        for document, doc_hash in zip(documents, [h for h in kept for _ in SHIFTS], strict=True)
+        for chain in (Chain.parse(rescued[doc_hash]), identity)
+    ]
+    trials = _objective(lm, task, gold, args).score_all(
+        proposals, args.parallel_docs, "Rescues on shuffled options"
+    )
+    before = [str(task.doc_to_target(originals[h].doc)) for h in kept for _ in SHIFTS]
+    return _reported(ShuffleCheck.of(len(kept), trials[0::2], trials[1::2], before), gold, args)
+
+
+#: How far the options move: every option to another place, for three options or more.
+SHIFTS = (1, 2)
+
+
+def _rescues_of(args: argparse.Namespace):
+    """The gold run, its task, its rescues (document hash -> chain) and the model."""
+    from lm_eval_cola.model_args import parse, preflight
+    from lm_eval_cola.store import controls
+    from lm_eval_cola.store.store import Store
+
+    preflight(parse(args.model_args))
+    with Store(args.store, read_only=True) as store:
+        gold, task = _gold_and_task(store, args)
+        with store.session() as session:
+            rescued = controls.rescues(session, gold.id)
+    return gold, task, rescued, _model_of(args, gold)
+
+
+def _objective(lm, task, gold: GoldRun, args: argparse.Namespace):
+    """The gold run's objective: its task, metric and filter, rewarded by the gold answer."""
+    from lm_eval_cola.search.objective import Objective
+
+    settings = gold.settings
+    return Objective(
+        lm, task, settings.get("metric"), settings.get("filter_name"), args.prefix_cache_mb
+    )
+
+
+def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
+    print(result.text(gold.id))
     if args.output:
-        Path(args.output).write_text(json.dumps(dataclasses.asdict(survival), indent=2) + "\n")
+        Path(args.output).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
     return 0
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
+
+
+@dataclass(frozen=True)
+class ShuffleCheck:
+    """Rescues on their documents with the options moved (each rotation counted apart)."""
+
+    rescues: int
+    shuffles: int
+    #: the rescue still right: it follows the gold answer's text
+    content: int
+    #: the rescue answers where the gold answer used to be: it follows the position
+    position: int
+    #: the full model right on the shuffled document (it was wrong before)
+    full_model_right: int
+
+    @classmethod
+    def of(cls, rescues: int, rescue_trials: list, full_trials: list, before: list[str]):
+        return cls(
+            rescues=rescues,
+            shuffles=len(rescue_trials),
+            content=sum(t.correct for t in rescue_trials),
+            position=sum(
+                (t.response or "").strip() == old
+                for t, old in zip(rescue_trials, before, strict=True)
+            ),
+            full_model_right=sum(t.correct for t in full_trials),
+        )
+
+    def text(self, run_id: int) -> str:
+        return "\n".join([
+            f"run {run_id}: {self.rescues} rescues, each with its options rotated "
+            f"{' and '.join(map(str, SHIFTS))} places ({self.shuffles} shuffled documents)",
+            f"  the rescue follows the answer's text (still right): "
+            f"{_share(self.content, self.shuffles)}",
+            f"  the rescue follows the old position: {_share(self.position, self.shuffles)}",
+            f"  the full model right on the shuffled document: "
+            f"{_share(self.full_model_right, self.shuffles)}",
+        ])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -254,9 +350,7 @@ class Survival:
         )
 
     def text(self, run_id: int) -> str:
-        def share(part: int, whole: int) -> str:
-            return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
-
+        share = _share
         return "\n".join([
             f"run {run_id}: {self.rescues} rescues (the shortest correct chain of each "
             "originally wrong document)",

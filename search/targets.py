@@ -113,3 +113,30 @@ def _number(text: str) -> Decimal | None:
 
 def _format(number: Decimal) -> str:
     return str(number.quantize(1)) if number == number.to_integral_value() else str(number)
+
+
+def shuffled(doc: dict, shift: int) -> dict:
+    """The document with its options rotated ``shift`` places (option ``i`` moves to
+    ``i + shift``) and its gold label moved with the gold option's text: the same question
+    whose right answer sits elsewhere. ARC's layout (``choices.text``, ``choices.label``,
+    ``answerKey``) and MMLU's (``choices`` a list, ``answer`` an index) are understood."""
+    choices = doc.get("choices")
+    if isinstance(choices, dict) and "answerKey" in doc:
+        texts, labels = choices["text"], choices["label"]
+        moved = _rotated(texts, shift)
+        answer = labels[(labels.index(doc["answerKey"]) + shift) % len(labels)]
+        return {**doc, "choices": {**choices, "text": moved}, "answerKey": answer}
+    if isinstance(choices, list) and isinstance(doc.get("answer"), int):
+        return {
+            **doc,
+            "choices": _rotated(choices, shift),
+            "answer": (doc["answer"] + shift) % len(choices),
+        }
+    raise TargetError(
+        "option shuffle needs ARC-style documents (choices.text, choices.label, answerKey) or "
+        "MMLU-style ones (a list of choices, an answer index)"
+    )
+
+
+def _rotated(items: list, shift: int) -> list:
+    return [items[(i - shift) % len(items)] for i in range(len(items))]

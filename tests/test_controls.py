@@ -20,11 +20,11 @@ from lm_eval_cola.search.baselines import Menu, RandomWalks
 from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
-from lm_eval_cola.search.targets import TargetError, decoy, judged_by
+from lm_eval_cola.search.targets import TargetError, decoy, judged_by, shuffled
 from lm_eval_cola.store import controls, queries
 from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
-from lm_eval_cola.tasks import load_tasks, task_documents
+from lm_eval_cola.tasks import documents_of, load_tasks, task_documents
 from tests.conftest import MC_DOCS
 
 TEMPLATE = Path(__file__).parents[1] / "lm_eval_cola" / "task_configs" / "_arc_gen_template_yaml"
@@ -310,3 +310,67 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
     )
     assert counts["still_right"] == right
     assert f"reversions still right: {right}/{counts['reversions']}" in out
+
+
+def test_an_option_shuffled_document_keeps_its_content_and_moves_its_gold_label():
+    doc = MC_DOCS[1]  # "Which animal barks?" cat / dog / fish, gold B (dog)
+    for shift in (1, 2):
+        moved = shuffled(doc, shift)
+        assert moved["question"] == doc["question"]
+        assert moved["choices"]["label"] == doc["choices"]["label"]
+        assert sorted(moved["choices"]["text"]) == sorted(doc["choices"]["text"])
+        gold = moved["choices"]["label"].index(moved["answerKey"])
+        assert moved["choices"]["text"][gold] == "dog" and moved["answerKey"] != "B"
+    mmlu = shuffled({"question": "q", "choices": ["a", "b", "c", "d"], "answer": 3}, 1)
+    assert mmlu["choices"] == ["d", "a", "b", "c"] and mmlu["answer"] == 0
+    with pytest.raises(TargetError, match="option shuffle needs"):
+        shuffled({"question": "q", "answer": "42"}, 1)
+
+
+def test_shuffled_documents_are_asked_with_their_options_in_the_new_order(letter_dir):
+    task = loaded(letter_dir, "cola_letters")
+    original = task_documents(task, None)[1]
+    (moved,) = documents_of(task, [shuffled(original.doc, 1)])
+    prompt = moved.instances[0].args[0]
+    assert "A. fish\nB. cat\nC. dog" in prompt and task.doc_to_target(moved.doc) == "C"
+
+
+def test_shuffle_checks_whether_rescues_follow_the_content(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    """On a log-likelihood task the options are scored one by one, so a chain's choice moves
+    with the options: every rescue follows the content, none the position."""
+    task = loaded(task_dir, "cola_mc")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store, budget=12)
+        with store.session() as session:  # mark the last chain of each wrong document right
+            originals = queries.per_document(session, gold, 4)
+            for document_id in [row[0] for row in originals if row[1] == 0]:
+                evaluations = session.scalars(
+                    select(Evaluation)
+                    .where(Evaluation.run_id == gold, Evaluation.document_id == document_id)
+                    .order_by(Evaluation.id.desc())
+                )
+                next(iter(evaluations)).correct = True
+        with store.session() as session:
+            rescued = controls.rescues(session, gold)
+            answers = {
+                r.doc_hash: r.response for r in queries.evaluations(session, [gold])
+                if rescued.get(r.doc_hash) == r.chain
+            }  # fmt: skip
+    output = tmp_path / "shuffle.json"
+    argv = ["--store", path, "--run", str(gold), "--include_path", task_dir]
+    argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    status, out, err = cola_controls(capsys, "shuffle", *argv, "--output", str(output))
+    assert status == 0, err
+    counts = json.loads(output.read_text())
+    assert counts["rescues"] == len(rescued) > 0 and counts["shuffles"] == 2 * len(rescued)
+    documents = {d.doc_hash: d.doc for d in task_documents(task, None)}
+    golds = {h: task.doc_to_target(documents[h]) for h in rescued}
+    truly_right = sum(int(answers[h]) == golds[h] for h in rescued)
+    assert counts["content"] == 2 * truly_right
+    assert counts["position"] == sum(
+        (int(answers[h]) + shift) % 3 == golds[h] for h in rescued for shift in (1, 2)
+    )
+    assert "the rescue follows the answer's text" in out
