@@ -95,6 +95,9 @@ def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
     parser.add_argument("--store", default="cola.db", help="the gold run's store")
     parser.add_argument("--run", required=True, help="the gold run, id or name")
     parser.add_argument("--k", type=int, help="chains per document (default: the gold budget)")
+    parser.add_argument(
+        "--limit", type=int, help="the first N documents of the gold run's (default: all)"
+    )
     parser.add_argument("--model_args", default="", help="the gold run's model (default: SmolLM2)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--include_path", help="extra folder of task YAMLs")
@@ -152,11 +155,12 @@ def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
         preflight(parse(args.model_args))
         with Store(args.store, read_only=True) as store:
             gold, task = _gold_and_task(store, args)
-            documents = {d.doc_hash for d in task_documents(task, gold.n_documents)}
+            limit = min(args.limit or gold.n_documents, gold.n_documents)
+            documents = {d.doc_hash for d in task_documents(task, limit)}
             k = args.k or gold.budget
             options = options_for(store, gold, documents)
             options = _existing_options(store, gold, method, k, options["source"]) or options
-        settings = control_settings(gold, method, options, k)
+        settings = control_settings(gold, method, options, k, limit)
         lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
         return report(f"cola controls {args.controls_command}", err)
@@ -229,7 +233,7 @@ def run_shuffle(args: argparse.Namespace) -> int:
         moved = [shuffled(originals[h].doc, shift) for h in kept for shift in SHIFTS]
     except (ColaError, ValueError) as err:
         return report("cola controls shuffle", err)
-    documents = documents_of(task, moved)
+    documents = documents_of(task, moved) if moved else []
     identity = Chain.identity(lm.executor.n_layers)
     proposals = [
         Proposal(document, chain)
@@ -361,9 +365,9 @@ class Survival:
         ])  # fmt: skip
 
 
-def control_settings(gold: GoldRun, method: str, options: dict, k: int):
+def control_settings(gold: GoldRun, method: str, options: dict, k: int, limit: int):
     """The gold run's settings with ``method`` choosing the chains: the full model and ``k``
-    chains per document."""
+    chains per document, on the first ``limit`` documents."""
     from lm_eval_cola.search.runner import SearchSettings
 
     named = {key: gold.settings.get(key) for key in ("metric", "filter_name", "num_fewshot")}
@@ -374,7 +378,7 @@ def control_settings(gold: GoldRun, method: str, options: dict, k: int):
         seed=gold.seed,
         space=space,
         method_options=options,
-        limit=gold.n_documents,
+        limit=limit,
         max_gen_toks=gold.settings.get("max_gen_toks"),
         control_of=gold.name,
         **named,

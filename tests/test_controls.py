@@ -17,6 +17,7 @@ from lm_eval_cola.cli import main
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.search.base import Trial
 from lm_eval_cola.search.baselines import Menu, RandomWalks
+from lm_eval_cola.search.controls import ShuffleCheck, Survival
 from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
@@ -374,3 +375,8 @@ def test_shuffle_checks_whether_rescues_follow_the_content(
         (int(answers[h]) + shift) % 3 == golds[h] for h in rescued for shift in (1, 2)
     )
     assert "the rescue follows the answer's text" in out
+
+
+def test_a_run_without_rescues_reports_nothing_to_check():
+    assert "reversions still right: -" in Survival.of({}, [], []).text(1)
+    assert "follows the old position: -" in ShuffleCheck.of(0, [], [], []).text(1)
