@@ -91,7 +91,7 @@ class Menu(Searcher):
         space: ChainSpace,
         budget: int,
         seed: int,
-        chains: Sequence[str] = (),
+        chains: Sequence[str],
         source: str = "",
     ) -> None:
         super().__init__(space, budget, seed)

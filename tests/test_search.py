@@ -71,11 +71,13 @@ def synthetic(chain: Chain) -> Trial:
 def test_every_method_starts_at_the_full_model_and_keeps_its_budget(method):
     space = ChainSpace(12)
     budget = 6 if method == "gp" else 25  # the GP sampler is slow on CPU
-    trials = run_search(searcher_class(method)(space, budget, seed=3), synthetic)
+    # a menu is whatever list it is given: here chains one edit from the full model
+    options = {"chains": [str(c) for c in space.children(space.root)]} if method == "menu" else {}
+    trials = run_search(searcher_class(method)(space, budget, seed=3, **options), synthetic)
     assert trials[0].chain == space.root
     assert len(trials) == budget == len({t.chain for t in trials})
     assert all(space.lower <= t.length <= space.upper for t in trials)
-    again = run_search(searcher_class(method)(space, budget, seed=3), synthetic)
+    again = run_search(searcher_class(method)(space, budget, seed=3, **options), synthetic)
     assert [t.chain for t in again] == [t.chain for t in trials]  # seeded: reproducible
 
 
