@@ -46,7 +46,6 @@ from lm_eval_cola.model_args import (
     depth_from_config,
     open_chains,
     parse,
-    preflight,
     validate_chains,
 )
 from lm_eval_cola.packing import PackedBatch, PackedRow, pack
@@ -541,10 +540,8 @@ def load(model_args: str = "", device: str | None = None) -> ColaLM:
     ``--model_args``, on ``device`` (default: CUDA when there is one, else the CPU), with the
     batch size of one document that the search objective sets itself."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args = parse(model_args)
-    preflight(args)
-    try:
-        return ColaLM.create_from_arg_obj(args, {"device": device, "batch_size": 1})
+    try:  # the model args are checked in ColaLM.__init__ before the weights load
+        return ColaLM.create_from_arg_obj(parse(model_args), {"device": device, "batch_size": 1})
     except OSError as err:  # weights or tokenizer files that cannot be read
         raise ModelArgsError(f"the model cannot be loaded: {one_line(err)}") from err
 

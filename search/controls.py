@@ -26,6 +26,7 @@ from typing import Any
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import add_command
 from lm_eval_cola.errors import ColaError, report
+from lm_eval_cola.store.cli import share_text
 
 EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200
@@ -282,10 +283,6 @@ def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
     return 0
 
 
-def _share(part: int, whole: int) -> str:
-    return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
-
-
 @dataclass(frozen=True)
 class ShuffleCheck:
     """Rescues on their documents with the options moved (each rotation counted apart)."""
@@ -317,10 +314,10 @@ class ShuffleCheck:
             f"run {run_id}: {self.rescues} rescues, each with its options rotated "
             f"{' and '.join(map(str, SHIFTS))} places ({self.shuffles} shuffled documents)",
             f"  the rescue follows the answer's text (still right): "
-            f"{_share(self.content, self.shuffles)}",
-            f"  the rescue follows the old position: {_share(self.position, self.shuffles)}",
+            f"{share_text(self.content, self.shuffles)}",
+            f"  the rescue follows the old position: {share_text(self.position, self.shuffles)}",
             f"  the full model right on the shuffled document: "
-            f"{_share(self.full_model_right, self.shuffles)}",
+            f"{share_text(self.full_model_right, self.shuffles)}",
         ])  # fmt: skip
 
 
@@ -354,14 +351,13 @@ class Survival:
         )
 
     def text(self, run_id: int) -> str:
-        share = _share
         return "\n".join([
             f"run {run_id}: {self.rescues} rescues (the shortest correct chain of each "
             "originally wrong document)",
             f"  single-edit reversions evaluated: {self.reversions} (of {self.checked} rescues)",
-            f"  reversions still right: {share(self.still_right, self.reversions)}",
-            f"  rescues that survive every reversion: {share(self.robust, self.checked)}",
-            f"  rescues that no reversion leaves right: {share(self.fragile, self.checked)}",
+            f"  reversions still right: {share_text(self.still_right, self.reversions)}",
+            f"  rescues that survive every reversion: {share_text(self.robust, self.checked)}",
+            f"  rescues that no reversion leaves right: {share_text(self.fragile, self.checked)}",
         ])  # fmt: skip
 
 

@@ -312,7 +312,8 @@ def _controls_text(result: Controls) -> str:
     return "\n".join([*lines, _at_k_text(result)])
 
 
-def _share(part: int, whole: int) -> str:
+def share_text(part: int, whole: int) -> str:
+    """``39/51 (76.5%)``: a count and its share, ``-`` of nothing."""
     return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
 
 
@@ -321,16 +322,20 @@ def _decoy_text(result: Lottery) -> str:
     n = result.documents
     rows = [
         ("", "gold", "decoy"),
-        ("full model gives it", _share(result.gold_original, n), _share(result.decoy_original, n)),
+        (
+            "full model gives it",
+            share_text(result.gold_original, n),
+            share_text(result.decoy_original, n),
+        ),
         (
             "some chain gives it where the full model does not",
-            _share(result.gold.reached, result.gold.documents),
-            _share(result.decoy.reached, result.decoy.documents),
+            share_text(result.gold.reached, result.gold.documents),
+            share_text(result.decoy.reached, result.decoy.documents),
         ),
         (
             "the same, where the full model gives neither",
-            _share(result.gold_on_neither, result.neither),
-            _share(result.decoy_on_neither, result.neither),
+            share_text(result.gold_on_neither, result.neither),
+            share_text(result.decoy_on_neither, result.neither),
         ),
     ]
     width = max(len(row[0]) for row in rows)
@@ -361,7 +366,8 @@ def _at_k_text(result: Controls) -> str:
     for row in result.at_k:
         name = f"{row.method} (run {row.run_id})"
         cells = [
-            _share(row.corrected[k], row.documents) if k in row.corrected else "-" for k in budgets
+            share_text(row.corrected[k], row.documents) if k in row.corrected else "-"
+            for k in budgets
         ]
         lines.append(f"  {name:<22}" + "".join(f"{c:>18}" for c in cells))
     lines.append("(the first row is the gold search itself; the others never see a score)")
