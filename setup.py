@@ -47,6 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "lm_eval_cola",
+        "lm_eval_cola.executor",
         "lm_eval_cola.search",
         "lm_eval_cola.store",
         "lm_eval_cola.predict",
@@ -69,7 +70,7 @@ setup(
         "lm_eval_cola.store": ["migrations/*.py", "migrations/versions/*.py"],
     },
     install_requires=[
-        "lm-eval>=0.4.13",
+        "lm-eval>=0.4.13,<0.5",  # the HFLM surface tests/test_structure.py checks
         "torch>=2.4",
         "transformers>=4.57",
         "accelerate>=1.0",

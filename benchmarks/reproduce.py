@@ -45,7 +45,7 @@ from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
-from lm_eval_cola.tasks import load_tasks
+from lm_eval_cola.tasks import TaskSpec
 
 SECTIONS = ("table1", "methods", "predictors", "gsm8k", "generated")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
@@ -119,18 +119,12 @@ class Reproduction:
     def search_run(
         self, task_name: str, method: str, budget: int, limit: int, **options
     ) -> SearchRun:
-        split, space = options.pop("split", None), options.pop("space", "both")
-        parallel_docs = options.pop("parallel_docs", 1)
-        task = load_tasks(task_name, split=split, **options)[task_name]
+        space, parallel_docs = options.pop("space", "both"), options.pop("parallel_docs", 1)
+        spec = TaskSpec(task_name, **options)
         settings = SearchSettings(
-            method=method,
-            budget=budget,
-            space={"mode": space},
-            limit=limit,
-            num_fewshot=options.get("num_fewshot"),
-            max_gen_toks=options.get("max_gen_toks"),
-            filter_name=options.get("filter_name"),
+            method=method, budget=budget, space={"mode": space}, task=spec, limit=limit
         )
+        task = spec.load()
         return SearchRun(
             self.lm, task, self.store, settings, self.args.prefix_cache_mb,
             parallel_docs=parallel_docs,
@@ -240,7 +234,7 @@ class Reproduction:
                 trained.append(predicting.train(kind, data, self.lm.identity))
             except ValueError as err:  # e.g. no correct program to train PoLar's head on
                 self.add(f"The {kind} predictor was not trained: {err}.", "")
-        task = load_tasks(a.task)[a.task]
+        task = TaskSpec(a.task).load()
         start = time.perf_counter()
         results = evaluate(self.lm, task, trained, a.limit)
         seconds = time.perf_counter() - start

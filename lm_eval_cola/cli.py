@@ -31,13 +31,50 @@ EPILOG = """examples:
 
 
 def add_command(
-    subparsers: argparse._SubParsersAction, name: str, **kwargs
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help: str | None = None,
+    doc: str | None = None,
+    epilog: str | None = None,
+    **kwargs,
 ) -> argparse.ArgumentParser:
     """A sub-command's parser whose description and examples keep their line breaks (every
-    command's ``--help`` ends with examples)."""
+    command's ``--help`` ends with examples); ``doc``, a module's docstring, gives the
+    description its first paragraph."""
+    if doc is not None:
+        kwargs["description"] = doc.split("\n\n")[0]
     return subparsers.add_parser(
-        name, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+        name,
+        help=help,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
     )
+
+
+def add_model_args(parser, whose: str = "cola/hf model args") -> None:
+    """``--model_args`` and ``--device``, as every command that loads a model takes them
+    (``parser`` may be an argument group)."""
+    parser.add_argument(
+        "--model_args", default="", help=f"{whose}, as for lm_eval (default: SmolLM2)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if any, else cpu)"
+    )
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """``--model_args`` checked before anything loads: names, chains, sources (one line)."""
+    from lm_eval_cola.model_args import parse, preflight
+
+    preflight(parse(args.model_args))
+
+
+def load_model(args: argparse.Namespace):
+    """The ``cola`` model of ``--model_args`` on ``--device``."""
+    from lm_eval_cola.lm import load
+
+    return load(args.model_args, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lm_eval_cola.search import cli as search_cli
     from lm_eval_cola.search import controls as controls_cli
     from lm_eval_cola.store import cli as store_cli
+    from lm_eval_cola.store import report
 
     parser = argparse.ArgumentParser(
         prog="cola",
@@ -64,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     store_cli.add_plot_parser(sub)
     search_cli.add_parser(sub)
     controls_cli.add_parser(sub)
+    report.add_parser(sub)
     predict_cli.add_parser(sub)
     refingerprint.add_parser(sub)
     for command in _leaf_parsers(parser):

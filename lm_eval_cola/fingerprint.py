@@ -69,6 +69,37 @@ def is_sampled(fingerprint: str) -> bool:
     return ":" not in fingerprint
 
 
+class ModelMismatchError(ColaError, ValueError):
+    """Something stored was made for other weights than the loaded model's."""
+
+
+def mismatch(what: str, name: str, fingerprint: str, loaded: ModelIdentity, option: str) -> str:
+    """Why ``what`` (made for the model ``name`` with ``fingerprint``) does not fit the loaded
+    model, and the fix (``option`` names it for ``cola refingerprint``); empty when it fits.
+    The one wording of every "was this made for these weights?" check."""
+    if fingerprint == loaded.fingerprint:
+        return ""
+    fix = reregister_hint(option) if is_sampled(fingerprint) else "load that model"
+    return (
+        f"{what} was made for {name} (fingerprint {fingerprint[:17]}), not for the loaded "
+        f"{loaded.name} (fingerprint {loaded.fingerprint[:17]}); {fix}"
+    )
+
+
+def require_match(
+    what: str,
+    name: str,
+    fingerprint: str,
+    loaded: ModelIdentity,
+    option: str,
+    error: type[Exception] = ModelMismatchError,
+) -> None:
+    """Raise ``error`` with :func:`mismatch`'s message unless ``what`` fits the loaded model."""
+    problem = mismatch(what, name, fingerprint, loaded, option)
+    if problem:
+        raise error(problem)
+
+
 def reregister_hint(option: str) -> str:
     """What to tell a user whose stored results carry a ``sampled`` fingerprint: ``option``
     names them for ``cola refingerprint`` (e.g. ``--store cola.db``)."""

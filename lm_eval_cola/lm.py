@@ -23,9 +23,12 @@ import hashlib
 import inspect
 import json
 import logging
+import sqlite3
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,13 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.errors import one_line
 from lm_eval_cola.executor import ChainExecutor, PrefixCache, Work
-from lm_eval_cola.fingerprint import identify, is_sampled, reregister_hint, sampled_fingerprint
+from lm_eval_cola.fingerprint import (
+    ModelIdentity,
+    identify,
+    is_sampled,
+    reregister_hint,
+    sampled_fingerprint,
+)
 from lm_eval_cola.model_args import (
     ModelArgsError,
     check_names,
@@ -91,6 +100,56 @@ class RunResult:
     decode_steps: dict[Hashable, list[str]] = dataclasses.field(default_factory=dict)
 
 
+@dataclass
+class _GenerationSteps:
+    """Generations resume each forward step from ``cache``; ``keys`` names every decoding step
+    they ran, in order (what a search's physical limit counts)."""
+
+    cache: PrefixCache
+    keys: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Dispatch:
+    """What the requests being dispatched ask of HFLM's own loops, for a block's duration:
+    a batch size, a world of one (chain groups run apart on each rank), and generation reuse.
+    HFLM reads its batch size and world size through public properties, which consult it."""
+
+    batch_size: int | None = None
+    world_size: int | None = None
+    steps: _GenerationSteps | None = None
+
+
+#: The dispatch in force (a frozen value: safe as the default)
+_DISPATCH: ContextVar[_Dispatch] = ContextVar("cola_dispatch", default=_Dispatch())  # noqa: B039
+
+
+@contextlib.contextmanager
+def _dispatching(**changes) -> Iterator[_Dispatch]:
+    """Within the block, requests are dispatched with ``changes`` (:class:`_Dispatch`)."""
+    token = _DISPATCH.set(dataclasses.replace(_DISPATCH.get(), **changes))
+    try:
+        yield _DISPATCH.get()
+    finally:
+        _DISPATCH.reset(token)
+
+
+class ChainLM(Protocol):
+    """What search, controls and predictors need of the model: a ``cola`` backend
+    (:class:`ColaLM` is the one implementation; tests may stand in their own)."""
+
+    executor: ChainExecutor
+    identity: ModelIdentity
+    device: torch.device
+
+    #: :meth:`ColaLM.run_requests`
+    run_requests: Callable[..., RunResult]
+
+    def packed_row(self, pairs: list[tuple[str, str]]) -> PackedRow: ...
+
+    def tok_encode(self, string: str, **kwargs) -> list[int]: ...
+
+
 class MissingChainError(ChainSourceError):
     """``strict_chains=True`` and a document has no chain in the source."""
 
@@ -123,8 +182,6 @@ class ColaLM(HFLM):
         self.max_chain_length = max_chain_length
         self.shared_context = self.source is not None if shared_context is None else shared_context
         self._rows: OrderedDict[tuple, PackedRow] = OrderedDict()
-        self._step_cache: PrefixCache | None = None
-        self._decode_steps: list[str] = []
         self._auto_batch_size: int | None = None
         name = None
         if pretrained is None:
@@ -185,12 +242,11 @@ class ColaLM(HFLM):
         if request_type == "loglikelihood" and options.shared_context:
             documents = document_keys(requests) if documents is None else documents
             return self._packed_loglikelihood(requests, chains, documents, options, disable_tqdm)
+        steps = None
         if request_type == "generate_until" and options.prefix_cache is not None:
-            with self._steps_from(options.prefix_cache):
-                return self._by_chain(
-                    request_type, requests, chains, documents, options, disable_tqdm
-                )
-        return self._by_chain(request_type, requests, chains, documents, options, disable_tqdm)
+            steps = _GenerationSteps(options.prefix_cache)
+        with _dispatching(steps=steps):
+            return self._by_chain(request_type, requests, chains, documents, options, disable_tqdm)
 
     def _packed_loglikelihood(
         self,
@@ -328,11 +384,22 @@ class ColaLM(HFLM):
         return batches
 
     def _requests_per_batch(self) -> int:
-        if self.batch_size_per_gpu == "auto":
+        if self.batch_size == "auto":
             if self._auto_batch_size is None:
                 self._auto_batch_size = self._detect_batch_size()
             return self._auto_batch_size
-        return int(self.batch_size_per_gpu)
+        return int(self.batch_size)
+
+    @property
+    def batch_size(self):
+        """HFLM's batch size, unless the requests being dispatched set one (:class:`_Dispatch`)."""
+        return _DISPATCH.get().batch_size or super().batch_size
+
+    @property
+    def world_size(self):
+        """HFLM's world size, unless the requests being dispatched run as a world of one."""
+        world = _DISPATCH.get().world_size
+        return super().world_size if world is None else world
 
     def _by_chain(
         self,
@@ -345,7 +412,7 @@ class ColaLM(HFLM):
     ) -> RunResult:
         """HFLM's own method once per chain group, results back in request order. Work is
         shared among a group's documents by their number of requests."""
-        method = getattr(HFLM, request_type)
+        method = getattr(super(), request_type)  # HFLM's own, bound to this model
         groups: dict[str, list[int]] = {}
         for index, chain in enumerate(chains):
             groups.setdefault(_key(chain), []).append(index)
@@ -356,7 +423,7 @@ class ColaLM(HFLM):
                 self._accounted(documents, result),
                 self.executor.apply(chains[0] if chains else None),
             ):
-                result.outputs = method(self, list(requests), disable_tqdm=disable_tqdm)
+                result.outputs = method(list(requests), disable_tqdm=disable_tqdm)
             return result
         progress = tqdm(
             keys,
@@ -372,9 +439,9 @@ class ColaLM(HFLM):
                 with (
                     self._accounted(group, result),
                     self.executor.apply(chains[indices[0]]),
-                    self._batch_size(len(indices) if options.one_batch else None),
+                    _dispatching(**_one_batch(len(indices), options.one_batch)),
                 ):
-                    found = method(self, [requests[i] for i in indices], disable_tqdm=True)
+                    found = method([requests[i] for i in indices], disable_tqdm=True)
                 for index, output in zip(indices, found, strict=True):
                     result.outputs[index] = output
         return result
@@ -383,46 +450,31 @@ class ColaLM(HFLM):
     def _accounted(self, documents: Sequence[Hashable] | None, result: RunResult) -> Iterator[None]:
         """What the block spends, shared among the documents of its requests (a share per
         request), and the decoding steps it runs, noted for each of them."""
-        before, first_step = dataclasses.replace(self.executor.work), len(self._decode_steps)
+        steps = _DISPATCH.get().steps
+        before, first_step = (
+            dataclasses.replace(self.executor.work),
+            len(steps.keys if steps else ()),
+        )
         yield
         _share(self.executor.work - before, documents, result.work)
+        if steps is None:
+            return
         for document in set(documents or ()):
-            steps = result.decode_steps.setdefault(document, [])
-            steps += self._decode_steps[first_step:]
-
-    @contextlib.contextmanager
-    def _steps_from(self, cache: PrefixCache) -> Iterator[None]:
-        """Within the block, each generation's forward steps resume from ``cache``."""
-        self._step_cache, self._decode_steps = cache, []
-        try:
-            yield
-        finally:
-            self._step_cache, self._decode_steps = None, []
+            result.decode_steps.setdefault(document, []).extend(steps.keys[first_step:])
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
-        """HFLM's generation; with a prefix cache (:meth:`_steps_from`) under a chain, each
-        forward step (the prompt's prefill, then each decoding step) resumes from the deepest
-        prefix of the chain computed on the same tokens (:meth:`ChainExecutor.reuse_generation`),
-        and the result is that of a fresh run."""
-        cache = self._step_cache
-        if cache is None or self.executor.chain is None:
+        """HFLM's generation; with a prefix cache (dispatched by :meth:`run_requests`) under a
+        chain, each forward step (the prompt's prefill, then each decoding step) resumes from
+        the deepest prefix of the chain computed on the same tokens
+        (:meth:`ChainExecutor.reuse_generation`), and the result is that of a fresh run."""
+        steps = _DISPATCH.get().steps
+        if steps is None or self.executor.chain is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         key = _prompt_key(context, generation_kwargs.get("attention_mask"))
-        with self.executor.reuse_generation(cache, key) as reuse:
+        with self.executor.reuse_generation(steps.cache, key) as reuse:
             output = super()._model_generate(context, max_length, stop, **generation_kwargs)
-        self._decode_steps += reuse.decode_keys
+        steps.keys += reuse.decode_keys
         return output
-
-    @contextlib.contextmanager
-    def _batch_size(self, size: int | None) -> Iterator[None]:
-        """All of a group's requests in one batch (``size``), so every chain sees the same."""
-        saved = self.batch_size_per_gpu
-        if size is not None:
-            self.batch_size_per_gpu = max(size, 1)
-        try:
-            yield
-        finally:
-            self.batch_size_per_gpu = saved
 
     def _chains_for(
         self, requests: list[Instance]
@@ -478,15 +530,12 @@ class ColaLM(HFLM):
         different groups, so inside groups no collective may run: an ``auto`` batch size is
         detected once here (on every rank), and each group sees a world of one.
         """
-        saved = (self.batch_size_per_gpu, self._world_size)
-        if self.batch_size_per_gpu == "auto":
-            self.batch_size_per_gpu = self._detect_batch_size()
-            logger.info("Batch size for all chain groups: %d", self.batch_size_per_gpu)
-        self._world_size = 1
-        try:
+        size = None
+        if self.batch_size == "auto":
+            size = self._detect_batch_size()
+            logger.info("Batch size for all chain groups: %d", size)
+        with _dispatching(batch_size=size, world_size=1):
             yield
-        finally:
-            self.batch_size_per_gpu, self._world_size = saved
 
     # -- lm-eval's --use_cache -------------------------------------------------------------------
 
@@ -523,6 +572,20 @@ class ColaLM(HFLM):
             identity["shared_context"] = self.shared_context
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
+    def reregister_cache(self, path: str, sampled: str) -> str:
+        """Rename the request-cache file's table of these weights and chains, written under the
+        weights' ``sampled`` fingerprint (an earlier release's scheme), to today's name for it;
+        returns what it did, in words."""
+        old, new = f"cola_{self.cache_namespace(sampled)}", f"cola_{self.cache_namespace()}"
+        with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+            if old not in tables:
+                return f"cache '{path}': no table of these weights and chains under the old name"
+            if new in tables:
+                return f"cache '{path}': {new} exists already; {old} is left as it is"
+            connection.execute(f'ALTER TABLE "{old}" RENAME TO "{new}"')
+        return f"cache '{path}': table {old} renamed {new}"
+
     def _warn_of_sampled_cache(self, dbdict, table: str) -> None:
         """Say so when this cache holds these weights' results under the sampled scheme."""
         old = f"cola_{self.cache_namespace(sampled_fingerprint(self.model))}"
@@ -554,6 +617,12 @@ def _prompt_key(context: torch.Tensor, attention_mask: torch.Tensor | None) -> s
             digest.update(repr(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().cpu().numpy().tobytes())
     return f"generate:{digest.hexdigest()}"
+
+
+def _one_batch(requests: int, wanted: bool) -> dict[str, int]:
+    """A chain group's dispatch: all its requests in one batch when ``wanted``, so every
+    chain sees the same batch; else the batch size in force."""
+    return {"batch_size": max(requests, 1)} if wanted else {}
 
 
 def _key(chain: Chain | None) -> str:

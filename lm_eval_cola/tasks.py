@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
@@ -77,42 +77,88 @@ def documents_of(task: Task, docs: list[dict]) -> list[Document]:
     return task_documents(view, None)
 
 
-def load_tasks(
-    names: str,
-    include_path: str | None = None,
-    *,
-    metric: str | None = None,
-    filter_name: str | None = None,
-    num_fewshot: int | None = None,
-    max_gen_toks: int | None = None,
-    split: str | None = None,
-) -> dict[str, Task]:
-    """lm-eval's tasks (comma-separated ``names``), configured as ``lm_eval`` configures them;
-    ``split`` replaces the split documents come from (e.g. train, to search chains for training
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one lm-eval task is configured for scoring chains: which documents (``split``, the
+    task's evaluation split when ``None``), how a response is judged (``metric``,
+    ``filter_name``: the task's first filter when ``None``) and how the prompt and the answer
+    are built (``num_fewshot``, ``max_gen_toks``). A run records it and re-loads it whole
+    (:meth:`settings`, :meth:`stored`), so a task is read back exactly as it was searched."""
+
+    name: str
+    split: str | None = None
+    metric: str | None = None
+    filter_name: str | None = None
+    num_fewshot: int | None = None
+    max_gen_toks: int | None = None
+
+    #: What a run's settings record of the spec; the store's task row holds name and split.
+    #: (The layout of every release so far, so that their runs resume under the same names.)
+    SETTINGS: ClassVar[tuple[str, ...]] = ("metric", "filter_name", "num_fewshot", "max_gen_toks")
+
+    @classmethod
+    def many(cls, names: str, **fields: Any) -> list[TaskSpec]:
+        """One spec per comma-separated task name, the same ``fields`` for each."""
+        return [cls(name, **fields) for name in names.split(",") if name]
+
+    @classmethod
+    def stored(cls, name: str, split: str | None, settings: Mapping[str, Any]) -> TaskSpec:
+        """The spec a run recorded: its task's name and split, and its settings."""
+        return cls(name, split, **{key: settings.get(key) for key in cls.SETTINGS})
+
+    def settings(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.SETTINGS}
+
+    def load(self, include_path: str | None = None) -> Task:
+        """The task, configured as ``lm_eval`` configures it and as this spec says."""
+        return load_specs([self], include_path)[self.name]
+
+
+def load_tasks(names: str, include_path: str | None = None, **fields: Any) -> dict[str, Task]:
+    """lm-eval's tasks (comma-separated ``names``), each configured by ``fields`` (those of
+    :class:`TaskSpec`)."""
+    return load_specs(TaskSpec.many(names, **fields), include_path)
+
+
+def load_specs(specs: list[TaskSpec], include_path: str | None = None) -> dict[str, Task]:
+    """lm-eval's tasks configured as ``lm_eval`` configures them and as their specs say (a
+    ``split`` replaces the one documents come from: e.g. train, to search chains for training
     a predictor). Raises before any compute for an unknown task, metric, filter or split."""
     from lm_eval.tasks import TaskManager, get_task_dict
 
     manager = TaskManager(include_path=include_path)
-    wanted = [name for name in names.split(",") if name]
-    unknown = [name for name in wanted if name not in manager.all_tasks]
+    unknown = [spec.name for spec in specs if spec.name not in manager.all_tasks]
     if unknown:
         raise TaskError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks`")
-    tasks = get_task_dict(wanted, manager)
-    for task in tasks.values():
-        check_task(task, metric, filter_name)
-        if split is not None:
-            _use_split(task, split)
-        if num_fewshot is not None:
-            task.set_config(key="num_fewshot", value=num_fewshot)
-        elif task.get_config("num_fewshot") is None:
-            task.set_config(key="num_fewshot", value=0)
-        task.set_fewshot_seed(seed=1234)
-        if max_gen_toks and task.get_config("output_type") == "generate_until":
-            task.set_config("generation_kwargs", {"max_gen_toks": max_gen_toks}, update=True)
+    tasks = get_task_dict([spec.name for spec in specs], manager)
+    for spec in specs:
+        if not isinstance(tasks.get(spec.name), Task):
+            raise TaskError(f"'{spec.name}' is a group of tasks: name its tasks one by one")
+        _configure(tasks[spec.name], spec)
     return tasks
 
 
+def _configure(task: Task, spec: TaskSpec) -> None:
+    check_task(task, spec.metric, spec.filter_name)
+    if spec.split is not None:
+        _use_split(task, spec.split)
+    if spec.num_fewshot is not None:
+        task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    elif task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=1234)
+    if spec.max_gen_toks and task.get_config("output_type") == "generate_until":
+        task.set_config("generation_kwargs", {"max_gen_toks": spec.max_gen_toks}, update=True)
+
+
+def evaluation_split(task: Task) -> str | None:
+    """The split a task's documents come from (its test split, else its validation split)."""
+    return task.config.test_split or task.config.validation_split
+
+
 def _use_split(task: Task, split: str) -> None:
+    if split == evaluation_split(task):  # already so: the configuration stays as it is
+        return
     splits = list(task.dataset or {})
     if split not in splits:
         raise TaskError(
@@ -129,7 +175,7 @@ def check_task(task: Task, metric: str | None, filter_name: str | None) -> tuple
     metrics = list(task.higher_is_better())
     if metric not in metrics:
         raise TaskError(f"task '{name}' has no metric '{metric}'; it reports {', '.join(metrics)}")
-    filters = [f.name for f in task._filters]
+    filters = [f.name for f in filters_of(task)]
     filter_name = filter_name or filters[0]
     if filter_name not in filters:
         raise TaskError(f"task '{name}' has no filter '{filter_name}'; it has {', '.join(filters)}")
@@ -138,6 +184,13 @@ def check_task(task: Task, metric: str | None, filter_name: str | None) -> tuple
             f"task '{name}' has no gold answer (doc_to_target), so no chain can be scored"
         )
     return metric, filter_name
+
+
+def filters_of(task: Task) -> list:
+    """The task's filter ensembles, as lm-eval built them from its configuration. lm-eval's
+    public ``Task.apply_filters`` filters every instance of the task, also those of documents
+    not yet answered (which fails); a chain's score needs its own document's alone."""
+    return task._filters
 
 
 def config_hash(task: Task) -> str:

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from lm_eval_cola.cli import add_command
+from lm_eval_cola.cli import add_command, add_model_args, load_model
 from lm_eval_cola.predict import PREDICTORS
 
 EPILOG_TRAIN = """example:
@@ -43,8 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def model_options(parser: argparse.ArgumentParser) -> None:
     """The model the predictors read and run, and where extra task YAMLs are."""
-    parser.add_argument("--model_args", default="", help="cola/hf model args (default: SmolLM2)")
-    parser.add_argument("--device", default=None, help="default: cuda when there is one, else cpu")
+    add_model_args(parser)
     parser.add_argument("--include_path", help="extra folder of task YAMLs, as for lm_eval")
 
 
@@ -163,7 +162,7 @@ def train(args: argparse.Namespace) -> int:
                      if unknown else "--candidates must be at least 1")  # fmt: skip
     try:
         store = Store(args.store, read_only=True)
-        lm = _load_model(args)
+        lm = load_model(args)
         spec = FeatureSpec(args.layer, args.max_tokens) if args.layer else None
         data = build_training_set(
             lm, store, args.run, args.candidates, spec, args.include_path, args.prune_to, kinds
@@ -215,7 +214,7 @@ def evaluate(args: argparse.Namespace) -> int:
         tasks = load_tasks(args.tasks, args.include_path, split=args.split)
         for task in tasks.values():
             check_no_leak(predictors, task_documents(task, args.limit))
-        lm = _load_model(args)
+        lm = load_model(args)
         results = [
             row
             for task in tasks.values()
@@ -253,12 +252,6 @@ def _print_results(results) -> None:
     )
     if not any(r.delta_low > 0 for r in results):
         print("No predictor beats the identity chain on these documents (95% interval).")
-
-
-def _load_model(args: argparse.Namespace):
-    from lm_eval_cola.lm import load
-
-    return load(args.model_args, args.device)
 
 
 def _fail(message: str) -> int:

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from sqlalchemy import select
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.errors import ColaError
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
-from lm_eval_cola.fingerprint import is_sampled, reregister_hint
+from lm_eval_cola.fingerprint import ModelIdentity, require_match
 from lm_eval_cola.predict import PREDICTORS
 from lm_eval_cola.predict.features import (
     FeatureSpec,
@@ -34,12 +34,15 @@ from lm_eval_cola.predict.features import (
     windowed_mean,
 )
 from lm_eval_cola.predict.pruning import prune, skip_effects
-from lm_eval_cola.search.base import Trial
-from lm_eval_cola.search.objective import Objective, Proposal
+from lm_eval_cola.predict.training_set import RoutePath, TrainingDataError, TrainingSet
+from lm_eval_cola.scoring import Objective, Proposal, Trial
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Model, Run, Task
 from lm_eval_cola.store.store import Store
-from lm_eval_cola.tasks import Document, config_hash, load_tasks, task_documents
+from lm_eval_cola.tasks import Document, TaskSpec, config_hash, task_documents
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
 
 logger = logging.getLogger("lm_eval.cola")
 #: Documents scored in one forward pass while filling in the score table.
@@ -48,75 +51,19 @@ DOCUMENTS_AT_ONCE = 16
 PRUNING_DOCUMENTS = 300
 
 
-class TrainingDataError(ColaError, ValueError):
-    """The runs cannot train a predictor for this model; the message says why."""
-
-
-@dataclass(frozen=True)
-class RoutePath:
-    """A document's target path for routers: how many times each layer runs (0, 1 or 2),
-    and the windowed mean-pooled hidden state entering each layer along that path. Where
-    several right chains are equally short, ``ties`` says per layer, of those that agree with
-    the path on every earlier layer, the share that runs it 0, 1 or 2 times: each such
-    decision keeps a router on a shortest right chain, so none is the one right answer."""
-
-    runs: torch.Tensor  # (layers,) long
-    states: torch.Tensor  # (layers, hidden) float32
-    ties: torch.Tensor | None = None  # (layers, 3) float32, rows sum to 1; None: one-hot runs
-
-    def targets(self, tied: bool = True) -> torch.Tensor:
-        """(layers, 3): the share of shortest right chains taking each decision (``tied``), or
-        one-hot along the followed path."""
-        if tied and self.ties is not None:
-            return self.ties
-        return torch.nn.functional.one_hot(self.runs, MAX_ROUTED_RUNS + 1).float()
-
-
-@dataclass
-class TrainingSet:
-    """Training documents × candidate chains, with the documents' prompt states, and for
-    routers each document's target path (``None`` where no right chain is routable). States
-    and paths are built only for the kinds that read them: ``None`` otherwise."""
-
-    task: str
-    split: str | None
-    metric: str | None
-    doc_hashes: list[str]
-    candidates: list[Chain]
-    scores: torch.Tensor  # (documents, candidates), the task metric, higher is better
-    correct: torch.Tensor  # (documents, candidates), bool
-    states: list[torch.Tensor] | None  # per document, (tokens, hidden size); None: not built
-    spec: FeatureSpec
-    filled: int  # evaluations run here because the store did not hold them
-    routes: list[RoutePath | None] | None = None  # None: not built (no router among the kinds)
-
-    def within(self, max_layers: int) -> TrainingSet:
-        """The same documents with only the candidates of at most ``max_layers`` layers (a
-        depth budget)."""
-        keep = [j for j, chain in enumerate(self.candidates) if len(chain) <= max_layers]
-        if not keep:
-            shortest = min(map(len, self.candidates))
-            raise TrainingDataError(
-                f"no candidate chain has at most {max_layers} layers (the shortest has "
-                f"{shortest}); add shorter ones with --prune_to {max_layers}"
-            )
-        return replace(
-            self,
-            candidates=[self.candidates[j] for j in keep],
-            scores=self.scores[:, keep],
-            correct=self.correct[:, keep],
-        )
-
-
 @dataclass(frozen=True)
 class _RunsInfo:
     task: Task
     run_ids: list[int]
     settings: dict
 
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec.stored(self.task.name, self.task.split, self.settings)
+
 
 def build_training_set(
-    lm,
+    lm: ChainLM,
     store: Store,
     runs: list[int | str],
     n_candidates: int = 16,
@@ -131,24 +78,15 @@ def build_training_set(
     ``PRUNING_DOCUMENTS`` training documents). Prompt states and router paths, a forward pass
     per document each, are computed only when one of the kinds reads them."""
     classes = [PREDICTORS.get(kind) for kind in kinds]
-    info = _check_runs(store, runs, lm.identity.fingerprint)
-    settings = info.settings
-    task = load_tasks(
-        info.task.name,
-        include_path,
-        metric=settings.get("metric"),
-        filter_name=settings.get("filter_name"),
-        num_fewshot=settings.get("num_fewshot"),
-        max_gen_toks=settings.get("max_gen_toks"),
-        split=info.task.split,
-    )[info.task.name]
+    info = _check_runs(store, runs, lm.identity)
+    task = info.spec.load(include_path)
     if config_hash(task) != info.task.config_hash:
         raise TrainingDataError(
             f"task '{info.task.name}' is configured differently from when runs "
             f"{info.run_ids} searched it (prompt, data or metric changed); search it again"
         )
     documents, candidates, scores, correct = _score_table(store, info, task, n_candidates)
-    objective = Objective(lm, task, settings.get("metric"), settings.get("filter_name"))
+    objective = Objective(lm, task, info.spec)
     if prune_to is not None:
         effects = skip_effects(store, info.run_ids, lm.executor.n_layers)
         path = prune(objective, documents[:PRUNING_DOCUMENTS], effects, prune_to)
@@ -160,18 +98,7 @@ def build_training_set(
         encode = PromptStates(lm, spec)
         states = [encode(prompt_of(d.instances)) for d in tqdm(documents, desc="Prompt states")]
     if any(c.reads_routes for c in classes):
-        with store.session() as session:
-            searched = queries.correct_chains(session, info.run_ids)
-        windows = spec.windows
-        routes = [
-            route_path(
-                lm,
-                prompt_of(d.instances),
-                right_chains(searched, d.doc_hash, candidates, row),
-                windows,
-            )
-            for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
-        ]
+        routes = _route_paths(lm, store, info, documents, candidates, correct, spec.windows)
     return TrainingSet(
         task=info.task.name,
         split=info.task.split,
@@ -185,6 +112,30 @@ def build_training_set(
         filled=filled,
         routes=routes,
     )
+
+
+def _route_paths(
+    lm: ChainLM,
+    store: Store,
+    info: _RunsInfo,
+    documents: list[Document],
+    candidates: list[Chain],
+    correct: list[list[bool]],
+    windows: int,
+) -> list[RoutePath | None]:
+    """Each document's router path (:func:`route_path`), from the right chains its search
+    found and the candidates right on it."""
+    with store.session() as session:
+        searched = queries.correct_chains(session, info.run_ids)
+    return [
+        route_path(
+            lm,
+            prompt_of(d.instances),
+            right_chains(searched, d.doc_hash, candidates, row),
+            windows,
+        )
+        for d, row in zip(tqdm(documents, desc="Router paths"), correct, strict=True)
+    ]
 
 
 def saved_or_built(path: str | None, build: Callable[[], TrainingSet]) -> TrainingSet:
@@ -244,7 +195,7 @@ def tie_shares(paths: list[list[int]]) -> torch.Tensor:
     return shares
 
 
-def route_path(lm, prompt: str, right: list[Chain], windows: int) -> RoutePath | None:
+def route_path(lm: ChainLM, prompt: str, right: list[Chain], windows: int) -> RoutePath | None:
     """The shortest of the document's right chains that routers can express (the first among
     equals), with the states entering each layer as routers following it would see them
     (teacher forcing) and the other shortest ones as :attr:`RoutePath.ties`; ``None`` when no
@@ -264,7 +215,7 @@ def route_path(lm, prompt: str, right: list[Chain], windows: int) -> RoutePath |
     return RoutePath(torch.tensor(runs), torch.stack(seen), ties)
 
 
-def _check_runs(store: Store, runs: list[int | str], fingerprint: str) -> _RunsInfo:
+def _check_runs(store: Store, runs: list[int | str], loaded: ModelIdentity) -> _RunsInfo:
     if not runs:
         raise TrainingDataError("name at least one search run to train on (--run)")
     with store.session() as session:
@@ -281,15 +232,9 @@ def _check_runs(store: Store, runs: list[int | str], fingerprint: str) -> _RunsI
                 "train one predictor per task"
             )
         for run in found:
-            model = session.get(Model, run.model_id)
-            if model.fingerprint != fingerprint:
-                why = "load that model"
-                if is_sampled(model.fingerprint):
-                    why = reregister_hint(f"--store {store.url}")
-                raise TrainingDataError(
-                    f"run {run.id} was searched on {model.name} (fingerprint "
-                    f"{model.fingerprint[:17]}), not on the loaded model; {why}"
-                )
+            model, option = session.get(Model, run.model_id), f"--store {store.url}"
+            what = f"run {run.id} of {store}"
+            require_match(what, model.name, model.fingerprint, loaded, option, TrainingDataError)
         task = session.scalars(select(Task).where(Task.id == found[0].task_id)).one()
         session.expunge(task)
         return _RunsInfo(task, [r.id for r in found], dict(found[0].settings))
@@ -354,16 +299,14 @@ def _fill_missing(
     correct: list[list[bool]],
 ) -> int:
     """Evaluate the candidates the search did not try on a document; returns how many. The
-    identity (column 0) goes first: it is the reference of the others."""
+    identity (column 0) the search stored is the reference of the others there."""
+    for document, row in zip(documents, scores, strict=True):
+        if row[0] == row[0]:
+            objective.remember_reference(document.doc_hash, row[0])
     todo = [(i, j) for i, row in enumerate(scores) for j, s in enumerate(row) if s != s]
-    for identity in (True, False):
-        cells = [(i, j) for i, j in todo if (j == 0) == identity]
-        proposals = [
-            Proposal(documents[i], candidates[j], None if j == 0 else scores[i][0])
-            for i, j in cells
-        ]
-        trials = objective.score_all(proposals, DOCUMENTS_AT_ONCE, "Scoring candidates")
-        for (i, j), trial in zip(cells, trials, strict=True):
-            scores[i][j], correct[i][j] = trial.score, trial.correct
+    proposals = [Proposal(documents[i], candidates[j]) for i, j in todo]
+    trials = objective.score_all(proposals, DOCUMENTS_AT_ONCE, "Scoring candidates")
+    for (i, j), trial in zip(todo, trials, strict=True):
+        scores[i][j], correct[i][j] = trial.score, trial.correct
     logger.info("Scored %d candidate chains the search had not tried", len(todo))
     return len(todo)

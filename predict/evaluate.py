@@ -16,17 +16,22 @@ out of domain, with its own default metric when it lacks theirs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.errors import ColaError
+from lm_eval_cola.fingerprint import ModelIdentity, require_match
 from lm_eval_cola.predict.dataset import DOCUMENTS_AT_ONCE
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
-from lm_eval_cola.search.objective import Objective, Proposal
+from lm_eval_cola.scoring import Objective, Proposal
 from lm_eval_cola.statistics import mcnemar, paired_interval
-from lm_eval_cola.tasks import Document, task_documents
+from lm_eval_cola.tasks import Document, TaskSpec, task_documents
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
 
 
 class LeakError(ColaError, ValueError):
@@ -65,21 +70,18 @@ class PredictorScore:
     oracle_at_k: float | None
 
 
-def check_fit(predictors: list[Predictor], fingerprint: str) -> None:
+def check_fit(predictors: list[Predictor], loaded: ModelIdentity) -> None:
     """Every predictor was trained for this model."""
     for predictor in predictors:
-        info = predictor.info
-        if info.model["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"the '{info.kind}' predictor was trained for {info.model['name']}, not for the "
-                "loaded model (fingerprints differ); load that model with --model_args"
-            )
+        what, model = f"the '{predictor.info.kind}' predictor", predictor.info.model
+        option = "--predictors <its file>"
+        require_match(what, model["name"], model["fingerprint"], loaded, option)
 
 
-def metric_for(predictors: list[Predictor], task) -> str | None:
-    """The predictors' metric on their own task, else the task's default (out of domain)."""
+def spec_for(predictors: list[Predictor], task) -> TaskSpec:
+    """The task judged by the predictors' metric, else by its default (out of domain)."""
     metric = predictors[0].info.metric
-    return metric if metric in task.higher_is_better() else None
+    return TaskSpec(task.config.task, metric=metric if metric in task.higher_is_better() else None)
 
 
 def check_no_leak(predictors: list[Predictor], documents: list[Document]) -> None:
@@ -96,36 +98,21 @@ def check_no_leak(predictors: list[Predictor], documents: list[Document]) -> Non
 
 class _Correctness:
     """Whether a chain answers a document, each (document, chain) scored once, many documents
-    per pass. The identity is scored first on each document: graded metrics judge a chain
-    against it."""
+    per pass, the identity among them (the objective's reference, and the baseline)."""
 
-    def __init__(self, objective: Objective, identity: Chain) -> None:
-        self.objective, self.identity = objective, identity
+    def __init__(self, objective: Objective) -> None:
+        self.objective, self.identity = objective, objective.identity
         self._correct: dict[tuple[str, Chain], bool] = {}
-        self._reference: dict[str, float] = {}
 
     def fill(self, pairs: list[tuple[Document, Chain]]) -> None:
-        """Score the (document, chain) pairs not scored yet."""
+        """Score the (document, chain) pairs not scored yet, and the identity on each."""
         documents = {d.doc_hash: d for d, _ in pairs}
-        new = [(d.doc_hash, c) for d, c in pairs if (d.doc_hash, c) not in self._correct]
-        new = list(dict.fromkeys(new))
-        references = [h for h in documents if (h, self.identity) not in self._correct]
-        self._score([Proposal(documents[h], self.identity) for h in references])
-        self._score(
-            [
-                Proposal(documents[h], chain, self._reference[h])
-                for h, chain in new
-                if chain != self.identity
-            ]
-        )
-
-    def _score(self, proposals: list[Proposal]) -> None:
+        wanted = [(h, self.identity) for h in documents] + [(d.doc_hash, c) for d, c in pairs]
+        new = [pair for pair in dict.fromkeys(wanted) if pair not in self._correct]
+        proposals = [Proposal(documents[h], chain) for h, chain in new]
         trials = self.objective.score_all(proposals, DOCUMENTS_AT_ONCE, "Scoring chains")
-        for proposal, trial in zip(proposals, trials, strict=True):
-            document = proposal.document.doc_hash
-            self._correct[(document, proposal.chain)] = trial.correct
-            if proposal.chain == self.identity:
-                self._reference[document] = trial.score
+        for pair, trial in zip(new, trials, strict=True):
+            self._correct[pair] = trial.correct
 
     def __call__(self, document: Document, chain: Chain) -> bool:
         if (document.doc_hash, chain) not in self._correct:
@@ -134,15 +121,14 @@ class _Correctness:
 
 
 def evaluate(
-    lm, task, predictors: list[Predictor], limit: int | None = None, k: int = 5
+    lm: ChainLM, task, predictors: list[Predictor], limit: int | None = None, k: int = 5
 ) -> list[PredictorScore]:
     """Score every predictor (and the identity and best static chains) on the task's
     documents, with each predictor's ``k`` best chains for oracle@k."""
-    check_fit(predictors, lm.identity.fingerprint)
+    check_fit(predictors, lm.identity)
     documents = task_documents(task, limit)
     check_no_leak(predictors, documents)
-    identity = Chain.identity(lm.executor.n_layers)
-    correct = _Correctness(Objective(lm, task, metric_for(predictors, task)), identity)
+    correct = _Correctness(Objective(lm, task, spec_for(predictors, task)))
     encoders = {p.info.spec: PromptStates(lm, p.info.spec) for p in predictors if p.reads_prompt}
     # per predictor, per document: its ranked chains and its own cost in layers
     ranked: list[list[list[Chain]]] = [[] for _ in predictors]

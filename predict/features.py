@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from lm_eval.api.instance import Instance
 
 from lm_eval_cola.chain import Chain
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
 from lm_eval_cola.executor import Routing
 
 
@@ -42,7 +46,7 @@ def prompt_of(instances: Sequence[Instance]) -> str:
 class PromptStates:
     """Computes a prompt's hidden states with a loaded ``cola`` model (a :class:`ColaLM`)."""
 
-    def __init__(self, lm, spec: FeatureSpec) -> None:
+    def __init__(self, lm: ChainLM, spec: FeatureSpec) -> None:
         if not 1 <= spec.layer <= lm.executor.n_layers:
             raise ValueError(
                 f"feature layer {spec.layer}: choose 1..{lm.executor.n_layers} for this model"
@@ -61,7 +65,7 @@ class PromptStates:
 
 
 @torch.no_grad()
-def run_routed(lm, prompt: str, decide: Callable[[int, torch.Tensor], int]) -> Routing:
+def run_routed(lm: ChainLM, prompt: str, decide: Callable[[int, torch.Tensor], int]) -> Routing:
     """Runs ``prompt`` through the decoder while ``decide(layer, hidden)`` chooses how often
     each layer runs (a router's view of the prompt); returns the routing it made."""
     ids = torch.tensor([lm.tok_encode(prompt) or [0]], device=lm.device)

@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -45,9 +45,12 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.errors import ColaError
 from lm_eval_cola.fingerprint import ModelIdentity
 from lm_eval_cola.predict import PREDICTORS
-from lm_eval_cola.predict.dataset import TrainingDataError, TrainingSet
 from lm_eval_cola.predict.features import FeatureSpec, pooled
 from lm_eval_cola.predict.programs import MAX_SEGMENT, OPERATIONS, decode, longest, parse
+from lm_eval_cola.predict.training_set import TrainingDataError, TrainingSet
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
 
 FORMAT_VERSION = 1
 
@@ -95,12 +98,14 @@ class Predictor(ABC):
     def predict(self, states: torch.Tensor | None) -> Chain:
         """The chain for a document with these prompt states."""
 
-    def own_layers(self, lm, prompt: str) -> float:
+    def own_layers(self, lm: ChainLM, prompt: str) -> float:
         """What choosing a document's chain costs, in decoder-layer applications over the
         prompt: the layers its prompt states take."""
         return self.info.spec.layer if self.reads_prompt else 0
 
-    def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:
+    def chains_for(
+        self, lm: ChainLM, prompt: str, states: torch.Tensor | None, k: int = 1
+    ) -> list[Chain]:
         """Its ``k`` best chains for a document (its prompt, and its prompt states when it
         reads them), best first: the first is its prediction. Predictors that do not rank
         chains give that one (an evaluation's oracle@k reads the rest)."""
@@ -134,7 +139,9 @@ class CandidatePredictor(Predictor):
     def predict(self, states: torch.Tensor | None) -> Chain:
         return self.candidates[self.choose(states)]
 
-    def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:
+    def chains_for(
+        self, lm: ChainLM, prompt: str, states: torch.Tensor | None, k: int = 1
+    ) -> list[Chain]:
         return [self.candidates[i] for i in self.ranking(states)[:k]]
 
     def bounds(self) -> Iterator[Chain]:
@@ -231,6 +238,23 @@ def load(path: str | Path) -> Predictor:
     predictor = PREDICTORS.get(info.kind)(info)
     predictor.restore(payload["tensors"])
     return predictor
+
+
+def reregister(path: str | Path, sampled: str, identity: ModelIdentity) -> str:
+    """Move the predictor file trained under its model's ``sampled`` fingerprint (an earlier
+    release's scheme) to ``identity``'s; returns what it did, in words."""
+    predictor = load(path)
+    trained = predictor.info.model["fingerprint"]
+    if trained == identity.fingerprint:
+        return f"predictor '{path}': already registered for these weights"
+    if trained != sampled:
+        raise ValueError(
+            f"predictor '{path}' was trained for other weights (fingerprint {trained[:17]}); "
+            "give the model args of the model it was trained for"
+        )
+    predictor.info.model["fingerprint"] = identity.fingerprint
+    save(predictor, path)
+    return f"predictor '{path}': re-registered for {identity.name}"
 
 
 def file_digest(path: str | Path) -> str:

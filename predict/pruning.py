@@ -20,8 +20,7 @@ import math
 from collections.abc import Sequence
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.search.base import Trial
-from lm_eval_cola.search.objective import Objective, Proposal
+from lm_eval_cola.scoring import Objective, Proposal, Trial
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import Document

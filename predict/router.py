@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import MAX_ROUTED_RUNS
-from lm_eval_cola.predict.dataset import TrainingSet
 from lm_eval_cola.predict.features import run_routed, windowed_mean
 from lm_eval_cola.predict.predictors import (
     Predictor,
@@ -35,6 +34,10 @@ from lm_eval_cola.predict.predictors import (
     fit_network,
     register_predictor,
 )
+from lm_eval_cola.predict.training_set import TrainingSet
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
 
 #: the router's classes: how many times the layer runs
 ACTIONS = MAX_ROUTED_RUNS + 1
@@ -133,13 +136,15 @@ class RouterPredictor(Predictor):
         with torch.no_grad():
             return int(self.network(layer, pooled).argmax())
 
-    def route(self, lm, prompt: str) -> Chain:
+    def route(self, lm: ChainLM, prompt: str) -> Chain:
         """The chain the routers build while ``prompt`` runs through the model; the full
         model if they skip every layer."""
         routing = run_routed(lm, prompt, self.decide)
         return routing.chain if len(routing.layers) else Chain.identity(self.n_layers)
 
-    def chains_for(self, lm, prompt: str, states: torch.Tensor | None, k: int = 1) -> list[Chain]:
+    def chains_for(
+        self, lm: ChainLM, prompt: str, states: torch.Tensor | None, k: int = 1
+    ) -> list[Chain]:
         return [self.route(lm, prompt)]
 
     def predict(self, states: torch.Tensor | None) -> Chain:
@@ -148,7 +153,7 @@ class RouterPredictor(Predictor):
     def bounds(self):
         yield Chain.derived(tuple(layer for layer in range(self.n_layers) for _ in range(2)))
 
-    def own_layers(self, lm, prompt: str) -> float:
+    def own_layers(self, lm: ChainLM, prompt: str) -> float:
         """The routers' multiply-adds (one call per layer, on one pooled vector) as a share of
         one decoder layer's over the prompt (its weights once per token)."""
         hidden, width = self.network.layers[0][1].in_features, self.options.width

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from lm_eval_cola.fingerprint import ModelIdentity
-from lm_eval_cola.predict.dataset import TrainingSet
 from lm_eval_cola.predict.predictors import CandidatePredictor, train
+from lm_eval_cola.predict.training_set import TrainingSet
 
 logger = logging.getLogger("lm_eval.cola")
 

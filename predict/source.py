@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from lm_eval.api.instance import Instance
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.fingerprint import ModelIdentity, is_sampled, reregister_hint
+from lm_eval_cola.fingerprint import ModelIdentity, require_match
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import PredictorFileError, file_digest, load
 from lm_eval_cola.sources import ChainSource, ChainSourceError
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
 
 logger = logging.getLogger("lm_eval.cola")
 
@@ -35,20 +39,11 @@ class PredictedChains(ChainSource):
 
     def bind(self, model: ModelIdentity) -> None:
         trained = self.predictor.info.model
-        if trained["fingerprint"] == model.fingerprint:
-            return
-        if is_sampled(trained["fingerprint"]):
-            raise ChainSourceError(
-                f"predictor '{self.path}' cannot be matched to the loaded {model.name}: "
-                + reregister_hint(f"--predictors {self.path}")
-            )
-        raise ChainSourceError(
-            f"predictor '{self.path}' was trained for {trained['name']} (fingerprint "
-            f"{trained['fingerprint'][:17]}), not for the loaded {model.name} (fingerprint "
-            f"{model.fingerprint[:17]}); load that model or train a predictor for this one"
-        )
+        what, option = f"predictor '{self.path}'", f"--predictors {self.path}"
+        name, fingerprint = trained["name"], trained["fingerprint"]
+        require_match(what, name, fingerprint, model, option, ChainSourceError)
 
-    def prepare(self, documents: Mapping[tuple[str, str], list[Instance]], lm) -> None:
+    def prepare(self, documents: Mapping[tuple[str, str], list[Instance]], lm: ChainLM) -> None:
         task = self.predictor.info.task
         new = [key for key in documents if key[0] == task and key not in self._chains]
         if not new:

@@ -11,41 +11,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.registry import Registry
+from lm_eval_cola.scoring import Trial
 from lm_eval_cola.search.space import ChainSpace
 
 #: Proposals that repeat an already evaluated chain cost no budget, but a method that keeps
 #: proposing known chains must still end: after this many proposals per unit of budget it
 #: stops with fewer evaluations (the store records how many each document got).
 MAX_PROPOSALS_PER_EVALUATION = 3
-
-
-@dataclass(frozen=True)
-class Trial:
-    """A chain evaluated on the document: its score under the task's metric, and its cost."""
-
-    chain: Chain
-    score: float
-    correct: bool
-    metrics: dict[str, Any]
-    layer_applications: int = 0
-    token_layer_applications: int = 0
-    #: of which in generation's decoding steps
-    decode_token_layers: int = 0
-    #: a key per decoding step of its generation, naming the tokens so far (chains that
-    #: generated the same tokens share a key, and can share the step's work)
-    decode_steps: tuple[str, ...] = ()
-    seconds: float = 0.0
-    #: the answer the chain gave (:func:`lm_eval_cola.search.objective.response`)
-    response: str | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.chain)
 
 
 class Searcher(ABC):

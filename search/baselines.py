@@ -22,7 +22,8 @@ import random
 from collections.abc import Mapping, Sequence
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.search.base import Searcher, Trial, register_searcher
+from lm_eval_cola.scoring import Trial
+from lm_eval_cola.search.base import Searcher, register_searcher
 from lm_eval_cola.search.space import ChainSpace
 
 #: The longest random walk, in actions (MCTS's chains are 2-4 actions deep on average).

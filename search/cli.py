@@ -8,12 +8,14 @@ checked without the model (method, budget, tasks, metric, store) is checked befo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from lm_eval_cola.cli import add_command
+from lm_eval_cola.cli import add_command, add_model_args, check_model_args, load_model
 from lm_eval_cola.errors import report
 from lm_eval_cola.search.base import SEARCHERS
 from lm_eval_cola.search.space import MODES
 
+HELP = "search chains per document and record every one in a store"
 EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --limit 100 --store cola.db
   cola search --tasks arc_easy --limit 500 --parallel_docs 32 --device cuda --store cola.db
@@ -28,18 +30,11 @@ EPILOG = """examples:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "search",
-        help="search chains per document and record every one in a store",
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-    )
+    parser = add_command(subparsers, "search", HELP, __doc__, EPILOG)
     model = parser.add_argument_group("model and task (as in lm_eval)")
-    model.add_argument("--model_args", default="", help="cola/hf model args (default: SmolLM2)")
+    add_model_args(model)
     model.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     model.add_argument("--limit", type=int, help="documents per task (first N)")
-    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
     model.add_argument("--num_fewshot", type=int)
     model.add_argument("--include_path", help="extra folder of task YAMLs")
     model.add_argument(
@@ -89,11 +84,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lm_eval_cola.model_args import parse, preflight
     from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_from_env
-    from lm_eval_cola.search.targets import check_decoys
     from lm_eval_cola.store.engine import check_usable
-    from lm_eval_cola.tasks import task_documents
+    from lm_eval_cola.targets import check_decoys
+    from lm_eval_cola.tasks import load_specs, task_documents
 
     try:
         settings = SearchSettings(
@@ -102,29 +96,27 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             space=_space(args),
             method_options=_parse_pairs(args.method_args),
-            metric=args.metric,
-            filter_name=args.filter_name,
             limit=args.limit,
-            num_fewshot=args.num_fewshot,
-            max_gen_toks=args.max_gen_toks,
             target=args.target,
         )
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
         shard = _parse_shard(args.shard) if args.shard else shard_from_env()
-        preflight(parse(args.model_args))
-        tasks = _load_tasks(args)
+        check_model_args(args)
+        specs = _task_specs(args)
+        tasks = load_specs(specs, args.include_path)
         if args.target == "decoy":
             for task in tasks.values():
                 check_decoys(task, task_documents(task, args.limit))
         check_usable(args.store)  # created only once the model has loaded
-        lm = _load_model(args)
+        lm = load_model(args)
         store = _open_store(args.store)
     except (ValueError, RuntimeError, KeyError) as err:
         return report("cola search", err)
-    for task in tasks.values():
+    for spec in specs:
+        task, how = tasks[spec.name], dataclasses.replace(settings, task=spec)
         search = SearchRun(
-            lm, task, store, settings, args.prefix_cache_mb, args.run_name, args.parallel_docs
+            lm, task, store, how, args.prefix_cache_mb, args.run_name, args.parallel_docs
         )
         run_id = search.run(shard)
         print(f"{task.config.task}: run {run_id} in {store}: searched {search.tally}")
@@ -155,12 +147,11 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _load_tasks(args: argparse.Namespace) -> dict:
-    from lm_eval_cola.tasks import load_tasks
+def _task_specs(args: argparse.Namespace) -> list:
+    from lm_eval_cola.tasks import TaskSpec
 
-    return load_tasks(
+    return TaskSpec.many(
         args.tasks,
-        args.include_path,
         metric=args.metric,
         filter_name=args.filter_name,
         num_fewshot=args.num_fewshot,
@@ -173,9 +164,3 @@ def _open_store(location: str):
     from lm_eval_cola.store.store import Store
 
     return Store(location)
-
-
-def _load_model(args: argparse.Namespace):
-    from lm_eval_cola.lm import load
-
-    return load(args.model_args, args.device)

@@ -21,13 +21,18 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.cli import add_command
+from lm_eval_cola.cli import add_command, add_model_args, check_model_args, load_model
 from lm_eval_cola.errors import ColaError, report
 from lm_eval_cola.store.cli import share_text
 
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
+    from lm_eval_cola.tasks import TaskSpec
+
+HELP = "unguided runs beside a gold search: random chains, a fixed menu"
 EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
@@ -57,15 +62,16 @@ class GoldRun:
     space: dict[str, Any]
     settings: dict[str, Any]
 
+    @property
+    def spec(self) -> TaskSpec:
+        """Its task, configured as it was searched."""
+        from lm_eval_cola.tasks import TaskSpec
+
+        return TaskSpec.stored(self.task, self.split, self.settings)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = add_command(
-        subparsers,
-        "controls",
-        help="unguided runs beside a gold search: random chains, a fixed menu",
-        description=__doc__.split("\n\n")[0],
-        epilog=EPILOG,
-    )
+    parser = add_command(subparsers, "controls", HELP, __doc__, EPILOG)
     kinds = parser.add_subparsers(dest="controls_command", metavar="KIND", required=True)
     random = _add_kind(kinds, "random", "k random chains of the space, lengths as the search's")
     random.set_defaults(func=run_random)
@@ -99,8 +105,7 @@ def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
     parser.add_argument(
         "--limit", type=int, help="the first N documents of the gold run's (default: all)"
     )
-    parser.add_argument("--model_args", default="", help="the gold run's model (default: SmolLM2)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...")
+    add_model_args(parser, "the gold run's model")
     parser.add_argument("--include_path", help="extra folder of task YAMLs")
     parser.add_argument("--parallel_docs", type=int, default=16, help="(default: 16)")
     parser.add_argument("--prefix_cache_mb", type=float, default=4096, help="(default: 4096)")
@@ -147,13 +152,12 @@ def run_menu(args: argparse.Namespace) -> int:
 
 def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     """Build the control run of the gold run ``args.run`` with ``method`` and run it."""
-    from lm_eval_cola.model_args import parse, preflight
     from lm_eval_cola.search.runner import SearchRun
     from lm_eval_cola.store.store import Store
     from lm_eval_cola.tasks import task_documents
 
     try:
-        preflight(parse(args.model_args))
+        check_model_args(args)
         with Store(args.store, read_only=True) as store:
             gold, task = _gold_and_task(store, args)
             limit = min(args.limit or gold.n_documents, gold.n_documents)
@@ -180,7 +184,7 @@ def _gold_and_task(store, args: argparse.Namespace):
     from lm_eval_cola.search.runner import describe_task
 
     gold = _gold_run(store, args.run)
-    task = _task(gold, args.include_path)
+    task = gold.spec.load(args.include_path)
     if describe_task(task).config_hash != gold.config_hash:
         raise ControlError(f"task {gold.task} has changed since run {gold.id}")
     return gold, task
@@ -188,18 +192,19 @@ def _gold_and_task(store, args: argparse.Namespace):
 
 def _model_of(args: argparse.Namespace, gold: GoldRun):
     """The model of ``--model_args``, refused unless it has the gold run's weights."""
-    from lm_eval_cola.lm import load
 
-    lm = load(args.model_args, args.device)
-    if lm.identity.fingerprint != gold.fingerprint:
-        raise ControlError(f"run {gold.id} was searched on other weights than these")
+    from lm_eval_cola.fingerprint import require_match
+
+    lm = load_model(args)
+    what, option = f"run {gold.id} ({gold.name})", f"--store {args.store}"
+    require_match(what, "its model", gold.fingerprint, lm.identity, option, ControlError)
     return lm
 
 
 def run_reversion(args: argparse.Namespace) -> int:
     """Undo each edit of every rescue of the gold run, one at a time, and count the rescues
     that survive (a reverted chain still right)."""
-    from lm_eval_cola.search.objective import Proposal
+    from lm_eval_cola.scoring import Proposal
     from lm_eval_cola.search.space import single_reversions
     from lm_eval_cola.tasks import task_documents
 
@@ -223,8 +228,8 @@ def run_reversion(args: argparse.Namespace) -> int:
 def run_shuffle(args: argparse.Namespace) -> int:
     """Every rescue and the full model on the rescued documents with their options rotated
     one and two places: does the rescue follow the gold answer's text or its old position?"""
-    from lm_eval_cola.search.objective import Proposal
-    from lm_eval_cola.search.targets import shuffled
+    from lm_eval_cola.scoring import Proposal
+    from lm_eval_cola.targets import shuffled
     from lm_eval_cola.tasks import documents_of, task_documents
 
     try:
@@ -254,11 +259,10 @@ SHIFTS = (1, 2)
 
 def _rescues_of(args: argparse.Namespace):
     """The gold run, its task, its rescues (document hash -> chain) and the model."""
-    from lm_eval_cola.model_args import parse, preflight
     from lm_eval_cola.store import controls
     from lm_eval_cola.store.store import Store
 
-    preflight(parse(args.model_args))
+    check_model_args(args)
     with Store(args.store, read_only=True) as store:
         gold, task = _gold_and_task(store, args)
         with store.session() as session:
@@ -266,14 +270,11 @@ def _rescues_of(args: argparse.Namespace):
     return gold, task, rescued, _model_of(args, gold)
 
 
-def _objective(lm, task, gold: GoldRun, args: argparse.Namespace):
+def _objective(lm: ChainLM, task, gold: GoldRun, args: argparse.Namespace):
     """The gold run's objective: its task, metric and filter, rewarded by the gold answer."""
-    from lm_eval_cola.search.objective import Objective
+    from lm_eval_cola.scoring import Objective
 
-    settings = gold.settings
-    return Objective(
-        lm, task, settings.get("metric"), settings.get("filter_name"), args.prefix_cache_mb
-    )
+    return Objective(lm, task, gold.spec, args.prefix_cache_mb)
 
 
 def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
@@ -366,7 +367,6 @@ def control_settings(gold: GoldRun, method: str, options: dict, k: int, limit: i
     chains per document, on the first ``limit`` documents."""
     from lm_eval_cola.search.runner import SearchSettings
 
-    named = {key: gold.settings.get(key) for key in ("metric", "filter_name", "num_fewshot")}
     space = {key: value for key, value in gold.space.items() if key != "n_layers"}
     return SearchSettings(
         method=method,
@@ -374,10 +374,9 @@ def control_settings(gold: GoldRun, method: str, options: dict, k: int, limit: i
         seed=gold.seed,
         space=space,
         method_options=options,
+        task=gold.spec,
         limit=limit,
-        max_gen_toks=gold.settings.get("max_gen_toks"),
         control_of=gold.name,
-        **named,
     )
 
 
@@ -417,18 +416,3 @@ def _existing_options(
             and run.settings["method_options"].get("source") == source
         ]
         return found[-1] if found else None
-
-
-def _task(gold: GoldRun, include_path: str | None):
-    from lm_eval_cola.tasks import load_tasks
-
-    settings = gold.settings
-    return load_tasks(
-        gold.task,
-        include_path,
-        metric=settings.get("metric"),
-        filter_name=settings.get("filter_name"),
-        num_fewshot=settings.get("num_fewshot"),
-        max_gen_toks=settings.get("max_gen_toks"),
-        split=gold.split,
-    )[gold.task]

@@ -19,7 +19,8 @@ import math
 import random
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.search.base import Searcher, Trial, register_searcher
+from lm_eval_cola.scoring import Trial
+from lm_eval_cola.search.base import Searcher, register_searcher
 from lm_eval_cola.search.space import ChainSpace
 
 

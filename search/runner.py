@@ -18,17 +18,16 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lm_eval.utils import handle_non_serializable
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import reregister_hint
-from lm_eval_cola.search.base import DocumentSearch, Trial, searcher_class
-from lm_eval_cola.search.objective import Objective, Proposal
+from lm_eval_cola.scoring import Objective, Proposal, Trial
+from lm_eval_cola.search.base import DocumentSearch, searcher_class
 from lm_eval_cola.search.space import ChainSpace
-from lm_eval_cola.search.targets import TARGETS, check_decoys
 from lm_eval_cola.store.store import (
     DocumentInfo,
     EvaluationInfo,
@@ -37,7 +36,18 @@ from lm_eval_cola.store.store import (
     TaskInfo,
     default_run_name,
 )
-from lm_eval_cola.tasks import Document, config_hash, task_documents, task_version
+from lm_eval_cola.targets import TARGETS, check_decoys
+
+if TYPE_CHECKING:
+    from lm_eval_cola.lm import ChainLM
+from lm_eval_cola.tasks import (
+    Document,
+    TaskSpec,
+    config_hash,
+    evaluation_split,
+    task_documents,
+    task_version,
+)
 
 logger = logging.getLogger("lm_eval.cola")
 
@@ -51,11 +61,9 @@ class SearchSettings:
     seed: int = 0
     space: dict[str, Any] = field(default_factory=dict)
     method_options: dict[str, Any] = field(default_factory=dict)
-    metric: str | None = None
-    filter_name: str | None = None
+    #: how the task is configured (``None``: its defaults)
+    task: TaskSpec | None = None
     limit: int | None = None
-    num_fewshot: int | None = None
-    max_gen_toks: int | None = None
     #: what the search is rewarded by: the gold answer or a decoy (targets.py)
     target: str = "gold"
     #: the gold run an unguided baseline run is a control of (``cola controls``)
@@ -147,19 +155,13 @@ class _Active:
     document: Document
     search: DocumentSearch
 
-    @property
-    def reference(self) -> float | None:
-        """The full model's score (the first chain every search evaluates)."""
-        first = next(iter(self.search.trials.values()), None)
-        return None if first is None else first.score
-
 
 class SearchRun:
     """Searches the documents of one task with one model, writing to one store."""
 
     def __init__(
         self,
-        lm,
+        lm: ChainLM,
         task,
         store: Store,
         settings: SearchSettings,
@@ -170,10 +172,11 @@ class SearchRun:
         if parallel_docs < 1:
             raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
         self.lm, self.task, self.store, self.settings = lm, task, store, settings
+        self.spec = settings.task or TaskSpec(task.config.task)
+        if self.spec.name != task.config.task:
+            raise ValueError(f"settings of task '{self.spec.name}' for task '{task.config.task}'")
         self.space = ChainSpace(lm.executor.n_layers, **settings.space)
-        self.objective = Objective(
-            lm, task, settings.metric, settings.filter_name, prefix_cache_mb, settings.target
-        )
+        self.objective = Objective(lm, task, self.spec, prefix_cache_mb, settings.target)
         self.documents = task_documents(task, settings.limit)
         if settings.target == "decoy":
             check_decoys(task, self.documents)
@@ -253,7 +256,7 @@ class SearchRun:
                     yield search.document, list(search.search.trials.values())
             asked = [(search, chain) for search, chain in asked if chain is not None]
             if asked:
-                proposals = [Proposal(s.document, chain, s.reference) for s, chain in asked]
+                proposals = [Proposal(s.document, chain) for s, chain in asked]
                 trials = self.objective.score_many(proposals)
                 for (search, _), trial in zip(asked, trials, strict=True):
                     search.search.record(trial)
@@ -285,10 +288,11 @@ class SearchRun:
         return tokens * distinct_prefixes(t.chain for t in trials) + len(decoding)
 
     def _named_settings(self) -> dict[str, Any]:
-        """What names the run: every setting but the limit (a larger one grows the run) and the
-        defaults that runs searched before them did not record (a gold target, no control)."""
-        settings = asdict(self.settings)
-        del settings["limit"]
+        """What names the run: every setting but the limit (a larger one grows the run), the
+        task's by their fields (its name and split name the task), and not the defaults that
+        runs searched before them did not record (a gold target, no control)."""
+        settings = {**asdict(self.settings), **self.spec.settings()}
+        del settings["limit"], settings["task"]
         for name, default in (("target", "gold"), ("control_of", None)):
             if settings[name] == default:
                 del settings[name]
@@ -323,7 +327,7 @@ def describe_task(task) -> TaskInfo:
         name=task.config.task,
         version=task_version(task),
         config_hash=config_hash(task),
-        split=task.config.test_split or task.config.validation_split,
+        split=evaluation_split(task),
         output_type=task.get_config("output_type"),
     )
 

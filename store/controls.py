@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from lm_eval_cola.chain import Chain
@@ -119,19 +120,19 @@ def _settings_key(run: Run) -> tuple:
 def lottery(session: Session, gold_run: int, decoy_run: int) -> Lottery:
     """The gold run against the decoy run, document by document."""
     n_layers = run_depth(session, gold_run)
-    gold = {row[0]: row for row in per_document(session, gold_run, n_layers)}
-    decoy = {row[0]: row for row in per_document(session, decoy_run, n_layers)}
-    common = [d for d in gold if d in decoy and gold[d][1] is not None and decoy[d][1] is not None]
-    neither = [d for d in common if not gold[d][1] and not decoy[d][1]]
-    gold_hits = [bool(gold[d][2]) for d in neither]
-    decoy_hits = [bool(decoy[d][2]) for d in neither]
+    gold = {row.document_id: row for row in per_document(session, gold_run, n_layers)}
+    decoy = {row.document_id: row for row in per_document(session, decoy_run, n_layers)}
+    common = [d for d in gold if d in decoy and None not in (gold[d].original, decoy[d].original)]
+    neither = [d for d in common if not gold[d].original and not decoy[d].original]
+    gold_hits = [bool(gold[d].any_correct) for d in neither]
+    decoy_hits = [bool(decoy[d].any_correct) for d in neither]
     difference = (sum(gold_hits) - sum(decoy_hits)) / len(neither) if neither else None
     return Lottery(
         gold_run=gold_run,
         decoy_run=decoy_run,
         documents=len(common),
-        gold_original=sum(bool(gold[d][1]) for d in common),
-        decoy_original=sum(bool(decoy[d][1]) for d in common),
+        gold_original=sum(bool(gold[d].original) for d in common),
+        decoy_original=sum(bool(decoy[d].original) for d in common),
         gold=_reach(gold, common),
         decoy=_reach(decoy, common),
         neither=len(neither),
@@ -142,9 +143,9 @@ def lottery(session: Session, gold_run: int, decoy_run: int) -> Lottery:
     )
 
 
-def _reach(rows: dict[int, tuple], documents: list[int]) -> Reach:
-    missed = [d for d in documents if not rows[d][1]]
-    return Reach(len(missed), sum(bool(rows[d][2]) for d in missed))
+def _reach(rows: dict[int, Row], documents: list[int]) -> Reach:
+    missed = [d for d in documents if not rows[d].original]
+    return Reach(len(missed), sum(bool(rows[d].any_correct) for d in missed))
 
 
 def controls(session: Session, run_id: int) -> Controls:
@@ -214,7 +215,7 @@ def rescues(session: Session, run_id: int) -> dict[str, str]:
     """The run's rescues: per originally wrong document (by content hash), its shortest
     correct chain."""
     originals = per_document(session, run_id, run_depth(session, run_id))
-    wrong = [row[0] for row in originals if row[1] == 0]
+    wrong = [row.document_id for row in originals if row.original == 0]
     hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(wrong))))
     picks = pick(session, [run_id], "shortest-correct")
     return {p.doc_hash: p.chain for p in picks if p.doc_hash in hashes and p.correct}

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Float, Integer, Text, case, cast, distinct, func, select
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Subquery
 
@@ -110,14 +111,21 @@ class RunStats:
     mean_distinct_answers: float | None = None
 
 
-def per_document(session: Session, run_id: int, n_layers: int) -> list[tuple]:
-    """(document_id, original correct or None, any chain correct, a shorter chain correct)."""
+def per_document(session: Session, run_id: int, n_layers: int) -> list[Row]:
+    """Per document of the run: ``document_id``; ``original``, the full model right (1/0, or
+    ``None`` where it was not evaluated); ``any_correct``, some chain right; ``shorter_correct``,
+    some chain shorter than the model right."""
     identity = str(Chain.identity(n_layers))
     correct = cast(Evaluation.correct, Integer)
     original = func.max(case((Evaluation.chain == identity, correct)))
     shorter = func.max(case((Evaluation.length < n_layers, correct), else_=0))
     query = (
-        select(Evaluation.document_id, original, func.max(correct), shorter)
+        select(
+            Evaluation.document_id,
+            original.label("original"),
+            func.max(correct).label("any_correct"),
+            shorter.label("shorter_correct"),
+        )
         .where(Evaluation.run_id == run_id)
         .group_by(Evaluation.document_id)
     )
@@ -127,17 +135,17 @@ def per_document(session: Session, run_id: int, n_layers: int) -> list[tuple]:
 def stats(session: Session, run_id: int) -> RunStats:
     n_layers = run_depth(session, run_id)
     docs = per_document(session, run_id, n_layers)
-    with_original = [d for d in docs if d[1] is not None]
-    right = [d for d in with_original if d[1] == 1]
-    wrong = [d for d in with_original if d[1] == 0]
+    with_original = [d for d in docs if d.original is not None]
+    right = [d for d in with_original if d.original == 1]
+    wrong = [d for d in with_original if d.original == 0]
     chosen = [Chain.parse(p.chain) for p in pick(session, [run_id])]
     return RunStats(
         run_id=run_id,
         documents=len(docs),
         original_accuracy=_share(len(right), len(with_original)),
-        oracle_accuracy=_share(sum(d[2] for d in docs), len(docs)),
-        shorter_correct_share=_share(sum(d[3] for d in right), len(right)),
-        corrected_share=_share(sum(d[2] for d in wrong), len(wrong)),
+        oracle_accuracy=_share(sum(d.any_correct for d in docs), len(docs)),
+        shorter_correct_share=_share(sum(d.shorter_correct for d in right), len(right)),
+        corrected_share=_share(sum(d.any_correct for d in wrong), len(wrong)),
         mean_chosen_length=sum(map(len, chosen)) / len(chosen) if chosen else 0.0,
         n_layers=n_layers,
         usage=[
@@ -246,6 +254,39 @@ def run_summaries(session: Session) -> list[RunSummary]:
     depths = list(session.scalars(select(Model.n_layers).distinct()))
     if not depths:
         return []
+    per_run, done = _run_accuracies(depths), _documents_done()
+    rows = session.execute(
+        select(
+            Run.id,
+            Run.name,
+            Run.method,
+            Model.name.label("model"),
+            Model.n_layers,
+            Task.name.label("task"),
+            Run.status,
+            Run.budget,
+            Run.seed,
+            Run.n_documents,
+            func.coalesce(done.c.done, 0).label("done"),
+            func.coalesce(per_run.c.evaluations, 0).label("evaluations"),
+            Run.started_at,
+            done.c.last.label("last_document_at"),
+            Run.finished_at,
+            per_run.c.original.label("original_accuracy"),
+            per_run.c.oracle.label("oracle_accuracy"),
+        )
+        .join(Model, Model.id == Run.model_id)
+        .join(Task, Task.id == Run.task_id)
+        .outerjoin(done, done.c.run_id == Run.id)
+        .outerjoin(per_run, per_run.c.run_id == Run.id)
+        .order_by(Run.id)
+    )
+    return [RunSummary(**row._mapping) for row in rows]
+
+
+def _run_accuracies(depths: list[int]) -> Subquery:
+    """Per run: evaluations, and the share of documents the full model (the identity chain of
+    its depth) and any chain got right."""
     identity = case({n: str(Chain.identity(n)) for n in depths}, value=Model.n_layers)
     correct = cast(Evaluation.correct, Integer)
     per_document = (
@@ -260,7 +301,7 @@ def run_summaries(session: Session) -> list[RunSummary]:
         .group_by(Evaluation.run_id, Evaluation.document_id)
         .subquery()
     )
-    per_run = (
+    return (
         select(
             per_document.c.run_id,
             cast(func.sum(per_document.c.evaluations), Integer).label("evaluations"),
@@ -270,7 +311,11 @@ def run_summaries(session: Session) -> list[RunSummary]:
         .group_by(per_document.c.run_id)
         .subquery()
     )
-    done = (
+
+
+def _documents_done() -> Subquery:
+    """Per run: documents finished, and when the last one was."""
+    return (
         select(
             RunDocument.run_id,
             func.count().label("done"),
@@ -279,33 +324,6 @@ def run_summaries(session: Session) -> list[RunSummary]:
         .group_by(RunDocument.run_id)
         .subquery()
     )
-    rows = session.execute(
-        select(
-            Run.id,
-            Run.name,
-            Run.method,
-            Model.name,
-            Model.n_layers,
-            Task.name,
-            Run.status,
-            Run.budget,
-            Run.seed,
-            Run.n_documents,
-            func.coalesce(done.c.done, 0),
-            func.coalesce(per_run.c.evaluations, 0),
-            Run.started_at,
-            done.c.last,
-            Run.finished_at,
-            per_run.c.original,
-            per_run.c.oracle,
-        )
-        .join(Model, Model.id == Run.model_id)
-        .join(Task, Task.id == Run.task_id)
-        .outerjoin(done, done.c.run_id == Run.id)
-        .outerjoin(per_run, per_run.c.run_id == Run.id)
-        .order_by(Run.id)
-    )
-    return [RunSummary(*row) for row in rows]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from sqlalchemy import select
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.fingerprint import ModelIdentity, is_sampled, reregister_hint
+from lm_eval_cola.fingerprint import ModelIdentity, mismatch, reregister_hint
 from lm_eval_cola.sources import ChainSource, ChainSourceError
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.engine import StoreError
@@ -97,20 +97,13 @@ class StoreChains(ChainSource):
 
     def _matches(self, session, run: Run, model: ModelIdentity) -> bool:
         stored = session.get(Model, run.model_id)
-        if stored.fingerprint == model.fingerprint:
-            return True
-        problem = (
-            f"run {run.id} ({run.name or run.method}) of {self.store} was searched on "
-            f"{stored.name} ({stored.n_layers} layers, fingerprint {stored.fingerprint[:17]}), "
-            f"not on the loaded {model.name} ({model.n_layers} layers, fingerprint "
-            f"{model.fingerprint[:17]})"
-        )
-        if is_sampled(stored.fingerprint):
-            problem += "; " + reregister_hint(f"--store {self.location}")
-        if self.on_mismatch == "error":
-            raise ChainSourceError(f"{problem}; its chains are never applied to other weights")
-        logger.warning("%s; skipping it (on_mismatch=skip)", problem)
-        return False
+        what = f"run {run.id} ({run.name or run.method}) of {self.store}"
+        problem = mismatch(what, stored.name, stored.fingerprint, model, f"--store {self.location}")
+        if problem and self.on_mismatch == "error":
+            raise ChainSourceError(problem)
+        if problem:
+            logger.warning("%s; skipping it (on_mismatch=skip)", problem)
+        return not problem
 
     def lookup(self, task: str, doc_hash: str) -> Chain | None:
         return self._chains.get((task, doc_hash))

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -270,6 +270,44 @@ class Store:
         except IntegrityError:
             return False
         return True
+
+    def reregister(self, sampled: str, identity: ModelIdentity) -> str:
+        """Move the model registered under its ``sampled`` fingerprint (an earlier release's
+        scheme) to ``identity``'s; its runs follow, and a run named by default is renamed as a
+        search with today's fingerprint names it, so the same command resumes it. Returns what
+        it did, in words."""
+        with self.session() as session:
+            old = session.scalar(select(Model).where(Model.fingerprint == sampled))
+            if old is None:
+                return f"{self}: nothing registered under this model's sampled fingerprint"
+            current = session.scalar(select(Model).where(Model.fingerprint == identity.fingerprint))
+            if current is None:
+                old.fingerprint, model_id = identity.fingerprint, old.id
+            else:  # a search since the upgrade registered the model anew: its runs join that row
+                session.execute(
+                    update(Run).where(Run.model_id == old.id).values(model_id=current.id)
+                )
+                session.delete(old)
+                model_id = current.id
+            runs = session.scalars(select(Run).where(Run.model_id == model_id)).all()
+            notes = [_rename(session, run, sampled, identity.fingerprint) for run in runs]
+        renamed = [note for note in notes if note]
+        return "\n  ".join(
+            [f"{self}: {len(runs)} run(s) of {identity.name} re-registered", *renamed]
+        )
+
+
+def _rename(session: Session, run: Run, sampled: str, fingerprint: str) -> str | None:
+    """Give a run named by default the name a search of today's fingerprint gives it."""
+    settings = {"method": run.method, "budget": run.budget, "seed": run.seed, **run.settings}
+    task, config = run.task.name, run.task.config_hash
+    if run.name != default_run_name(task, run.method, sampled, config, settings):
+        return None  # named by its user: the name stays
+    new = default_run_name(task, run.method, fingerprint, config, settings)
+    if session.scalar(select(Run.id).where(Run.name == new)) is not None:
+        return f"run {run.id} keeps its name {run.name}: a run named {new} exists already"
+    old, run.name = run.name, new
+    return f"run {run.id} renamed {old} -> {new}"
 
 
 def _canonical(evaluation: EvaluationInfo) -> dict:

@@ -15,16 +15,16 @@ from sqlalchemy import select
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import main
 from lm_eval_cola.lm import ColaLM
-from lm_eval_cola.search.base import Trial
+from lm_eval_cola.scoring import Objective, Trial
 from lm_eval_cola.search.baselines import Menu, RandomWalks
 from lm_eval_cola.search.controls import ShuffleCheck, Survival
-from lm_eval_cola.search.objective import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
-from lm_eval_cola.search.targets import TargetError, decoy, judged_by, shuffled
 from lm_eval_cola.store import controls, queries
+from lm_eval_cola.store.cli import share_text
 from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.targets import TargetError, decoy, judged_by, shuffled
 from lm_eval_cola.tasks import documents_of, load_tasks, task_documents
 from tests.conftest import MC_DOCS
 
@@ -121,9 +121,9 @@ def test_a_decoy_search_is_rewarded_by_the_decoy_alone(lm, task_dir, name):
     assert judged_by(task, "gold") is task
 
 
-def search(lm, task, store: Store, **settings) -> int:
+def search(lm, task, store: Store, run_name: str | None = None, **settings) -> int:
     settings = {"method": "mcts", "budget": 6, **settings}
-    return SearchRun(lm, task, store, SearchSettings(**settings)).run()
+    return SearchRun(lm, task, store, SearchSettings(**settings), run_name=run_name).run()
 
 
 def test_a_decoy_run_is_its_own_run_paired_with_its_gold_run(lm, task_dir, tmp_path):
@@ -141,11 +141,11 @@ def test_a_decoy_run_is_its_own_run_paired_with_its_gold_run(lm, task_dir, tmp_p
             assert controls.paired_run(session, other_seed) is None
             result = controls.lottery(session, gold, lure)
             gold_rows = queries.per_document(session, gold, 4)
-            decoy_rows = {row[0]: row for row in queries.per_document(session, lure, 4)}
-    neither = [row for row in gold_rows if not row[1] and not decoy_rows[row[0]][1]]
+            decoy_rows = {r.document_id: r for r in queries.per_document(session, lure, 4)}
+    neither = [r for r in gold_rows if not r.original and not decoy_rows[r.document_id].original]
     assert result.documents == 7 and result.neither == len(neither)
-    assert result.gold_on_neither == sum(row[2] for row in neither)
-    assert result.decoy_on_neither == sum(decoy_rows[row[0]][2] for row in neither)
+    assert result.gold_on_neither == sum(row.any_correct for row in neither)
+    assert result.decoy_on_neither == sum(decoy_rows[r.document_id].any_correct for r in neither)
     assert result.gold_original + result.decoy_original <= 7  # never both on one document
 
 
@@ -249,6 +249,35 @@ def test_control_runs_of_a_gold_run_resume_and_are_reported(
     assert "random-walk (run 4)" in report and "menu (run 5)" in report
 
 
+def test_cola_report_sets_every_oracle_beside_its_controls(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    task = loaded(task_dir, "cola_mc")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store, run_name="mc-gold")
+        search(lm, task, store, target="decoy")
+        alone = search(lm, task, store, seed=7, run_name="no-controls")
+    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "5"]
+    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    assert cola_controls(capsys, "random", *common)[0] == 0
+    output = tmp_path / "report.md"
+    assert main(["report", "--store", path, "--output", str(output)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert output.read_text().strip().splitlines() == table
+    with Store(path, read_only=True) as store, store.session() as session:
+        found = controls.controls(session, gold)
+    (search_k, random_k), lottery = found.at_k, found.decoy
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
+    assert set(rows) == {"mc-gold", "no-controls"}, "decoy and control runs are no rows"
+    cells = rows["mc-gold"]
+    assert cells[6] == share_text(search_k.corrected[5], search_k.documents)
+    assert cells[7] == share_text(random_k.corrected[5], random_k.documents)
+    assert cells[8] == "-", "no menu was run"
+    assert cells[10] == share_text(lottery.decoy.reached, lottery.decoy.documents)
+    assert rows["no-controls"][7:] == ["-"] * 4 + ["- |"], f"run {alone}: nothing beside it"
+
+
 def loaded_split(task_dir: str, split: str):
     return load_tasks("cola_split", task_dir, split=split)["cola_split"]
 
@@ -272,7 +301,7 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
         gold = search(lm, task, store, budget=12)
         with store.session() as session:  # the tiny model rescues nothing: mark two rescues
             originals = queries.per_document(session, gold, 4)
-            for document_id in [row[0] for row in originals if row[1] == 0][:2]:
+            for document_id in [row.document_id for row in originals if row.original == 0][:2]:
                 longest = session.scalars(
                     select(Evaluation)
                     .where(Evaluation.run_id == gold, Evaluation.document_id == document_id)
@@ -347,7 +376,7 @@ def test_shuffle_checks_whether_rescues_follow_the_content(
         gold = search(lm, task, store, budget=12)
         with store.session() as session:  # mark the last chain of each wrong document right
             originals = queries.per_document(session, gold, 4)
-            for document_id in [row[0] for row in originals if row[1] == 0]:
+            for document_id in [row.document_id for row in originals if row.original == 0]:
                 evaluations = session.scalars(
                     select(Evaluation)
                     .where(Evaluation.run_id == gold, Evaluation.document_id == document_id)

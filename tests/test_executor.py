@@ -19,8 +19,8 @@ from lm_eval_cola.executor import (
     PrefixCache,
     UnsupportedModelError,
     Work,
-    _ChainPosition,
 )
+from lm_eval_cola.executor.positions import ChainPosition
 from lm_eval_cola.packing import PackedBatch, pack
 from tests.tiny_models import FAMILIES, tiny_model
 
@@ -161,7 +161,7 @@ def test_cached_generation_equals_uncached_greedy(model, chain):
 def test_a_shared_cache_slot_would_be_caught(monkeypatch):
     """The generation test has teeth: PoLar's bug (repeats share a KV slot) makes it fail."""
     model = build("llama")
-    monkeypatch.setattr(_ChainPosition, "forward", lambda self, *a, **k: self.layer(*a, **k))
+    monkeypatch.setattr(ChainPosition, "forward", lambda self, *a, **k: self.layer(*a, **k))
     executor = ChainExecutor(model)
     ids, mask = padded_batch()
     with executor.apply(Chain.parse("0.1.1.1.2.3")):

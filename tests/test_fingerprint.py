@@ -100,7 +100,7 @@ def test_chains_searched_on_one_model_are_refused_on_its_edited_copy(twins, task
     ColaLM(pretrained=original, chains=f"store:{store}", device="cpu")  # its own model: fine
     with pytest.raises(ChainSourceError, match="has no run of this model"):
         ColaLM(pretrained=edited, chains=f"store:{store}", device="cpu")
-    with pytest.raises(ChainSourceError, match="not on the loaded"):
+    with pytest.raises(ChainSourceError, match="not for the loaded"):
         ColaLM(pretrained=edited, chains=f"store:{store};run=1", device="cpu")
 
 

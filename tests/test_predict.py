@@ -19,18 +19,12 @@ from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.predict import predictors as P
 from lm_eval_cola.predict import pruning, selection
-from lm_eval_cola.predict.dataset import (
-    RoutePath,
-    TrainingDataError,
-    TrainingSet,
-    build_training_set,
-    routable,
-    tie_shares,
-)
+from lm_eval_cola.predict.dataset import build_training_set, routable, tie_shares
 from lm_eval_cola.predict.evaluate import LeakError, evaluate
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
-from lm_eval_cola.search.objective import Objective
+from lm_eval_cola.predict.training_set import RoutePath, TrainingDataError, TrainingSet
+from lm_eval_cola.scoring import Objective
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.sources import ChainSourceError, open_source
 from lm_eval_cola.statistics import mcnemar, paired_interval
@@ -122,7 +116,7 @@ def test_training_refuses_runs_of_another_model_or_a_changed_task(lm, task_dir, 
     with torch.no_grad():
         other.model.lm_head.weight.mul_(2)
     other.identity = identify(other.model, "changed", None, other.executor.n_layers)
-    with pytest.raises(TrainingDataError, match="not on the loaded model"):
+    with pytest.raises(TrainingDataError, match="not for the loaded"):
         build_training_set(other, Store(str(store), read_only=True), [run_id], 4, SPEC, task_dir)
     changed = tmp_path / "tasks"
     changed.mkdir()
@@ -362,7 +356,7 @@ def test_predictor_of_other_weights_is_refused_when_the_model_loads(trained, tin
     predictor.info.model["fingerprint"] = "xxh3:" + "0" * 32  # other weights
     forged = paths["knn"].with_name("forged.pt")
     P.save(predictor, forged)
-    with pytest.raises(ChainSourceError, match=r"trained for .* not for the loaded"):
+    with pytest.raises(ChainSourceError, match=r"was made for .* not for the loaded"):
         ColaLM(pretrained=tiny_llama_dir, chains=f"predictor:{forged}", device="cpu", batch_size=1)
 
 
@@ -403,7 +397,7 @@ def test_held_out_evaluation_reports_against_identity_and_static(lm, task_dir, t
         assert result.in_domain and result.task == "cola_split"
     static = next(r for r in results if r.predictor == "static")
     chain = Chain.parse(static.static_chain)
-    measured = sum(objective.score(d, chain, None).correct for d in documents) / 8
+    measured = sum(objective.score(d, chain).correct for d in documents) / 8
     assert static.accuracy == static.static_accuracy == measured  # scored here, independently
     assert static.differs_from_identity == float(chain != Chain.identity(4))
 

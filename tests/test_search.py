@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,15 +21,15 @@ from sqlalchemy import func, select
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import ColaLM
-from lm_eval_cola.search.base import SEARCHERS, Trial, pareto_front, run_search, searcher_class
+from lm_eval_cola.scoring import Objective, Proposal, Trial
+from lm_eval_cola.search.base import SEARCHERS, pareto_front, run_search, searcher_class
 from lm_eval_cola.search.mcts import MCTS
-from lm_eval_cola.search.objective import Objective, Proposal
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import Action, ChainSpace
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Evaluation, Run, RunDocument
-from lm_eval_cola.store.store import Store
-from lm_eval_cola.tasks import TaskError, task_documents
+from lm_eval_cola.store.store import Store, default_run_name
+from lm_eval_cola.tasks import TaskError, TaskSpec, config_hash, task_documents
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TASKS = ["cola_mc", "cola_gen", "cola_text"]
@@ -186,7 +187,7 @@ def test_the_answer_a_chain_gave_is_the_one_lm_eval_judged(lm, task_dir, name, m
     """A multiple-choice answer is the option the metric picks (right exactly when the metric
     says so); a generated one is the filtered text lm-eval logs."""
     chain = Chain.parse("0.1.1.3")
-    objective = Objective(lm, task(task_dir, name), metric)
+    objective = Objective(lm, task(task_dir, name), TaskSpec(name, metric=metric))
     documents = task_documents(task(task_dir, name), None)
     trials = {d.doc_hash: objective.score(d, chain) for d in documents}
     for sample in logged_samples(lm, task_dir, name, chain=str(chain)):
@@ -248,9 +249,9 @@ def test_prefix_cache_gives_identical_searches_with_fewer_layer_applications(lm,
 def test_task_without_gold_answer_and_unknown_metric_are_refused(lm, task_dir):
     mc = task(task_dir, "cola_mc")
     with pytest.raises(TaskError, match="has no metric 'f1'"):
-        Objective(lm, mc, metric="f1")
+        Objective(lm, mc, TaskSpec("cola_mc", metric="f1"))
     with pytest.raises(TaskError, match="has no filter 'strict'"):
-        Objective(lm, mc, filter_name="strict")
+        Objective(lm, mc, TaskSpec("cola_mc", filter_name="strict"))
     target = mc.config.doc_to_target
     mc.config.doc_to_target = None
     try:
@@ -258,6 +259,44 @@ def test_task_without_gold_answer_and_unknown_metric_are_refused(lm, task_dir):
             Objective(lm, mc)
     finally:
         mc.config.doc_to_target = target
+
+
+def test_a_graded_metric_judges_a_chain_against_the_full_model_scored_first(lm, task_dir):
+    """On perplexity a chain is correct where it scores at least as well as the full model on
+    the same document; the objective scores the full model first where no caller did."""
+    text = task(task_dir, "cola_text")
+    objective, documents = Objective(lm, text), task_documents(text, None)
+    chains = [Chain.parse(c) for c in ("0.1.1.3", "3", "2.2")]
+    trials = objective.score_all([Proposal(d, c) for c in chains for d in documents])
+    assert set(objective.references) == {d.doc_hash for d in documents}
+    judged = [
+        t.score >= objective.references[p.document.doc_hash]
+        for t, p in zip(trials, [Proposal(d, c) for c in chains for d in documents], strict=True)
+    ]
+    assert [t.correct for t in trials] == judged and not all(judged)
+    full = [objective.score(d, objective.identity) for d in documents]
+    assert all(t.correct for t in full)
+
+
+def test_a_run_records_its_task_spec_whole_and_keeps_the_names_of_earlier_releases(
+    lm, task_dir, tmp_path
+):
+    spec = TaskSpec("cola_mc", metric="acc_norm", num_fewshot=1)
+    loaded = spec.load(task_dir)
+    settings = SearchSettings(method="mcts", budget=3, task=spec, limit=2)
+    with Store(str(tmp_path / "cola.db")) as store:
+        run_id = SearchRun(lm, loaded, store, settings).run()
+    with Store(str(tmp_path / "cola.db"), read_only=True).session() as session:
+        run = session.get(Run, run_id)
+        back = TaskSpec.stored(run.task.name, run.task.split, run.settings)
+        name, config = run.name, run.task.config_hash
+    assert back == dataclasses.replace(spec, split="test")
+    assert config_hash(back.load(task_dir)) == config == config_hash(loaded)
+    earlier = {  # the settings a run was named by before TaskSpec, field by field
+        "method": "mcts", "budget": 3, "seed": 0, "space": {}, "method_options": {},
+        "metric": "acc_norm", "filter_name": None, "num_fewshot": 1, "max_gen_toks": None,
+    }  # fmt: skip
+    assert name == default_run_name("cola_mc", "mcts", lm.identity.fingerprint, config, earlier)
 
 
 # -- runs: store, oracle re-evaluation, shards, resume ---------------------------------------

@@ -101,7 +101,7 @@ def test_chains_of_other_weights_are_never_applied(searched, tmp_path, caplog):
 
     path, run_id, _ = searched
     other = save_tiny(tmp_path / "other", "llama", seed=1)
-    with pytest.raises(ChainSourceError, match=r"was searched on .* not on the loaded"):
+    with pytest.raises(ChainSourceError, match=r"was made for .* not for the loaded"):
         ColaLM(pretrained=other, chains=f"store:{path};run={run_id}", device="cpu")
     with pytest.raises(ChainSourceError, match="has no run of this model"):
         ColaLM(pretrained=other, chains=f"store:{path}", device="cpu")

@@ -1,4 +1,4 @@
-"""The search objective: documents of an lm-eval task, each scored under a candidate chain.
+"""Scoring a chain on a document: the one judge that search, controls and predictors share.
 
 For each (document, chain) proposal the document's requests, built by lm-eval's task API
 (:mod:`lm_eval_cola.tasks`), run under the chain through :meth:`ColaLM.run_requests`: all
@@ -6,8 +6,14 @@ proposals in one forward pass (generation: one per distinct chain), each documen
 context computed once, and every chain prefix already computed on the document (a packed row,
 or a generation's prompt prefill) looked up in a prefix cache. The task's own filters
 and ``process_results`` turn the responses into metrics, and the chosen metric becomes the
-score. So a chain found here scores the same when the task is re-evaluated through
+score. So a chain scored here scores the same when the task is re-evaluated through
 ``lm_eval --model cola``.
+
+The reference rule lives here and only here: on a metric that is not right/wrong, a chain is
+"correct" when it scores at least as well as the full model on the same document, so the
+full model (the identity chain) is scored on a document before any other chain is judged
+there (:meth:`Objective.score_all` puts it first; :meth:`Objective.score_many` scores it in a
+pass of its own when a caller did not).
 """
 
 from __future__ import annotations
@@ -23,10 +29,9 @@ from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import PrefixCache, Work
-from lm_eval_cola.lm import RunOptions
-from lm_eval_cola.search.base import Trial
-from lm_eval_cola.search.targets import judged_by
-from lm_eval_cola.tasks import Document, check_task
+from lm_eval_cola.lm import ChainLM, RunOptions
+from lm_eval_cola.targets import judged_by
+from lm_eval_cola.tasks import Document, TaskSpec, check_task, filters_of
 
 #: Metrics whose per-document value is 1 for a right answer and 0 for a wrong one.
 BINARY_PREFIXES = ("acc", "exact_match", "em")
@@ -36,14 +41,35 @@ RESPONSE_CHARS = 128
 
 
 @dataclass(frozen=True)
+class Trial:
+    """A chain evaluated on the document: its score under the task's metric, and its cost."""
+
+    chain: Chain
+    score: float
+    correct: bool
+    metrics: dict[str, Any]
+    layer_applications: int = 0
+    token_layer_applications: int = 0
+    #: of which in generation's decoding steps
+    decode_token_layers: int = 0
+    #: a key per decoding step of its generation, naming the tokens so far (chains that
+    #: generated the same tokens share a key, and can share the step's work)
+    decode_steps: tuple[str, ...] = ()
+    seconds: float = 0.0
+    #: the answer the chain gave (:func:`response`)
+    response: str | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.chain)
+
+
+@dataclass(frozen=True)
 class Proposal:
-    """A chain to score on a document. ``reference`` is the full model's score there, for
-    metrics that are not right/wrong (a chain is then "correct" when it scores at least as
-    well); ``None`` for the full model itself."""
+    """A chain to score on a document."""
 
     document: Document
     chain: Chain
-    reference: float | None = None
 
 
 class Objective:
@@ -51,33 +77,40 @@ class Objective:
 
     def __init__(
         self,
-        lm,
+        lm: ChainLM,
         task: Task,
-        metric: str | None = None,
-        filter_name: str | None = None,
+        spec: TaskSpec | None = None,
         prefix_cache_mb: float = 0.0,
         target: str = "gold",
     ) -> None:
+        """``spec`` says which metric and filter judge (the task's defaults when ``None``)."""
         self.lm, self.task = lm, task
         #: the task as it judges answers: against the gold answer, or a decoy (targets.py)
         self.judge = judged_by(task, target)
         self.output_type = task.get_config("output_type")
-        self.metric, self.filter_name = check_task(task, metric, filter_name)
+        spec = spec or TaskSpec(task.config.task)
+        self.metric, self.filter_name = check_task(task, spec.metric, spec.filter_name)
         self.higher_is_better = task.higher_is_better().get(self.metric, True)
         self.binary = self.metric.startswith(BINARY_PREFIXES)
+        self.identity = Chain.identity(lm.executor.n_layers)
+        #: the full model's score on each document scored so far: graded metrics' reference
+        self.references: dict[str, float] = {}
         cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
         self.options = RunOptions(
             shared_context=True, prefix_cache=cache, one_batch=True, share_calls=True
         )
 
-    def score(self, document: Document, chain: Chain, reference: float | None = None) -> Trial:
-        return self.score_many([Proposal(document, chain, reference)])[0]
+    def score(self, document: Document, chain: Chain) -> Trial:
+        return self.score_many([Proposal(document, chain)])[0]
 
     def score_many(self, proposals: Sequence[Proposal]) -> list[Trial]:
-        """Score every proposal (on distinct documents) in one pass over the model."""
+        """Score every proposal (on distinct documents) in one pass over the model; on a
+        graded metric, the full model first where a document has no reference yet."""
         documents = [p.document.doc_hash for p in proposals]
         if len(set(documents)) < len(documents):
             raise ValueError("one proposal per document at a time: they share its requests")
+        if not self.binary:
+            self._score_references([p.document for p in proposals if p.chain != self.identity])
         start = time.perf_counter()
         work, steps = self._respond(proposals)
         seconds = (time.perf_counter() - start) / len(proposals)
@@ -89,30 +122,30 @@ class Objective:
     def score_all(
         self, proposals: Sequence[Proposal], at_once: int = 16, desc: str | None = None
     ) -> list[Trial]:
-        """Score any proposals, passes of up to ``at_once`` distinct documents, a chain's
+        """Score any proposals, passes of up to ``at_once`` distinct documents: the full
+        model's first, in passes of their own (the reference), then the others with a chain's
         proposals kept together (a generation pass decodes once per distinct chain); trials
         come in the proposals' order. ``desc`` shows a progress bar."""
-        first: dict[Chain, int] = {}
-        for proposal in proposals:
-            first.setdefault(proposal.chain, len(first))
-        pending = sorted(range(len(proposals)), key=lambda i: first[proposals[i].chain])
         trials: list[Trial] = [None] * len(proposals)  # type: ignore[list-item]
+        first = [i for i, p in enumerate(proposals) if p.chain == self.identity]
+        later = [i for i, p in enumerate(proposals) if p.chain != self.identity]
         with tqdm(total=len(proposals), desc=desc, disable=desc is None or not proposals) as bar:
-            while pending:
-                chunk, documents, later = [], set(), []
-                for index in pending:
-                    document = proposals[index].document.doc_hash
-                    if len(chunk) < at_once and document not in documents:
-                        chunk.append(index)
-                        documents.add(document)
-                    else:
-                        later.append(index)
-                scored = self.score_many([proposals[i] for i in chunk])
-                for index, trial in zip(chunk, scored, strict=True):
-                    trials[index] = trial
-                bar.update(len(chunk))
-                pending = later
+            for indices in (first, later):
+                for chunk in _passes([proposals[i] for i in indices], at_once):
+                    scored = self.score_many([proposals[indices[i]] for i in chunk])
+                    for index, trial in zip(chunk, scored, strict=True):
+                        trials[indices[index]] = trial
+                    bar.update(len(chunk))
         return trials
+
+    def remember_reference(self, doc_hash: str, score: float) -> None:
+        """The full model's score on a document, measured before (a store's record)."""
+        self.references.setdefault(doc_hash, score)
+
+    def _score_references(self, documents: Sequence[Document]) -> None:
+        missing = {d.doc_hash: d for d in documents if d.doc_hash not in self.references}
+        if missing:
+            self.score_many([Proposal(d, self.identity) for d in missing.values()])
 
     def _respond(
         self, proposals: Sequence[Proposal]
@@ -144,16 +177,18 @@ class Objective:
 
     def _trial(self, proposal: Proposal, work: Work, steps: list[str], seconds: float) -> Trial:
         document = proposal.document
-        for ensemble in self.task._filters:
+        for ensemble in filters_of(self.task):
             ensemble.apply(document.instances)
         results = [i.filtered_resps[self.filter_name] for i in document.instances]
         metrics = self.judge.process_results(document.doc, results)
         answer = response(self.task, self.output_type, self.metric, document.doc, results)
         score = _as_score(metrics[self.metric], self.higher_is_better)
-        # Without a reference (the full model itself, scored first) a graded metric counts as
-        # correct; after that, a chain is correct when it does at least as well.
-        reference = proposal.reference
-        correct = score >= 1.0 if self.binary else reference is None or score >= reference
+        if proposal.chain == self.identity:
+            self.remember_reference(document.doc_hash, score)
+        # The full model is correct by definition on a graded metric; another chain when it
+        # does at least as well there.
+        reference = self.references.get(document.doc_hash)
+        correct = score >= 1.0 if self.binary else score >= reference
         return Trial(
             chain=proposal.chain,
             score=score,
@@ -177,6 +212,28 @@ class Objective:
         if types == {"generate_until"} and len(document.instances) == 1:
             return len(self.lm.tok_encode(document.instances[0].args[0]))
         return None
+
+
+def _passes(proposals: Sequence[Proposal], at_once: int) -> list[list[int]]:
+    """Indices of ``proposals`` in passes of up to ``at_once`` distinct documents, a chain's
+    proposals together, chains in order of first appearance."""
+    first: dict[Chain, int] = {}
+    for proposal in proposals:
+        first.setdefault(proposal.chain, len(first))
+    pending = sorted(range(len(proposals)), key=lambda i: first[proposals[i].chain])
+    passes = []
+    while pending:
+        chunk, documents, later = [], set(), []
+        for index in pending:
+            document = proposals[index].document.doc_hash
+            if len(chunk) < at_once and document not in documents:
+                chunk.append(index)
+                documents.add(document)
+            else:
+                later.append(index)
+        passes.append(chunk)
+        pending = later
+    return passes
 
 
 def response(task: Task, output_type: str, metric: str, doc: dict, results: list) -> str | None:

@@ -1,0 +1,57 @@
+"""Work done under chain prefixes, kept for chains that share them (a search's memory)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Protocol
+
+from lm_eval_cola.chain import Chain
+
+
+class Stored(Protocol):
+    """What the prefix cache holds: a layer output (a tensor) or a :class:`StepState`."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class PrefixCache:
+    """Work done on a row under chain prefixes, by (row content, chain prefix), least recently
+    used out.
+
+    Chains explored by a search share prefixes: a child differs from its parent from the edit
+    onwards. For the same row, the output of position ``p`` depends only on the chain's first
+    ``p + 1`` layers, so a row resumes from the deepest prefix found here. A packed scoring row
+    stores its output there; a generation's forward step stores a :class:`StepState`, which
+    also holds what every position wrote to the KV cache.
+    """
+
+    def __init__(self, max_mb: float) -> None:
+        self.max_bytes = int(max_mb * 2**20)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple[str, tuple[int, ...]], Stored] = OrderedDict()
+
+    def deepest(self, row: str, chain: Chain) -> tuple[int, Stored | None]:
+        """(positions already computed, what they left) for ``chain`` on ``row``."""
+        for length in range(len(chain), 0, -1):
+            output = self._entries.get((row, chain.layers[:length]))
+            if output is not None:
+                self._entries.move_to_end((row, chain.layers[:length]))
+                self.hits += 1
+                return length, output
+        self.misses += 1
+        return 0, None
+
+    def put(self, row: str, prefix: tuple[int, ...], value: Stored) -> None:
+        size = value.nbytes
+        if size > self.max_bytes or (row, prefix) in self._entries:
+            return
+        self._entries[(row, prefix)] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.nbytes
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,149 @@
+"""``cola report``: every oracle in the stores, with the controls that say what chance gives.
+
+One row per gold search run (a search rewarded by the gold answer): its data set and space,
+the full model, the oracle (some evaluated chain right), the same search rewarded by a decoy,
+and the unguided controls at the search's budget, each counted on the documents whose full
+model is wrong. The last column is *corrections above the lottery*: where the full model gives
+neither the gold nor the decoy answer, the gold search's share minus the decoy's, with a
+paired 95% interval (:mod:`lm_eval_cola.store.controls`). A row whose controls are missing says
+so (``-``) instead of standing alone: run ``cola search --target decoy`` and ``cola controls``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from lm_eval_cola.cli import add_command
+
+HELP = "every oracle in the stores beside its decoy, random and menu controls"
+EPILOG = """examples:
+  cola report --store results/controls.db
+  cola report --store results/controls.db --store results/qwen.db --output docs/controls.md
+"""
+#: The unguided controls, by method, in the order of the table's columns.
+CONTROL_METHODS = ("random-walk", "menu")
+
+
+@dataclass(frozen=True)
+class OracleRow:
+    """A gold run beside its controls: counts as (part, whole), ``None`` where a control was
+    not run."""
+
+    run: str
+    task: str
+    space: str
+    budget: int
+    #: the documents the run and its unguided controls all finished
+    documents: int
+    original_right: int
+    #: of the originally wrong documents, corrected within the budget: the search, then each
+    #: unguided control at the same number of chains
+    corrected: tuple[int, int]
+    controls: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: on the documents the run and its decoy run both finished: some chain gives the target
+    #: where the full model does not, for the gold answer and for the decoy
+    gold_reached: tuple[int, int] | None = None
+    decoy_reached: tuple[int, int] | None = None
+    above_lottery: str | None = None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(subparsers, "report", HELP, __doc__, EPILOG)
+    parser.add_argument(
+        "--store", action="append", required=True, help="SQLite path or URL (repeatable)"
+    )
+    parser.add_argument("--output", help="also write the table to this Markdown file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lm_eval_cola.errors import report
+    from lm_eval_cola.store.engine import StoreError
+    from lm_eval_cola.store.store import Store
+
+    rows: list[OracleRow] = []
+    try:
+        for url in args.store:
+            with Store(url, read_only=True) as store, store.session() as session:
+                rows += oracle_rows(session)
+    except StoreError as err:
+        return report("cola report", err)
+    table = markdown(rows)
+    print(table)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(table + "\n")
+    return 0
+
+
+def oracle_rows(session) -> list[OracleRow]:
+    """A row per gold search run of the store, oldest first."""
+    from sqlalchemy import select
+
+    from lm_eval_cola.store.controls import target_of
+    from lm_eval_cola.store.schema import Run
+
+    runs = session.scalars(select(Run).order_by(Run.id))
+    gold = [r for r in runs if target_of(r) == "gold" and not r.settings.get("control_of")]
+    return [_row(session, run) for run in gold if run.method not in CONTROL_METHODS]
+
+
+def _row(session, run) -> OracleRow:
+    from lm_eval_cola.store import controls as c
+    from lm_eval_cola.store import queries
+
+    found = c.controls(session, run.id)
+    unguided = c.controls_of(session, run)
+    documents = queries.common_documents(session, [run.id, *(r.id for r in unguided)])
+    per_document = queries.per_document(session, run.id, run.model.n_layers)
+    right = {row.document_id for row in per_document if row.original}
+    search, *others = found.at_k
+    k, lottery = run.budget - 1, found.decoy
+    return OracleRow(
+        run=run.name or str(run.id),
+        task=run.task.name,
+        space=run.space.get("mode", "both"),
+        budget=run.budget,
+        documents=len(documents),
+        original_right=len(right.intersection(documents)),
+        corrected=(search.corrected.get(k, 0), search.documents),
+        controls={a.method: (a.corrected[k], a.documents) for a in others if k in a.corrected},
+        gold_reached=None if lottery is None else (lottery.gold.reached, lottery.gold.documents),
+        decoy_reached=None if lottery is None else (lottery.decoy.reached, lottery.decoy.documents),
+        above_lottery=None if lottery is None else _lottery_text(lottery),
+    )
+
+
+def _lottery_text(lottery) -> str:
+    if lottery.above_lottery is None:
+        return "-"
+    low, high = lottery.interval
+    return (
+        f"{100 * lottery.above_lottery:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] "
+        f"on {lottery.neither}"
+    )
+
+
+def markdown(rows: list[OracleRow]) -> str:
+    """The table: one row per oracle, its controls beside it."""
+    from lm_eval_cola.store.cli import share_text
+
+    def cell(count: tuple[int, int] | None) -> str:
+        return "-" if count is None else share_text(*count)
+
+    header = [
+        "run", "data set", "space", "budget", "documents", "full model right",
+        "wrong -> right: search", *(f"{m} (same budget)" for m in CONTROL_METHODS),
+        "gold reached", "decoy reached", "corrections above the lottery [95% CI], on",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r.run, r.task, r.space, str(r.budget), str(r.documents),
+            share_text(r.original_right, r.documents), cell(r.corrected),
+            *(cell(r.controls.get(m)) for m in CONTROL_METHODS),
+            cell(r.gold_reached), cell(r.decoy_reached), r.above_lottery or "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
