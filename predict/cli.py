@@ -237,18 +237,20 @@ def _print_results(results) -> None:
           f"model depth {first.n_layers}")  # fmt: skip
     print(f"identity chain accuracy {first.identity_accuracy:.3f}; best static chain "
           f"{first.static_chain} accuracy {first.static_accuracy:.3f}")  # fmt: skip
-    oracle_k = f"oracle@{first.k}"
+    oracle_k, menu_k = f"oracle@{first.k}", f"menu@{first.k}"
     print(f"{'predictor':<10} {'accuracy':>8} {'vs identity [95% CI]':>27} {'McNemar p':>9} "
-          f"{'layers':>7} {'depth':>6} {'not identity':>12} {oracle_k:>9}")  # fmt: skip
+          f"{'layers':>7} {'depth':>6} {'not identity':>12} {oracle_k:>9} {menu_k:>7}")  # fmt: skip
     for r in results:
         interval = f"{r.delta:+.3f} [{r.delta_low:+.3f}, {r.delta_high:+.3f}]"
         oracle = "-" if r.oracle_at_k is None else f"{r.oracle_at_k:.3f}"
         print(f"{r.predictor:<10} {r.accuracy:>8.3f} {interval:>27} {r.mcnemar_p:>9.3f} "
               f"{r.layers_run:>7.2f} {r.depth:>6.1%} {r.differs_from_identity:>12.3f} "
-              f"{oracle:>9}")  # fmt: skip
+              f"{oracle:>9} {r.menu_at_k:>7.3f}")  # fmt: skip
     print(
         "layers: the chain's plus the predictor's feature layers, per document; oracle@k: "
-        "any of k predicted chains right (picked by the gold answer: not an accuracy)"
+        "any of k predicted chains right (picked by the gold answer: not an accuracy); "
+        "menu@k: the same for a fixed menu of the k training candidates right most often, "
+        "which a predictor's k chains must beat to adapt to the input"
     )
     if not any(r.delta_low > 0 for r in results):
         print("No predictor beats the identity chain on these documents (95% interval).")

@@ -68,6 +68,10 @@ class PredictorScore:
     #: any of the predictor's k best chains right: an oracle (the gold answer picks), not an
     #: accuracy; None for predictors that give one chain
     oracle_at_k: float | None
+    #: the same oracle over a fixed menu: the first k of the predictor's training candidates
+    #: (the identity, then the chains right on the most training documents), the same k
+    #: chains for every document; a predictor's k chains adapt to the input only if they beat it
+    menu_at_k: float = 0.0
 
 
 def check_fit(predictors: list[Predictor], loaded: ModelIdentity) -> None:
@@ -140,8 +144,9 @@ def evaluate(
             chains = predictor.chains_for(lm, prompt, states.get(predictor.info.spec), k)
             ranked[index].append(chains)
             own[index].append(predictor.own_layers(lm, prompt))
-    statics = {Chain.parse(p.info.static_chain) for p in predictors}
-    pairs = [(d, c) for d in documents for c in statics]
+    fixed = {Chain.parse(p.info.static_chain) for p in predictors}
+    fixed |= {chain for p in predictors for chain in menu(p, k)}
+    pairs = [(d, c) for d in documents for c in fixed]
     for per_document in ranked:
         pairs += [(d, c) for d, chains in zip(documents, per_document, strict=True) for c in chains]
     correct.fill(pairs)
@@ -149,6 +154,11 @@ def evaluate(
         _summary(predictor, task.config.task, documents, chains, _mean(cost), correct, k)
         for predictor, chains, cost in zip(predictors, ranked, own, strict=True)
     ]
+
+
+def menu(predictor: Predictor, k: int) -> list[Chain]:
+    """The fixed menu a predictor's top k is judged against (:attr:`PredictorScore.menu_at_k`)."""
+    return [Chain.parse(chain) for chain in predictor.info.candidates[:k]]
 
 
 def _summary(
@@ -192,6 +202,7 @@ def _summary(
         static_chain=str(static),
         k=k,
         oracle_at_k=_mean(any_right) if max(map(len, ranked), default=0) > 1 else None,
+        menu_at_k=_mean(any(correct(d, c) for c in menu(predictor, k)) for d in documents),
     )
 
 

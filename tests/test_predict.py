@@ -437,6 +437,9 @@ def test_oracle_at_k_is_reported_apart_and_measured(lm, task_dir, trained):
         ]
         first = [objective.score(d, top[0]).correct for d, top in zip(documents, tops, strict=True)]
         assert result.oracle_at_k == sum(oracle) / 8 >= result.accuracy == sum(first) / 8
+        fixed = [Chain.parse(c) for c in predictor.info.candidates[:3]]
+        menu = [any(objective.score(d, c).correct for c in fixed) for d in documents]
+        assert result.menu_at_k == sum(menu) / 8, "the same 3 chains for every document"
 
 
 def test_out_of_domain_tasks_are_judged_with_their_own_metric(lm, task_dir, trained):
