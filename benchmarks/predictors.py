@@ -222,8 +222,8 @@ def _table(n: int, results: dict[str, PredictorScore], seconds: float) -> list[s
         f"training set: {_statics(results)}.",
         "",
         "| predictor | accuracy | vs identity, points [paired 95% CI] | McNemar p | layers run "
-        f"| depth | not the identity | oracle@{first.k} (not an accuracy) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| depth | not the identity | oracle@{first.k} (not an accuracy) | menu@{first.k} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         oracle = "-" if r.oracle_at_k is None else f"{100 * r.oracle_at_k:.1f}%"
@@ -231,7 +231,7 @@ def _table(n: int, results: dict[str, PredictorScore], seconds: float) -> list[s
             f"| {name} | {100 * r.accuracy:.1f}% | {100 * r.delta:+.1f} "
             f"[{100 * r.delta_low:+.1f}, {100 * r.delta_high:+.1f}] | {r.mcnemar_p:.3f} | "
             f"{r.layers_run:.2f} | {100 * r.depth:.1f}% | {100 * r.differs_from_identity:.1f}% "
-            f"| {oracle} |"
+            f"| {oracle} | {100 * r.menu_at_k:.1f}% |"
         )
     return lines
 

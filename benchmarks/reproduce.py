@@ -252,8 +252,8 @@ class Reproduction:
             "",
             "| predictor | accuracy | vs identity, points [paired 95% CI] | McNemar p "
             "| chain layers | + feature layers | depth | not the identity "
-            f"| oracle@{first.k} (not an accuracy) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| oracle@{first.k} (not an accuracy) | menu@{first.k} |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         )
         for r in results:
             oracle = "-" if r.oracle_at_k is None else _pct(r.oracle_at_k)
@@ -261,7 +261,7 @@ class Reproduction:
                 f"| {r.predictor} | {_pct(r.accuracy)} | {100 * r.delta:+.1f} "
                 f"[{100 * r.delta_low:+.1f}, {100 * r.delta_high:+.1f}] | {r.mcnemar_p:.3f} | "
                 f"{r.mean_chain_length:.2f} | {r.feature_layers} | {_pct(r.depth)} | "
-                f"{_pct(r.differs_from_identity)} | {oracle} |"
+                f"{_pct(r.differs_from_identity)} | {oracle} | {_pct(r.menu_at_k)} |"
             )
         if not any(r.delta_low > 0 for r in results):
             self.add("", "No predictor beats the identity chain on these documents (95% interval).")
