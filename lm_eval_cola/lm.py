@@ -451,10 +451,8 @@ class ColaLM(HFLM):
         """What the block spends, shared among the documents of its requests (a share per
         request), and the decoding steps it runs, noted for each of them."""
         steps = _DISPATCH.get().steps
-        before, first_step = (
-            dataclasses.replace(self.executor.work),
-            len(steps.keys if steps else ()),
-        )
+        before = dataclasses.replace(self.executor.work)
+        first_step = len(steps.keys) if steps else 0
         yield
         _share(self.executor.work - before, documents, result.work)
         if steps is None:

@@ -90,14 +90,9 @@ def oracle_rows(session) -> list[OracleRow]:
 
 
 def _row(session, run) -> OracleRow:
-    from lm_eval_cola.store import controls as c
-    from lm_eval_cola.store import queries
+    from lm_eval_cola.store.controls import controls
 
-    found = c.controls(session, run.id)
-    unguided = c.controls_of(session, run)
-    documents = queries.common_documents(session, [run.id, *(r.id for r in unguided)])
-    per_document = queries.per_document(session, run.id, run.model.n_layers)
-    right = {row.document_id for row in per_document if row.original}
+    found = controls(session, run.id)
     search, *others = found.at_k
     k, lottery = run.budget - 1, found.decoy
     return OracleRow(
@@ -105,8 +100,10 @@ def _row(session, run) -> OracleRow:
         task=run.task.name,
         space=run.space.get("mode", "both"),
         budget=run.budget,
-        documents=len(documents),
-        original_right=len(right.intersection(documents)),
+        documents=found.documents,
+        # every search evaluates the full model first: the documents it got right are those
+        # that are not among the search's originally wrong ones
+        original_right=found.documents - search.documents,
         corrected=(search.corrected.get(k, 0), search.documents),
         controls={a.method: (a.corrected[k], a.documents) for a in others if k in a.corrected},
         gold_reached=None if lottery is None else (lottery.gold.reached, lottery.gold.documents),

@@ -267,10 +267,12 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert output.read_text().strip().splitlines() == table
     with Store(path, read_only=True) as store, store.session() as session:
         found = controls.controls(session, gold)
+        right = sum(bool(row.original) for row in queries.per_document(session, gold, 4))
     (search_k, random_k), lottery = found.at_k, found.decoy
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
     assert set(rows) == {"mc-gold", "no-controls"}, "decoy and control runs are no rows"
     cells = rows["mc-gold"]
+    assert cells[5] == share_text(right, found.documents), "all the gold run's documents"
     assert cells[6] == share_text(search_k.corrected[5], search_k.documents)
     assert cells[7] == share_text(random_k.corrected[5], random_k.documents)
     assert cells[8] == "-", "no menu was run"
