@@ -57,9 +57,15 @@ def main() -> int:
         attend = functools.partial(attention, args=args, fused=fused)
         report(name, *compare_places(attend, args.rows))
     report("whole model, prompt rows (no cache)", *compare_places(model_rows(), args.rows))
-    print("rows a call from which a row's bits no longer change (against 128 rows):")
+    print("rows a call from which its first row's bits no longer change (against 128 rows):")
     for name, op, width in operations()[:4]:
         print(f"  {name:34s} {stable_from(op, width)}")
+    name, op, width = operations()[1]
+    print(f"places of a call of m rows whose bits differ from a call of 64 ({name}):")
+    for rows, places in tile_tails(op, width).items():
+        print(f"  m = {rows:2d}: {', '.join(map(str, places)) or 'none'}")
+    print("attention over the same keys padded further (eager, masked): same bits?")
+    print("  " + ", ".join(f"+{pad}: {word(same)}" for pad, same in padded_keys(args).items()))
     return 0
 
 
@@ -171,9 +177,42 @@ def stable_from(op, width: int, most: int = 128) -> int:
     return stable
 
 
+def tile_tails(op, width: int, most: int = 16) -> dict[int, list[int]]:
+    """For calls of 1 to ``most`` rows, the places whose bits differ from a call of 64: the
+    kernel works in tiles of rows, and a partial last tile takes another path."""
+    reference = per_row(op, width, 64, 0)
+    return {
+        rows: [at for at in range(rows) if not torch.equal(per_row(op, width, rows, at), reference)]
+        for rows in range(1, most + 1)
+    }
+
+
+def padded_keys(args: argparse.Namespace) -> dict[int, bool]:
+    """A query over its ``kv_length`` keys, against the same keys padded by more (masked)."""
+    length = args.kv_length
+    query = the_row(1, HEADS, 1, HEAD_DIM)
+    keys, values = the_row(2, 1, KV_HEADS, length, HEAD_DIM).unbind(0)
+
+    def attend(pad: int) -> torch.Tensor:
+        shape = (1, KV_HEADS, length + pad, HEAD_DIM)
+        k, v = torch.zeros(shape), torch.zeros(shape)
+        k[:, :, :length], v[:, :, :length] = keys, values
+        k, v = (t.repeat_interleave(HEADS // KV_HEADS, 1) for t in (k, v))
+        mask = torch.zeros(1, 1, 1, length + pad)
+        mask[..., length:] = torch.finfo(torch.float32).min
+        scores = query @ k.transpose(-1, -2) / HEAD_DIM**0.5 + mask
+        return torch.softmax(scores, -1) @ v
+
+    reference = attend(0)
+    return {pad: torch.equal(reference, attend(pad)) for pad in (1, 3, 8, 26, 90)}
+
+
+def word(same: bool) -> str:
+    return "same" if same else "DIFFERENT"
+
+
 def report(name: str, company: bool, places: bool, alone: bool) -> None:
-    word = {True: "same", False: "DIFFERENT"}
-    print(f"{name:36s} {word[company]:>14s} {word[places]:>13s} {word[alone]:>10s}")
+    print(f"{name:36s} {word(company):>14s} {word(places):>13s} {word(alone):>10s}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,17 @@
    prefix computed once per document (prefix cache), one document at a time;
 3. new with ``--parallel_docs`` documents per forward pass.
 
+On a generation task all three decode batch-invariantly (the search's default: every path
+stores the same tokens), and a fourth run, **hf decoding**, searches as the release before
+did (``--decoding hf``: HF's ``generate`` a chain at a time, prefix cache, ``--parallel_docs``),
+for documents per minute against it and how often its answers agree.
+
 The script checks that all three store the same chains with the same correctness and scores
-(within 1e-5), then prints token-layer applications (token positions x layers, padding
-included) against naive and against the physical limit (each distinct chain prefix once over
-each document's distinct token positions), wall time, forward passes per 100 evaluations and
-peak memory, with the issue's targets. It exits with status 1 when a check fails.
+(within 1e-5) and, for generation, the same answers, then prints token-layer applications
+(token positions x layers, padding included) against naive and against the physical limit
+(each distinct chain prefix once over each document's distinct token positions), wall time,
+forward passes per 100 evaluations and peak memory, with the issue's targets. It exits with
+status 1 when a check fails.
 
 Example (after ``cola data import --tasks arc_easy``):
 
@@ -64,7 +70,7 @@ def parse_args() -> argparse.Namespace:
 class Measured:
     seconds: float
     work: Work
-    rows: list[tuple]  #: (document, chain, correct, score) per evaluation
+    rows: list[tuple]  #: (document, chain, correct, score, response) per evaluation
     limit: int | None  #: the physical limit of these searches
 
     @property
@@ -72,10 +78,10 @@ class Measured:
         return len(self.rows)
 
 
-def measured_search(lm, task, args, folder: str, name: str, **how) -> Measured:
+def measured_search(lm, task, args, folder: str, name: str, decoding=None, **how) -> Measured:
     """Search the documents into a new store and read back what it recorded."""
     shared = how.pop("shared_context", True)
-    settings = SearchSettings(method="mcts", budget=args.budget, limit=args.limit)
+    settings = SearchSettings("mcts", args.budget, limit=args.limit, decoding=decoding)
     with Store(os.path.join(folder, f"{name}.db")) as store:
         run = SearchRun(lm, task, store, settings, **how)
         run.objective.options = dataclasses.replace(run.objective.options, shared_context=shared)
@@ -85,7 +91,7 @@ def measured_search(lm, task, args, folder: str, name: str, **how) -> Measured:
         with store.session() as session:
             found = session.execute(
                 select(Evaluation.document_id, Evaluation.chain, Evaluation.correct,
-                       Evaluation.score).where(Evaluation.run_id == run_id)
+                       Evaluation.score, Evaluation.response).where(Evaluation.run_id == run_id)
             )  # fmt: skip
             limit = session.scalar(
                 select(func.sum(RunDocument.token_layer_limit)).where(RunDocument.run_id == run_id)
@@ -96,8 +102,9 @@ def measured_search(lm, task, args, folder: str, name: str, **how) -> Measured:
 
 
 def same_searches(a: Measured, b: Measured) -> bool:
-    """The same chains on the same documents, the same correctness, scores within 1e-5."""
-    if [row[:3] for row in a.rows] != [row[:3] for row in b.rows]:
+    """The same chains on the same documents, the same correctness and answers, scores within
+    1e-5."""
+    if [row[:3] + row[4:] for row in a.rows] != [row[:3] + row[4:] for row in b.rows]:
         return False
     return all(abs(x[3] - y[3]) <= TOLERANCE for x, y in zip(a.rows, b.rows, strict=True))
 
@@ -116,6 +123,11 @@ def main() -> int:
             lm, task, args, folder, f"new, {args.parallel_docs} documents at a time",
             prefix_cache_mb=cache, parallel_docs=args.parallel_docs,
         )  # fmt: skip
+        if task.get_config("output_type") == "generate_until" and not args.skip_naive:
+            runs["hf"] = measured_search(
+                lm, task, args, folder, "hf decoding", decoding="hf",
+                prefix_cache_mb=cache, parallel_docs=args.parallel_docs,
+            )  # fmt: skip
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     new, parallel = runs["new"], runs["parallel"]
     checks = {"parallel documents search exactly as one at a time": same_searches(new, parallel)}
@@ -144,6 +156,14 @@ def main() -> int:
     per_minute = [60 * args.limit / r.seconds for r in (new, parallel)]
     print(f"  documents searched per minute            {per_minute[0]:.1f} one at a time, "
           f"{per_minute[1]:.1f} with {args.parallel_docs}")  # fmt: skip
+    if "hf" in runs:
+        before = runs["hf"]
+        speedup = before.seconds / parallel.seconds
+        print(f"  documents per minute  parallel / hf decoding  {speedup:.2f}  (target >= 3)")
+        found = {row[:3] + row[4:] for row in before.rows}
+        agree = sum(row[:3] + row[4:] in found for row in new.rows)
+        print(f"  hf decoding: {before.seconds:.1f} s; evaluations it shares with the new path "
+              f"(chain, correctness, answer): {agree}/{len(new.rows)}")  # fmt: skip
     print(f"  peak memory                              {peak_gb:.2f} GB")
     for check, passed in checks.items():
         print(f"  {'PASS' if passed else 'FAIL'}: {check}")

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.errors import one_line
 from lm_eval_cola.executor import ChainExecutor, PrefixCache, Work
+from lm_eval_cola.executor.decoding import ROWS_PER_STEP, BatchedDecoding, Generation
 from lm_eval_cola.fingerprint import (
     ModelIdentity,
     identify,
@@ -77,6 +78,8 @@ class RunOptions:
     a fresh run. ``one_batch``:
     all requests in one forward pass (per chain group where chains cannot mix), so a
     document sees the same batch whatever else runs: the search's documents in parallel.
+    ``batch_invariant``: generation requests of every chain decode together, each row's
+    tokens those it would get alone (with a prefix cache, resumed as above).
     ``share_calls``: packed rows share layer and LM-head calls, which reads each layer's
     weights once for all of them (faster, the search's way), but rounds each row's numbers as
     part of a larger product; off, each row is computed as if alone, bit for bit, whatever else
@@ -87,6 +90,8 @@ class RunOptions:
     prefix_cache: PrefixCache | None = None
     one_batch: bool = False
     share_calls: bool = False
+    #: generation decodes in mixed-chain, batch-invariant batches (:mod:`..executor.decoding`)
+    batch_invariant: bool = False
 
 
 @dataclass
@@ -118,6 +123,19 @@ class _Dispatch:
     batch_size: int | None = None
     world_size: int | None = None
     steps: _GenerationSteps | None = None
+    decoding: _MixedDecoding | None = None
+
+
+@dataclass
+class _MixedDecoding:
+    """Generation requests decoding together (``batch_invariant``): each prompt's chain and
+    documents, the prompts of the batch HFLM is generating, and the work of each document."""
+
+    chains: dict[str, Chain]
+    documents: dict[str, list[Hashable]]
+    cache: PrefixCache | None
+    result: RunResult
+    batch: tuple[str, ...] = ()
 
 
 #: The dispatch in force (a frozen value: safe as the default)
@@ -161,8 +179,10 @@ class ColaLM(HFLM):
     Model args added to HFLM's: ``chain`` (one chain, e.g. ``0-11.11-29``), ``chains`` (a
     per-document source, e.g. ``chains.jsonl``), ``strict_chains`` (a document missing from
     the source is an error instead of running ``chain``, or the full model), and
-    ``max_chain_length`` (default: 4 x the model's depth), and ``shared_context`` (a
-    document's loglikelihood requests as one packed row; default: on with ``chains``). Without
+    ``max_chain_length`` (default: 4 x the model's depth), ``shared_context`` (a
+    document's loglikelihood requests as one packed row; default: on with ``chains``), and
+    ``batch_invariant`` (generation decodes greedily in mixed-chain batches, as searches do;
+    default: the mode a ``chains=store:`` source was searched in, else off). Without
     ``pretrained`` the embedded SmolLM2-135M-Instruct is used.
     """
 
@@ -174,6 +194,7 @@ class ColaLM(HFLM):
         strict_chains: bool = False,
         max_chain_length: int | None = None,
         shared_context: bool | None = None,
+        batch_invariant: bool | None = None,
         **kwargs,
     ) -> None:
         check_names(kwargs)
@@ -198,6 +219,7 @@ class ColaLM(HFLM):
         self.identity = identify(self.model, name, kwargs.get("revision"), self.executor.n_layers)
         if self.source is not None:
             self.source.bind(self.identity)
+        self.batch_invariant = decoding_mode(batch_invariant, self.source)
         self._validate_chains(self.executor.n_layers)
 
     def _validate_chains(self, n_layers: int) -> None:
@@ -217,7 +239,9 @@ class ColaLM(HFLM):
 
     def _run(self, request_type: str, requests: list[Instance], disable_tqdm: bool) -> list:
         chains, documents = self._chains_for(requests)
-        options = RunOptions(shared_context=self.shared_context)
+        options = RunOptions(
+            shared_context=self.shared_context, batch_invariant=self.batch_invariant
+        )
         result = self.run_requests(request_type, requests, chains, options, documents, disable_tqdm)
         return result.outputs
 
@@ -242,6 +266,8 @@ class ColaLM(HFLM):
         if request_type == "loglikelihood" and options.shared_context:
             documents = document_keys(requests) if documents is None else documents
             return self._packed_loglikelihood(requests, chains, documents, options, disable_tqdm)
+        if request_type == "generate_until" and options.batch_invariant:
+            return self._decoded_together(requests, chains, documents, options, disable_tqdm)
         steps = None
         if request_type == "generate_until" and options.prefix_cache is not None:
             steps = _GenerationSteps(options.prefix_cache)
@@ -460,12 +486,100 @@ class ColaLM(HFLM):
         for document in set(documents or ()):
             result.decode_steps.setdefault(document, []).extend(steps.keys[first_step:])
 
+    def _decoded_together(
+        self,
+        requests: Sequence[Instance],
+        chains: Sequence[Chain | None],
+        documents: Sequence[Hashable] | None,
+        options: RunOptions,
+        disable_tqdm: bool,
+    ) -> RunResult:
+        """Generation requests of every chain through one call of HFLM's ``generate_until``
+        per wave (a wave holds each prompt under one chain), its decoding done by
+        :class:`BatchedDecoding` (:meth:`_model_generate`)."""
+        refuse_sampling(requests)
+        identity = Chain.identity(self.executor.n_layers)
+        result = RunResult([None] * len(requests), {doc: Work() for doc in documents or ()})
+        for wave in _waves(requests, chains):
+            decoding = _MixedDecoding({}, {}, options.prefix_cache, result)
+            for index in wave:
+                context = requests[index].args[0]
+                decoding.chains[context] = chains[index] or identity
+                owner = documents[index] if documents is not None else None
+                decoding.documents.setdefault(context, []).append(owner)
+            with _dispatching(decoding=decoding, batch_size=len(wave), world_size=1):
+                found = super().generate_until([requests[i] for i in wave], disable_tqdm)
+            for index, output in zip(wave, found, strict=True):
+                result.outputs[index] = output
+        return result
+
+    def tok_batch_encode(self, strings: list[str], *args, **kwargs):
+        """HFLM's; generation requests decoding together note which prompts the batch holds
+        (HFLM generates the batch it has just encoded)."""
+        decoding = _DISPATCH.get().decoding
+        if decoding is not None:
+            decoding.batch = tuple(strings)
+        return super().tok_batch_encode(strings, *args, **kwargs)
+
+    def _decode_batch(
+        self, decoding: _MixedDecoding, context: torch.Tensor, mask: torch.Tensor | None,
+        max_length: int, stop: list[str],
+    ) -> torch.Tensor:  # fmt: skip
+        """HFLM's batch of prompts (left-padded), each decoded under its own chain; returned
+        as ``generate`` returns it: prompts, then the tokens, padded."""
+        width = context.shape[1]
+        generations, owners = [], []
+        for row, text in enumerate(decoding.batch):
+            prompt = context[row] if mask is None else context[row][mask[row].bool()]
+            generations.append(
+                Generation(prompt.tolist(), decoding.chains[text], max_length - width)
+            )
+            owners.append(decoding.documents[text].pop(0))
+        with tqdm(
+            total=len(generations), desc="Decoding", disable=self.rank != 0 or len(generations) < 64
+        ) as bar:
+            BatchedDecoding(
+                self.executor, self._stops(stop), decoding.cache, self._rows_per_step()
+            ).run(generations, lambda _: bar.update())
+        longest = max(len(g.tokens) for g in generations)
+        output = torch.full((len(generations), width + longest), self.tokenizer.pad_token_id)
+        output[:, :width] = context
+        for row, (generation, owner) in enumerate(zip(generations, owners, strict=True)):
+            output[row, width : width + len(generation.tokens)] = torch.tensor(generation.tokens)
+            if owner is not None:
+                decoding.result.work[owner] = decoding.result.work[owner] + generation.work
+                decoding.result.decode_steps.setdefault(owner, []).extend(generation.step_keys)
+        return output
+
+    def _stops(self, stop: list[str]) -> Callable[[Generation], bool]:
+        """Whether a generation is done: its last token is an EOS of the model's generation
+        config, or its text holds a stop sequence (as lm-eval's stopping criteria read it)."""
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+
+        def finished(generation: Generation) -> bool:
+            if generation.tokens[-1] in eos:
+                return True
+            text = self.tok_decode(generation.tokens, skip_special_tokens=False)
+            return any(sequence in text for sequence in stop)
+
+        return finished
+
+    def _rows_per_step(self) -> int:
+        """Generations decoded together: the batch size when it is a number above the default."""
+        size = super().batch_size
+        return max(int(size), ROWS_PER_STEP) if str(size).isdigit() else ROWS_PER_STEP
+
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         """HFLM's generation; with a prefix cache (dispatched by :meth:`run_requests`) under a
         chain, each forward step (the prompt's prefill, then each decoding step) resumes from
         the deepest prefix of the chain computed on the same tokens
         (:meth:`ChainExecutor.reuse_generation`), and the result is that of a fresh run."""
-        steps = _DISPATCH.get().steps
+        dispatch = _DISPATCH.get()
+        if dispatch.decoding is not None:
+            mask = generation_kwargs.get("attention_mask")
+            return self._decode_batch(dispatch.decoding, context, mask, max_length, stop)
+        steps = dispatch.steps
         if steps is None or self.executor.chain is None:
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         key = _prompt_key(context, generation_kwargs.get("attention_mask"))
@@ -605,6 +719,50 @@ def load(model_args: str = "", device: str | None = None) -> ColaLM:
         return ColaLM.create_from_arg_obj(parse(model_args), {"device": device, "batch_size": 1})
     except OSError as err:  # weights or tokenizer files that cannot be read
         raise ModelArgsError(f"the model cannot be loaded: {one_line(err)}") from err
+
+
+def decoding_mode(batch_invariant: bool | None, source) -> bool:
+    """``batch_invariant`` as given, else the mode the chain source's chains were searched in
+    (a stored oracle re-evaluates as it was found); a contradiction is refused."""
+    searched = getattr(source, "batch_invariant", None)
+    if batch_invariant is None:
+        return bool(searched)
+    if searched is not None and bool(batch_invariant) != searched:
+        mode = "batch-invariant" if searched else "HF's own"
+        raise ModelArgsError(
+            f"batch_invariant={batch_invariant}: the chains of {source} were searched with "
+            f"{mode} decoding and re-evaluate only that way; drop batch_invariant"
+        )
+    return bool(batch_invariant)
+
+
+def refuse_sampling(requests: Sequence[Instance]) -> None:
+    """Batch-invariant decoding is greedy: a request that samples is refused before any compute."""
+    for request in requests:
+        kwargs = request.args[1] if len(request.args) > 1 else {}
+        sampled = (
+            float(kwargs.get("temperature") or 0.0) > 0 and kwargs.get("do_sample") is not False
+        )
+        if kwargs.get("do_sample") or sampled:
+            raise ModelArgsError(
+                f"task {request.task_name}: its generation samples ({kwargs}), and "
+                "batch_invariant decodes greedily; drop batch_invariant for sampled tasks"
+            )
+
+
+def _waves(requests: Sequence[Instance], chains: Sequence[Chain | None]) -> list[list[int]]:
+    """Request indices in waves within which a prompt has one chain (HFLM's batch names
+    its rows by prompt), in request order."""
+    waves: list[tuple[dict[str, Chain | None], list[int]]] = []
+    for index, (request, chain) in enumerate(zip(requests, chains, strict=True)):
+        context = request.args[0]
+        wave = next((w for w in waves if w[0].get(context, chain) == chain), None)
+        if wave is None:
+            wave = ({}, [])
+            waves.append(wave)
+        wave[0][context] = chain
+        wave[1].append(index)
+    return [indices for _, indices in waves]
 
 
 def _prompt_key(context: torch.Tensor, attention_mask: torch.Tensor | None) -> str:

@@ -21,7 +21,14 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.errors import ColaError
 
 #: What ``--model cola`` adds to HFLM's arguments.
-COLA_ARGS = ("chain", "chains", "strict_chains", "max_chain_length", "shared_context")
+COLA_ARGS = (
+    "chain",
+    "chains",
+    "strict_chains",
+    "max_chain_length",
+    "shared_context",
+    "batch_invariant",
+)
 
 
 class ModelArgsError(ColaError, ValueError):

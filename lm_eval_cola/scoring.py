@@ -82,8 +82,10 @@ class Objective:
         spec: TaskSpec | None = None,
         prefix_cache_mb: float = 0.0,
         target: str = "gold",
+        batch_invariant: bool = False,
     ) -> None:
-        """``spec`` says which metric and filter judge (the task's defaults when ``None``)."""
+        """``spec`` says which metric and filter judge (the task's defaults when ``None``);
+        ``batch_invariant``: generations decode in mixed-chain batches (a search's mode)."""
         self.lm, self.task = lm, task
         #: the task as it judges answers: against the gold answer, or a decoy (targets.py)
         self.judge = judged_by(task, target)
@@ -97,7 +99,11 @@ class Objective:
         self.references: dict[str, float] = {}
         cache = PrefixCache(prefix_cache_mb) if prefix_cache_mb > 0 else None
         self.options = RunOptions(
-            shared_context=True, prefix_cache=cache, one_batch=True, share_calls=True
+            shared_context=True,
+            prefix_cache=cache,
+            one_batch=True,
+            share_calls=True,
+            batch_invariant=batch_invariant,
         )
 
     def score(self, document: Document, chain: Chain) -> Trial:

@@ -86,7 +86,8 @@ def build_training_set(
             f"{info.run_ids} searched it (prompt, data or metric changed); search it again"
         )
     documents, candidates, scores, correct = _score_table(store, info, task, n_candidates)
-    objective = Objective(lm, task, info.spec)
+    invariant = info.settings.get("decoding") == "batch_invariant"
+    objective = Objective(lm, task, info.spec, batch_invariant=invariant)
     if prune_to is not None:
         effects = skip_effects(store, info.run_ids, lm.executor.n_layers)
         path = prune(objective, documents[:PRUNING_DOCUMENTS], effects, prune_to)
@@ -230,6 +231,11 @@ def _check_runs(store: Store, runs: list[int | str], loaded: ModelIdentity) -> _
             raise TrainingDataError(
                 f"runs {[r.id for r in found]} searched different tasks or task configurations; "
                 "train one predictor per task"
+            )
+        if len({r.settings.get("decoding") for r in found}) > 1:
+            raise TrainingDataError(
+                f"runs {[r.id for r in found]} decoded their generations in different modes "
+                "(--decoding); train on runs of one mode"
             )
         for run in found:
             model, option = session.get(Model, run.model_id), f"--store {store.url}"

@@ -62,11 +62,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "a lottery over answers gives (default: gold)",
     )
     search.add_argument(
+        "--decoding",
+        choices=("batch_invariant", "hf"),
+        help="generation tasks: batch_invariant decodes the chains of all documents in flight "
+        "together, each generation's tokens those it gets alone (default for new runs); hf "
+        "decodes a chain at a time with HF's generate, as runs searched before this option did "
+        "(resume those with --decoding hf)",
+    )
+    search.add_argument(
         "--parallel_docs",
         type=int,
         default=16,
-        help="documents searched at once, their chains in one forward pass (generation: "
-        "documents whose chains are equal) (default: 16)",
+        help="documents searched at once, their chains in one forward pass (generation with "
+        "--decoding hf: documents whose chains are equal) (default: 16)",
     )
     search.add_argument(
         "--prefix_cache_mb",
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             method_options=_parse_pairs(args.method_args),
             limit=args.limit,
             target=args.target,
+            decoding=args.decoding,
         )
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")

@@ -274,7 +274,8 @@ def _objective(lm: ChainLM, task, gold: GoldRun, args: argparse.Namespace):
     """The gold run's objective: its task, metric and filter, rewarded by the gold answer."""
     from lm_eval_cola.scoring import Objective
 
-    return Objective(lm, task, gold.spec, args.prefix_cache_mb)
+    invariant = gold.settings.get("decoding") == "batch_invariant"
+    return Objective(lm, task, gold.spec, args.prefix_cache_mb, batch_invariant=invariant)
 
 
 def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
@@ -364,7 +365,7 @@ class Survival:
 
 def control_settings(gold: GoldRun, method: str, options: dict, k: int, limit: int):
     """The gold run's settings with ``method`` choosing the chains: the full model and ``k``
-    chains per document, on the first ``limit`` documents."""
+    chains per document, on the first ``limit`` documents, decoded as the gold run decoded."""
     from lm_eval_cola.search.runner import SearchSettings
 
     space = {key: value for key, value in gold.space.items() if key != "n_layers"}
@@ -377,6 +378,7 @@ def control_settings(gold: GoldRun, method: str, options: dict, k: int, limit: i
         task=gold.spec,
         limit=limit,
         control_of=gold.name,
+        decoding=gold.settings.get("decoding") or "hf",
     )
 
 

@@ -50,6 +50,8 @@ from lm_eval_cola.tasks import (
 )
 
 logger = logging.getLogger("lm_eval.cola")
+#: How a search's generations decode (:attr:`SearchSettings.decoding`).
+DECODINGS = ("batch_invariant", "hf")
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,18 @@ class SearchSettings:
     target: str = "gold"
     #: the gold run an unguided baseline run is a control of (``cola controls``)
     control_of: str | None = None
+    #: how generation decodes: ``batch_invariant`` (mixed-chain batches, the default for new
+    #: runs) or ``hf`` (HF's own ``generate`` a chain at a time, as runs before it did); the
+    #: mode only matters to generation tasks, and only they record it
+    decoding: str | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"--target {self.target}: choose one of {', '.join(TARGETS)}")
         if self.budget < 1:
             raise ValueError(f"budget {self.budget}: a search needs at least 1 evaluation")
+        if self.decoding not in (None, *DECODINGS):
+            raise ValueError(f"--decoding {self.decoding}: choose one of {', '.join(DECODINGS)}")
         method = searcher_class(self.method)  # an unknown method fails here, before any compute
         try:  # and so do options it does not take
             method(ChainSpace(2), 1, 0, **self.method_options)
@@ -176,7 +184,11 @@ class SearchRun:
         if self.spec.name != task.config.task:
             raise ValueError(f"settings of task '{self.spec.name}' for task '{task.config.task}'")
         self.space = ChainSpace(lm.executor.n_layers, **settings.space)
-        self.objective = Objective(lm, task, self.spec, prefix_cache_mb, settings.target)
+        self.decoding = decoding_of(task, settings.decoding)
+        self.objective = Objective(
+            lm, task, self.spec, prefix_cache_mb, settings.target,
+            batch_invariant=self.decoding == "batch_invariant",
+        )  # fmt: skip
         self.documents = task_documents(task, settings.limit)
         if settings.target == "decoy":
             check_decoys(task, self.documents)
@@ -199,6 +211,7 @@ class SearchRun:
         """Search this shard's documents that the run has not finished; returns the run id."""
         index, count = shard
         self._warn_of_sampled_runs()
+        self._refuse_other_decoding()
         model_id = self.store.model(self.lm.identity)
         task_id = self.store.task(self.task_info())
         ids = self.store.documents(task_id, [_document_info(d) for d in self.documents])
@@ -235,6 +248,16 @@ class SearchRun:
                 self.store, stale, self.lm.identity.name,
                 reregister_hint(f"--store {self.store.url}"),
             )  # fmt: skip
+
+    def _refuse_other_decoding(self) -> None:
+        """A run grows only in the decoding mode it was searched in (its answers depend on it)."""
+        settings = self.store.run_settings(self.run_name)
+        if settings is not None and settings.get("decoding") != self.decoding:
+            stored = settings.get("decoding") or "hf"
+            raise ValueError(
+                f"run '{self.run_name}' in {self.store} was searched with --decoding {stored}; "
+                f"resume it with --decoding {stored}, or give this search another --run_name"
+            )
 
     def searches(
         self, documents: list[Document], scored: Callable[[int], None] = lambda n: None
@@ -290,10 +313,12 @@ class SearchRun:
     def _named_settings(self) -> dict[str, Any]:
         """What names the run: every setting but the limit (a larger one grows the run), the
         task's by their fields (its name and split name the task), and not the defaults that
-        runs searched before them did not record (a gold target, no control)."""
+        runs searched before them did not record (a gold target, no control, HF's decoding or
+        none: a task that does not generate)."""
         settings = {**asdict(self.settings), **self.spec.settings()}
         del settings["limit"], settings["task"]
-        for name, default in (("target", "gold"), ("control_of", None)):
+        settings["decoding"] = self.decoding
+        for name, default in (("target", "gold"), ("control_of", None), ("decoding", None)):
             if settings[name] == default:
                 del settings[name]
         return settings
@@ -309,6 +334,16 @@ class SearchRun:
             settings={k: v for k, v in settings.items() if k not in ("method", "budget", "seed")},
             name=self.run_name,
         )
+
+
+def decoding_of(task, asked: str | None) -> str | None:
+    """How a search of ``task`` decodes: as asked, batch-invariant by default; ``None`` for a
+    task that generates nothing. HF's decoding is recorded as ``None`` too, as every run
+    before the option recorded it (so those runs keep their names and resume)."""
+    if task.get_config("output_type") != "generate_until":
+        return None
+    decoding = asked or "batch_invariant"
+    return None if decoding == "hf" else decoding
 
 
 def prefixes(chain: Chain) -> list[tuple[int, ...]]:

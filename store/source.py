@@ -53,6 +53,8 @@ class StoreChains(ChainSource):
             raise ChainSourceError(str(err)) from None
         self._chains: dict[tuple[str, str], Chain] = {}
         self._fingerprint = ""
+        #: whether its runs' generations decoded batch-invariantly (``None``: none generates)
+        self.batch_invariant: bool | None = None
 
     def _named_runs(self, spec: str | None) -> list[Run]:
         """The runs named by ``run=``, all of which must exist (checked before the model loads)."""
@@ -86,6 +88,7 @@ class StoreChains(ChainSource):
                     f"{self.store} has no run of this model ({model.name}, fingerprint "
                     f"{model.fingerprint[:17]}); search it first, or load the model it holds" + hint
                 )
+            self.batch_invariant = _decoding([session.get(Run, run_id) for run_id in run_ids])
             picks = queries.pick(session, run_ids, self.policy)
         self._chains = {(p.task, p.doc_hash): Chain.parse(p.chain) for p in picks}
         self._fingerprint = hashlib.sha256(
@@ -117,6 +120,23 @@ class StoreChains(ChainSource):
 
     def __str__(self) -> str:
         return str(self.store)
+
+
+def _decoding(runs: list[Run]) -> bool | None:
+    """How the runs' generations decoded: batch-invariantly or not (``None``: no run of a
+    generation task); runs of both modes cannot be re-evaluated together."""
+    modes = {
+        run.settings.get("decoding") == "batch_invariant"
+        for run in runs
+        if run.task.output_type == "generate_until"
+    }
+    if len(modes) > 1:
+        names = ", ".join(str(run.id) for run in runs)
+        raise ChainSourceError(
+            f"runs {names} decoded their generations in different modes (--decoding); "
+            "name runs of one mode with run=..."
+        )
+    return modes.pop() if modes else None
 
 
 def _parse_options(options: list[str]) -> dict[str, str]:

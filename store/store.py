@@ -231,6 +231,11 @@ class Store:
         self.finish_run(run_id)
         return True
 
+    def run_settings(self, name: str) -> dict | None:
+        """The settings of the run of this name, ``None`` when there is none."""
+        with self.session() as session:
+            return session.scalar(select(Run.settings).where(Run.name == name))
+
     def finished_documents(self, run_id: int) -> set[int]:
         with self.session() as session:
             ids = session.scalars(

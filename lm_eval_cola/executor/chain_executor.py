@@ -10,6 +10,7 @@ from torch import nn
 
 from lm_eval_cola.chain import Chain, ChainError
 from lm_eval_cola.errors import ColaError
+from lm_eval_cola.executor.decoding import DecodeStep
 from lm_eval_cola.executor.generation import GenerationReuse
 from lm_eval_cola.executor.positions import ChainPosition, RunPosition
 from lm_eval_cola.executor.prefix_cache import PrefixCache
@@ -125,6 +126,18 @@ class ChainExecutor:
         types = [self._layer_type(longest.layers[p]) for p in range(len(longest))]
         with self._swapped([RunPosition(p, run) for p in range(len(longest))], types):
             yield run
+
+    @contextlib.contextmanager
+    def apply_decoding(self, step: DecodeStep) -> Iterator[None]:
+        """Within the block (one forward pass of :class:`~.decoding.BatchedDecoding`), row
+        ``r`` runs ``step.chains[r]`` against its generation's own KV cache. All chains must
+        share :meth:`signature`."""
+        if self.layers_return_tuples is None:
+            self.check()
+        longest = max(step.chains, key=len)
+        types = [self._layer_type(layer) for layer in longest]
+        with self._swapped([RunPosition(p, step) for p in range(len(longest))], types):
+            yield
 
     def signature(self, chain: Chain) -> tuple:
         """What rows of one mixed batch must share: the layer type at every position, for

@@ -1,0 +1,457 @@
+"""Greedy decoding of many generations at once, each under a chain of its own, every row's
+bits independent of what shares its calls (the batch-invariant mode).
+
+A search decodes hundreds of short generations, each under another chain. Decoded one chain
+at a time, every step reads all weights for a single token; decoded together, one call of a
+layer serves every generation that needs that layer next, wherever it is in its chain (as
+packed scoring rows do, :class:`~.rows.RowsRun`). That is only exact if a row's arithmetic
+does not depend on its company, which ``benchmarks/batch_invariance.py`` measured on this CPU:
+
+- linear layers (projections, MLP, LM head) give a row the same bits in any call whose rows
+  are a multiple of :data:`ROW_TILE` (the kernel works in tiles of 4 rows; a row of a partial
+  last tile takes another path in calls of under 12 rows), so a decoding call is filled up to
+  a multiple with copies of its first row;
+- norms, rotary embeddings, activations and the softmax are row-invariant as they are;
+- attention is not invariant to how far a row's KV cache is padded (the reductions over keys
+  change their order), so each row attends over its cache padded to its own length rounded up
+  to :data:`KEY_BUCKET` keys, never to its company's: :func:`bucketed_attention`, registered
+  with transformers' ``AttentionInterface`` and run with the family's own eager attention
+  (soft-capping and all), one call per group of rows of one bucket;
+- a prompt's prefill runs alone, so nothing shares its calls.
+
+So a generation gives the same tokens decoded alone, beside other chains or other documents,
+resumed from a prefix cache or computed afresh. On CUDA the same two rules apply;
+:func:`bucketed_attention` is the one place where a batch-invariant kernel library's
+attention would go.
+
+Each generation keeps its KV cache per chain position (a repeated layer never shares a slot).
+With a :class:`PrefixCache`, every forward step of a generation (its prompt's prefill, then each
+decoding step, named by the tokens so far) resumes from the deepest prefix of its chain already
+computed on the same tokens, replaying what those positions wrote to the KV cache
+(:class:`DecodeState`): chains of a search share their prefixes' prefill and, for as long as
+they generated the same tokens, their decoding steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import xxhash
+from torch import nn
+from transformers import AttentionInterface
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.executor.prefix_cache import PrefixCache
+from lm_eval_cola.executor.rows import RowsRun
+from lm_eval_cola.executor.work import Work
+
+if TYPE_CHECKING:
+    from lm_eval_cola.executor.chain_executor import ChainExecutor
+
+#: A decoding call's rows are a multiple of this, so that a row's bits do not depend on the
+#: call's size (measured on this CPU, docs/BENCHMARKS.md).
+ROW_TILE = 4
+#: A row attends over its KV cache padded to a multiple of this many keys.
+KEY_BUCKET = 32
+#: The attention implementation this mode registers with transformers.
+ATTENTION = "cola_batch_invariant"
+#: Prompts are prefilled together while padding them to the longest adds at most this share.
+PADDING_SHARE = 0.125
+#: Generations decoded together by default.
+ROWS_PER_STEP = 32
+
+
+@dataclass(eq=False)
+class Generation:
+    """One greedy generation: a prompt's tokens under a chain, and what it has done so far."""
+
+    prompt: list[int]
+    chain: Chain
+    max_new_tokens: int
+    #: the tokens generated so far
+    tokens: list[int] = field(default_factory=list)
+    #: keep each step's logits in :attr:`logits` (for checks: a vocabulary's worth a token)
+    keep_logits: bool = False
+    logits: list[torch.Tensor] = field(default_factory=list, repr=False)
+    #: the compute spent on it
+    work: Work = field(default_factory=Work)
+    #: the key of each decoding step (the tokens so far), what a search's limit counts
+    step_keys: list[str] = field(default_factory=list)
+    #: the key of the tokens in its KV cache
+    key: str = ""
+    #: tokens in its KV cache
+    length: int = 0
+    #: its KV cache: (keys, values) per chain position, room for every token it may see
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def write(self, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append a step's (heads, tokens, dim) keys and values at a chain position."""
+        if position not in self.cache:
+            room = len(self.prompt) + self.max_new_tokens
+            shape = (keys.shape[0], room, keys.shape[-1])
+            self.cache[position] = (keys.new_empty(shape), values.new_empty(shape))
+        stored_keys, stored_values = self.cache[position]
+        stored_keys[:, self.length : self.length + keys.shape[1]] = keys
+        stored_values[:, self.length : self.length + keys.shape[1]] = values
+
+
+@dataclass(frozen=True)
+class DecodeState:
+    """One forward step of a generation up to one chain position: what every position wrote to
+    the KV cache in the step so far ((keys, values) each), and this position's output. Entries
+    of one step share their common prefix's writes, so each counts only its own."""
+
+    writes: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    output: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        keys, values = self.writes[-1]
+        return self.output.nbytes + keys.nbytes + values.nbytes
+
+
+class BatchedDecoding:
+    """Decodes generations greedily, up to ``rows_per_step`` at a time: each prompt's prefill
+    alone, then one decoding step for all of them per forward pass (one per layer-type
+    signature), a finished generation's place taken by the next. ``finished(generation)`` says
+    when one stops (its stop sequences, EOS, its length)."""
+
+    def __init__(
+        self,
+        executor: ChainExecutor,
+        finished: Callable[[Generation], bool],
+        cache: PrefixCache | None = None,
+        rows_per_step: int = ROWS_PER_STEP,
+    ) -> None:
+        self.executor, self.finished, self.cache = executor, finished, cache
+        self.rows_per_step = max(rows_per_step, 1)
+        self.cache_argument = _cache_argument(executor.layers[0])
+        self._keeps_logits = (
+            "logits_to_keep" in inspect.signature(executor.model.forward).parameters
+        )
+
+    def run(
+        self, generations: Sequence[Generation], done: Callable[[Generation], None] | None = None
+    ) -> None:
+        """Decode every generation; ``done`` hears of each as it finishes."""
+        for generation in generations:
+            generation.chain.check_range(self.executor.n_layers)
+        waiting, active = deque(generations), []
+        while waiting or active:
+            admitted = []
+            while waiting and len(active) + len(admitted) < self.rows_per_step:
+                admitted.append(waiting.popleft())
+            for group in self._by_signature(admitted):
+                for part in _by_length(group):
+                    for generation in part:
+                        generation.key = _prompt_key(generation.prompt)
+                    self._forward(part, [g.prompt for g in part])
+            active += admitted
+            for generation in [g for g in active if self._finished(g)]:
+                active.remove(generation)
+                generation.cache.clear()
+                if done is not None:
+                    done(generation)
+            for group in self._by_signature(active):
+                for generation in group:
+                    generation.key = _step_key(generation.key, generation.tokens[-1])
+                    generation.step_keys.append(generation.key)
+                self._forward(group, [[g.tokens[-1]] for g in group])
+
+    def _finished(self, generation: Generation) -> bool:
+        return len(generation.tokens) >= generation.max_new_tokens or self.finished(generation)
+
+    def _by_signature(self, generations: list[Generation]) -> list[list[Generation]]:
+        groups: dict[tuple, list[Generation]] = {}
+        for generation in generations:
+            groups.setdefault(self.executor.signature(generation.chain), []).append(generation)
+        return list(groups.values())
+
+    @torch.no_grad()
+    def _forward(self, generations: list[Generation], inputs: list[list[int]]) -> None:
+        """One forward step of ``generations`` on their new ``inputs``, each under its chain;
+        appends each one's greedy next token. Prompts are left-padded to a multiple of
+        :data:`ROW_TILE` tokens (so a prompt's tokens fill whole tiles, alone or not);
+        decoding steps (one token each) get copies of the first row instead."""
+        step = DecodeStep(self, generations, [len(tokens) for tokens in inputs])
+        width, fill = step.rows.width, step.fill
+        rows = [(g.length, tokens) for g, tokens in zip(generations, inputs, strict=True)]
+        rows += rows[:1] * fill
+        device = self.executor.model.device
+        ids = torch.tensor([[tokens[0]] * (width - len(tokens)) + tokens for _, tokens in rows])
+        positions = torch.tensor(
+            [[max(start + t - width + len(tokens), start) for t in range(width)]
+             for start, tokens in rows]
+        )  # fmt: skip
+        # the LM head, too, sees whole tiles: a prompt's last ROW_TILE positions
+        keep = {"logits_to_keep": min(width, ROW_TILE)} if self._keeps_logits else {}
+        with self.executor.apply_decoding(step), _attention(self.executor.config):
+            logits = self.executor.model(
+                input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
+                **keep,
+            ).logits  # fmt: skip
+        for generation, tokens, row in zip(generations, inputs, logits[:, -1], strict=False):
+            generation.length += len(tokens)
+            generation.tokens.append(int(row.argmax()))
+            if generation.keep_logits:
+                generation.logits.append(row.clone())
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """The new tokens of one forward step, as :class:`~.rows.RowsRun` sees its rows."""
+
+    lengths: list[int]
+    keys: list[str]
+    width: int
+    device: torch.device
+
+    def allowed(self, window: int | None) -> torch.Tensor:  # pragma: no cover - unused here
+        raise NotImplementedError
+
+
+class DecodeStep(RowsRun):
+    """One forward step of generations with chains of their own: :class:`~.rows.RowsRun`'s
+    order of layer calls (each call one layer on every generation that needs it next), each
+    call reading and writing the generations' KV caches (:class:`_CacheView`)."""
+
+    def __init__(self, decoding: BatchedDecoding, generations: list[Generation], new: list[int]):
+        executor = decoding.executor
+        width = 1 if max(new) == 1 else _tiled(max(new))
+        tokens = _Tokens(new, [g.key for g in generations], width, executor.model.device)
+        super().__init__(executor, tokens, [g.chain for g in generations], None, True)
+        self.decoding, self.generations = decoding, generations
+        self.cache = decoding.cache
+        #: copies of the first row that fill a decoding step's calls to whole tiles
+        self.fill = _filler(len(generations)) if width == 1 else 0
+        #: every call's keys are padded to the step's longest row's bucket
+        self.key_length = _bucket(max(g.length + n for g, n in zip(generations, new, strict=True)))
+        self._masks: dict[int | None, torch.Tensor] = {}
+        #: what each generation's positions wrote to the KV cache in this step so far
+        self.writes: list[tuple] = []
+        for r, generation in enumerate(generations):
+            self._resume(r, generation)
+
+    def _resume(self, r: int, generation: Generation) -> None:
+        """Start at the deepest prefix of the chain stored for these tokens: replay what its
+        positions wrote, hand on its output."""
+        found, state = (0, None) if self.cache is None else self.cache.deepest(*self._key(r))
+        writes = state.writes if state is not None else ()
+        for position, (keys, values) in enumerate(writes):
+            generation.write(position, keys, values)
+        self.start[r], self.resume[r] = found, state.output if state is not None else None
+        self.writes.append(writes)
+
+    def _key(self, r: int) -> tuple[str, Chain]:
+        return self.generations[r].key, self.chains[r]
+
+    def _call(self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs):
+        module = self.executor.layers[layer]
+        called = rows + rows[:1] * (_filler(len(rows)) if self.rows.width == 1 else 0)
+        view = _CacheView(
+            [self.generations[r] for r in called],
+            [positions[r] for r in called],
+            [self.rows.lengths[r] for r in called],
+            len(rows),
+            self.key_length,
+        )
+        mask = self._mask(self.executor.sliding_window(module), hidden)
+        arguments = {name: _take(value, called) for name, value in kwargs.items()}
+        arguments["attention_mask"] = mask[called]
+        arguments[self.decoding.cache_argument] = view
+        output = module(hidden[called], *args, **arguments)
+        output = output[0] if isinstance(output, tuple) else output
+        hidden[rows] = output[: len(rows)]
+        self._account(rows, positions, view, hidden, len(called) - len(rows))
+
+    def _mask(self, window: int | None, like: torch.Tensor) -> torch.Tensor:
+        """Additive (rows, 1, width, keys) mask of the step's rows: a new token sees the tokens
+        before it and itself (within ``window`` on a sliding-window layer), nothing of the
+        padding; a padding query (before a row's new tokens) sees key 0 only."""
+        if window not in self._masks:
+            starts = torch.tensor([g.length for g in self.generations])
+            new, width = torch.tensor(self.rows.lengths), self.rows.width
+            keys = torch.arange(self.key_length)
+            queries = starts[:, None] + torch.arange(width)[None, :] - (width - new)[:, None]
+            queries = queries.masked_fill(queries < starts[:, None], 0)
+            visible = keys[None, None, :] <= queries[:, :, None]
+            if window is not None:
+                visible &= queries[:, :, None] - keys[None, None, :] < window
+            additive = torch.zeros(visible.shape, dtype=like.dtype)
+            additive.masked_fill_(~visible, torch.finfo(like.dtype).min)
+            self._masks[window] = additive[:, None].to(like.device)
+        return self._masks[window]
+
+    def _account(self, rows, positions, view: _CacheView, hidden, filled: int) -> None:
+        """Count the call's work (padding apart); store what each row's position did."""
+        width, lengths, total = self.rows.width, self.rows.lengths, self.executor.work
+        decoding = width == 1
+        real = sum(lengths[r] for r in rows)
+        total.layer_applications += len(rows)
+        total.token_layer_applications += (len(rows) + filled) * width
+        total.padding_token_layers += (len(rows) + filled) * width - real
+        total.decode_token_layers += real if decoding else 0
+        for i, r in enumerate(rows):
+            work = self.generations[r].work
+            work.layer_applications += 1
+            work.token_layer_applications += lengths[r]
+            work.decode_token_layers += lengths[r] if decoding else 0
+            self.writes[r] = (*self.writes[r], view.written[i])
+            if self.cache is not None:
+                prefix = self.chains[r].layers[: positions[r] + 1]
+                state = DecodeState(self.writes[r], hidden[r, width - lengths[r] :].clone())
+                self.cache.put(self.generations[r].key, prefix, state)
+
+
+class _CacheView:
+    """What one layer call's attention sees as its KV cache: each row's own cache at its chain
+    position. ``update`` appends each of the first ``real`` rows' new tokens (the last
+    ``new[i]`` of the call's left-padded ones; the other rows are copies that fill the call)
+    and returns every row's cache padded to ``key_length`` keys (:func:`bucketed_attention`
+    cuts each row's back to its own bucket)."""
+
+    def __init__(
+        self,
+        generations: list[Generation],
+        positions: list[int],
+        new: list[int],
+        real: int,
+        key_length: int,
+    ) -> None:
+        self.generations, self.positions, self.new, self.real = generations, positions, new, real
+        self.key_length = key_length
+        #: the (keys, values) of its new tokens each real row wrote
+        self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *_args, **_kwargs):
+        rows = list(zip(self.generations, self.positions, self.new, strict=True))
+        for i, (generation, position, new) in enumerate(rows[: self.real]):
+            written = keys[i, :, keys.shape[2] - new :], values[i, :, keys.shape[2] - new :]
+            generation.write(position, *written)
+            self.written.append((written[0].clone(), written[1].clone()))
+        lengths = [generation.length + new for generation, _, new in rows]
+        shape = (keys.shape[0], keys.shape[1], self.key_length, keys.shape[3])
+        all_keys, all_values = keys.new_zeros(shape), values.new_zeros(shape)
+        for i, (generation, position, _) in enumerate(rows):
+            stored_keys, stored_values = generation.cache[position]
+            all_keys[i, :, : lengths[i]] = stored_keys[:, : lengths[i]]
+            all_values[i, :, : lengths[i]] = stored_values[:, : lengths[i]]
+        return all_keys, all_values
+
+
+def bucketed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """The family's own eager attention, each row over its keys up to its last visible one,
+    padded to a multiple of :data:`KEY_BUCKET`: one call per group of rows of one bucket, so a
+    row's reductions over keys have the same length whatever else is in the call."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    visible = attention_mask[:, 0, -1, :] == 0
+    last = visible.shape[-1] - visible.flip(-1).int().argmax(-1)
+    buckets = -(-last // KEY_BUCKET) * KEY_BUCKET
+    output = None
+    for bucket in buckets.unique().tolist():
+        rows = (buckets == bucket).nonzero()[:, 0]
+        part, _ = eager(
+            module,
+            query[rows],
+            key[rows, :, :bucket],
+            value[rows, :, :bucket],
+            attention_mask[rows, ..., :bucket],
+            scaling=scaling,
+            dropout=dropout,
+            **kwargs,
+        )
+        if output is None:
+            output = part.new_empty((query.shape[0], *part.shape[1:]))
+        output[rows] = part
+    return output, None
+
+
+AttentionInterface.register(ATTENTION, bucketed_attention)
+
+
+@contextlib.contextmanager
+def _attention(config) -> Iterator[None]:
+    """Within the block, the model's attention is :func:`bucketed_attention`."""
+    saved = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = saved
+
+
+def _by_length(generations: list[Generation]) -> list[list[Generation]]:
+    """Generations in groups of similar prompt lengths, longest first: each group's padding to
+    its longest prompt (in whole tiles) stays within :data:`PADDING_SHARE` of its tokens."""
+    groups: list[list[Generation]] = []
+    for generation in sorted(generations, key=lambda g: -len(g.prompt)):
+        if groups:
+            group = groups[-1]
+            tokens = sum(len(g.prompt) for g in group) + len(generation.prompt)
+            padded = (len(group) + 1) * _tiled(len(group[0].prompt))
+            if padded - tokens <= PADDING_SHARE * tokens:
+                group.append(generation)
+                continue
+        groups.append([generation])
+    return groups
+
+
+def _tiled(tokens: int) -> int:
+    """``tokens`` rounded up to whole tiles of :data:`ROW_TILE`."""
+    return -(-tokens // ROW_TILE) * ROW_TILE
+
+
+def _filler(rows: int) -> int:
+    """Copies of a row that make a call of ``rows`` a multiple of :data:`ROW_TILE`."""
+    return -rows % ROW_TILE
+
+
+def _bucket(length: int) -> int:
+    return -(-length // KEY_BUCKET) * KEY_BUCKET
+
+
+def _take(value, rows: list[int]):
+    """A per-row argument of the model's batch (positions, RoPE tables) for the call's rows."""
+    if isinstance(value, tuple):
+        return tuple(_take(item, rows) for item in value)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2:
+        return value[rows]
+    return value
+
+
+def _cache_argument(layer: nn.Module) -> str:
+    """The name under which a decoder layer takes its KV cache (it changed across
+    transformers releases)."""
+    parameters = inspect.signature(layer.forward).parameters
+    return next(
+        name for name in ("cache", "past_key_values", "past_key_value") if name in parameters
+    )
+
+
+def _prompt_key(prompt: list[int]) -> str:
+    digest = xxhash.xxh3_128(b"invariant-prompt")
+    digest.update(torch.tensor(prompt, dtype=torch.int64).numpy().tobytes())
+    return f"invariant:{digest.hexdigest()}"
+
+
+def _step_key(previous: str, token: int) -> str:
+    """The key of a decoding step: the previous step's and the token it reads."""
+    digest = xxhash.xxh3_128(previous.encode())
+    digest.update(token.to_bytes(8, "little"))
+    return f"invariant:{digest.hexdigest()}"

@@ -1,0 +1,181 @@
+"""Batch-invariant decoding: generations of many chains decoded together, each row's tokens (and
+logits, bit for bit) those it gets alone, resumed from a prefix cache, or from HF's greedy
+decoding without a KV cache."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from lm_eval_cola.chain import Chain
+from lm_eval_cola.executor import ChainExecutor, PrefixCache
+from lm_eval_cola.executor.decoding import BatchedDecoding, Generation
+from lm_eval_cola.lm import ColaLM, RunOptions, refuse_sampling
+from lm_eval_cola.model_args import ModelArgsError
+from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.store.schema import Evaluation
+from lm_eval_cola.store.store import Store
+from lm_eval_cola.tasks import task_documents
+from tests.test_search import search, task
+from tests.tiny_models import FAMILIES, tiny_model
+
+pytestmark = pytest.mark.internals
+NEW_TOKENS = 8
+
+
+def decode(executor, chains, prompts, rows_per_step, cache=None) -> list[Generation]:
+    generations = [
+        Generation(prompt, chain, NEW_TOKENS, keep_logits=True)
+        for prompt, chain in zip(prompts, chains, strict=True)
+    ]
+    BatchedDecoding(executor, lambda _: False, cache, rows_per_step).run(generations)
+    return generations
+
+
+def same_bits(a: list[Generation], b: list[Generation]) -> bool:
+    return all(
+        x.tokens == y.tokens and all(map(torch.equal, x.logits, y.logits))
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def mixed(executor: ChainExecutor, seed: int = 0):
+    """Chains of several lengths, repeats and skips (one layer-type signature), and prompts
+    of several lengths, one per chain."""
+    rng = random.Random(seed)
+    n = executor.n_layers
+    chains = [Chain.identity(n)] + [
+        Chain(tuple(rng.randrange(n) for _ in range(rng.randrange(2, 2 * n)))) for _ in range(8)
+    ]
+    chains = [c for c in chains if executor.signature(c) == executor.signature(chains[0])]
+    prompts = [[rng.randrange(3, 128) for _ in range(rng.randrange(2, 45))] for _ in chains]
+    return chains, prompts
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_a_chain_decodes_the_same_alone_beside_others_and_from_a_prefix_cache(model_type):
+    executor = ChainExecutor(tiny_model(model_type))
+    chains, prompts = mixed(executor)
+    alone = [decode(executor, [c], [p], 1)[0] for c, p in zip(chains, prompts, strict=True)]
+    assert same_bits(alone, decode(executor, chains, prompts, 16))
+    assert same_bits(alone, decode(executor, chains, prompts, 3))  # a step of 1-3 rows too
+    cache = PrefixCache(256)
+    assert same_bits(alone, decode(executor, chains, prompts, 5, cache))
+    hits = cache.hits
+    assert same_bits(alone, decode(executor, chains, prompts, 16, cache))  # resumed
+    assert cache.hits > hits
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_batch_invariant_decoding_equals_uncached_greedy_decoding(model_type):
+    """The same tokens as HF's greedy ``generate`` without a KV cache, under each chain
+    (repeated layers included), logits equal to float rounding."""
+    model = tiny_model(model_type)
+    executor = ChainExecutor(model)
+    chains, prompts = mixed(executor, seed=1)
+    for chain, prompt, generation in zip(
+        chains, prompts, decode(executor, chains, prompts, 8), strict=True
+    ):
+        with executor.apply(chain):
+            reference = model.generate(
+                torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                use_cache=False, output_scores=True, return_dict_in_generate=True,
+                pad_token_id=0, eos_token_id=None,
+            )  # fmt: skip
+        assert reference.sequences[0, len(prompt) :].tolist() == generation.tokens
+        for expected, logits in zip(reference.scores, generation.logits, strict=True):
+            torch.testing.assert_close(logits, expected[0], rtol=0, atol=1e-5)
+
+
+def test_a_generation_stops_where_it_is_finished_and_at_its_length():
+    executor = ChainExecutor(tiny_model("llama"))
+    chains, prompts = mixed(executor)
+    done: list[Generation] = []
+    generations = [
+        Generation(p, c, 3 + i) for i, (p, c) in enumerate(zip(prompts, chains, strict=True))
+    ]
+    BatchedDecoding(executor, lambda g: g.tokens[-1] % 2 == 0, None, 4).run(
+        generations, done.append
+    )
+    assert sorted(map(id, done)) == sorted(map(id, generations))
+    for generation in generations:
+        *before, last = generation.tokens
+        assert all(t % 2 for t in before)
+        assert last % 2 == 0 or len(generation.tokens) == generation.max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_dir):
+    return ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+
+
+def test_the_backend_generates_as_hf_generate_does_with_chains_per_document(lm, task_dir):
+    """``batch_invariant``: HFLM's own tokenizing, stopping and post-processing, the
+    documents' chains decoded together; the same text as HF's decoding a chain at a time."""
+    documents = task_documents(task(task_dir, "cola_gen"), None)
+    requests = [i for d in documents for i in d.instances]
+    chains = [Chain.parse(c) for c in ("0.1.1.3", "0.2.3", "0-3", "3.3.1")][: len(requests)]
+    chains += [None] * (len(requests) - len(chains))
+    names = [d.doc_hash for d in documents for _ in d.instances]
+    hf = lm.run_requests("generate_until", requests, chains, RunOptions(), names)
+    invariant = RunOptions(batch_invariant=True, prefix_cache=PrefixCache(64))
+    together = lm.run_requests("generate_until", requests, chains, invariant, names)
+    assert together.outputs == hf.outputs
+    assert all(together.work[d].token_layer_applications > 0 for d in names)
+    assert all(len(together.decode_steps[d]) > 0 for d in names)
+
+
+def test_sampled_generation_is_refused_in_batch_invariant_mode(lm, task_dir):
+    documents = task_documents(task(task_dir, "cola_gen"), None)
+    request = documents[0].instances[0]
+    request.arguments = (request.args[0], {**request.args[1], "do_sample": True})
+    with pytest.raises(ModelArgsError, match="decodes greedily"):
+        refuse_sampling([request])
+
+
+def answers(store_path, run_id) -> list[tuple]:
+    with Store(str(store_path), read_only=True).session() as session:
+        rows = session.execute(
+            select(Evaluation.document_id, Evaluation.chain, Evaluation.response,
+                   Evaluation.score).where(Evaluation.run_id == run_id)
+        )  # fmt: skip
+        return sorted(rows.all())
+
+
+def test_a_search_gives_the_same_answers_one_or_many_documents_at_a_time(lm, task_dir, tmp_path):
+    how = {"prefix_cache_mb": 64}
+    one = search(lm, task_dir, tmp_path / "one.db", name="cola_gen", budget=12, how=how)
+    many = search(
+        lm, task_dir, tmp_path / "many.db", name="cola_gen", budget=12,
+        how={**how, "parallel_docs": 16},
+    )  # fmt: skip
+    bare = search(lm, task_dir, tmp_path / "bare.db", name="cola_gen", budget=12)
+    expected = answers(tmp_path / "one.db", one)
+    assert len(expected) > 12
+    assert answers(tmp_path / "many.db", many) == expected == answers(tmp_path / "bare.db", bare)
+
+
+def test_a_run_records_its_decoding_and_grows_only_in_it(lm, task_dir, tmp_path):
+    path = tmp_path / "cola.db"
+    search(lm, task_dir, path, name="cola_gen", budget=4, how={"run_name": "gen"}, limit=1)
+    with Store(str(path)) as store:
+        assert store.run_settings("gen")["decoding"] == "batch_invariant"
+        settings = SearchSettings("mcts", 4, limit=2, decoding="hf")
+        run = SearchRun(lm, task(task_dir, "cola_gen"), store, settings, run_name="gen")
+        with pytest.raises(ValueError, match="searched with --decoding batch_invariant"):
+            run.run()
+    # a multiple-choice task generates nothing: it records no decoding
+    search(lm, task_dir, path, name="cola_mc", budget=4, how={"run_name": "mc"}, limit=1)
+    assert "decoding" not in Store(str(path), read_only=True).run_settings("mc")
+
+
+def test_stored_chains_re_evaluate_in_the_mode_they_were_searched_in(lm, task_dir, tmp_path):
+    path = tmp_path / "cola.db"
+    run_id = search(lm, task_dir, path, name="cola_gen", budget=4)
+    chains = f"store:{path};run={run_id}"
+    assert ColaLM(pretrained=lm.pretrained, device="cpu", chains=chains).batch_invariant
+    with pytest.raises(ModelArgsError, match="re-evaluate only that way"):
+        ColaLM(pretrained=lm.pretrained, device="cpu", chains=chains, batch_invariant=False)
