@@ -24,6 +24,8 @@ EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
   cola search --tasks arc_easy --split train --limit 500 --budget 50 --store cola.db
   cola search --tasks arc_easy_gen --limit 500 --budget 200 --store cola.db
+  cola search --tasks arc_easy_gen --limit 500 --decoding hf --store old.db   (a run searched
+      with HF's generate, before batch-invariant decoding: resume it in its own mode)
   cola search --tasks arc_easy --limit 100 --budget 50 --target decoy --store cola.db
   (the same command again continues a killed run with the documents not yet done)
 """

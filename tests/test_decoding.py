@@ -67,6 +67,10 @@ def test_a_chain_decodes_the_same_alone_beside_others_and_from_a_prefix_cache(mo
     hits = cache.hits
     assert same_bits(alone, decode(executor, chains, prompts, 16, cache))  # resumed
     assert cache.hits > hits
+    small = PrefixCache(0.02)  # room for a few steps: entries evicted under the generations
+    assert same_bits(alone, decode(executor, chains, prompts, 16, small))
+    assert same_bits(alone, decode(executor, chains, prompts, 16, small))
+    assert 0 < small.bytes <= small.max_bytes
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))

@@ -104,17 +104,18 @@ class Generation:
 
 @dataclass(frozen=True)
 class DecodeState:
-    """One forward step of a generation up to one chain position: what every position wrote to
-    the KV cache in the step so far ((keys, values) each), and this position's output. Entries
-    of one step share their common prefix's writes, so each counts only its own."""
+    """One forward step of a generation at one chain position (under the chain's prefix up to
+    it): the keys and values the position wrote to the KV cache, and its output. Each entry
+    holds its own tensors only, so the prefix cache's memory count is exact; resuming reads the
+    entries of every shallower prefix too (:meth:`DecodeStep._resume`)."""
 
-    writes: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    keys: torch.Tensor
+    values: torch.Tensor
     output: torch.Tensor
 
     @property
     def nbytes(self) -> int:
-        keys, values = self.writes[-1]
-        return self.output.nbytes + keys.nbytes + values.nbytes
+        return self.output.nbytes + self.keys.nbytes + self.values.nbytes
 
 
 class BatchedDecoding:
@@ -234,23 +235,23 @@ class DecodeStep(RowsRun):
         #: every call's keys are padded to the step's longest row's bucket
         self.key_length = _bucket(max(g.length + n for g, n in zip(generations, new, strict=True)))
         self._masks: dict[int | None, torch.Tensor] = {}
-        #: what each generation's positions wrote to the KV cache in this step so far
-        self.writes: list[tuple] = []
         for r, generation in enumerate(generations):
             self._resume(r, generation)
 
     def _resume(self, r: int, generation: Generation) -> None:
-        """Start at the deepest prefix of the chain stored for these tokens: replay what its
-        positions wrote, hand on its output."""
-        found, state = (0, None) if self.cache is None else self.cache.deepest(*self._key(r))
-        writes = state.writes if state is not None else ()
-        for position, (keys, values) in enumerate(writes):
-            generation.write(position, keys, values)
-        self.start[r], self.resume[r] = found, state.output if state is not None else None
-        self.writes.append(writes)
-
-    def _key(self, r: int) -> tuple[str, Chain]:
-        return self.generations[r].key, self.chains[r]
+        """Start after the deepest prefix of the chain whose every position is stored for these
+        tokens: replay what each position wrote, hand on the last one's output."""
+        states: list[DecodeState] = []
+        if self.cache is not None:
+            found, _ = self.cache.deepest(generation.key, self.chains[r])
+            for depth in range(1, found + 1):
+                state = self.cache.get(generation.key, self.chains[r].layers[:depth])
+                if state is None:  # evicted: resume above it
+                    break
+                states.append(state)
+        for position, state in enumerate(states):
+            generation.write(position, state.keys, state.values)
+        self.start[r], self.resume[r] = len(states), states[-1].output if states else None
 
     def _call(self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs):
         module = self.executor.layers[layer]
@@ -303,10 +304,10 @@ class DecodeStep(RowsRun):
             work.layer_applications += 1
             work.token_layer_applications += lengths[r]
             work.decode_token_layers += lengths[r] if decoding else 0
-            self.writes[r] = (*self.writes[r], view.written[i])
             if self.cache is not None:
                 prefix = self.chains[r].layers[: positions[r] + 1]
-                state = DecodeState(self.writes[r], hidden[r, width - lengths[r] :].clone())
+                output = hidden[r, width - lengths[r] :].clone()
+                state = DecodeState(*view.written[i], output)
                 self.cache.put(self.generations[r].key, prefix, state)
 
 

@@ -43,6 +43,13 @@ class PrefixCache:
         self.misses += 1
         return 0, None
 
+    def get(self, row: str, prefix: tuple[int, ...]) -> Stored | None:
+        """What is stored for exactly ``prefix`` on ``row`` (marked as just used)."""
+        value = self._entries.get((row, prefix))
+        if value is not None:
+            self._entries.move_to_end((row, prefix))
+        return value
+
     def put(self, row: str, prefix: tuple[int, ...], value: Stored) -> None:
         size = value.nbytes
         if size > self.max_bytes or (row, prefix) in self._entries:
