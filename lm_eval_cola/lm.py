@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import sqlite3
@@ -214,7 +213,6 @@ class ColaLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         self.executor = ChainExecutor(self.model)
         self.executor.check(self.device)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         name = name or (pretrained if isinstance(pretrained, str) else self.model.name_or_path)
         self.identity = identify(self.model, name, kwargs.get("revision"), self.executor.n_layers)
         if self.source is not None:
@@ -320,7 +318,7 @@ class ColaLM(HFLM):
         computes them. The LM head sees only those positions, gathered from the kept ones by
         hooks: in one call (``share_calls``) or in a call a row. What the model does after the
         head (soft-capping, scaling) is per logit, so it applies unchanged."""
-        keep = {"logits_to_keep": batch.keep} if self._keeps_logits else {}
+        keep = {"logits_to_keep": batch.keep} if self.executor.keeps_logits else {}
         head = self.model.get_output_embeddings()
         read: list[torch.Tensor] = []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -39,6 +40,8 @@ class ChainExecutor:
         self.layers: nn.ModuleList = self.decoder.layers
         self.n_layers = len(self.layers)
         self.work = Work()
+        #: whether the model's forward can compute logits at the last positions only
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         #: whether decoder layers return a tuple (transformers 4.x) or a tensor (5.x); the
         #: probe in :meth:`check` finds out
         self.layers_return_tuples: bool | None = None

@@ -119,9 +119,10 @@ class DecodeState:
 
 
 class BatchedDecoding:
-    """Decodes generations greedily, up to ``rows_per_step`` at a time: each prompt's prefill
-    alone, then one decoding step for all of them per forward pass (one per layer-type
-    signature), a finished generation's place taken by the next. ``finished(generation)`` says
+    """Decodes generations greedily, up to ``rows_per_step`` at a time: the prompts prefilled
+    together (a forward pass per layer-type signature and group of similar lengths), then one
+    decoding step for all of them per forward pass (one per signature), a finished
+    generation's place taken by the next. ``finished(generation)`` says
     when one stops (its stop sequences, EOS, its length)."""
 
     def __init__(
@@ -134,9 +135,6 @@ class BatchedDecoding:
         self.executor, self.finished, self.cache = executor, finished, cache
         self.rows_per_step = max(rows_per_step, 1)
         self.cache_argument = _cache_argument(executor.layers[0])
-        self._keeps_logits = (
-            "logits_to_keep" in inspect.signature(executor.model.forward).parameters
-        )
 
     def run(
         self, generations: Sequence[Generation], done: Callable[[Generation], None] | None = None
@@ -192,7 +190,7 @@ class BatchedDecoding:
              for start, tokens in rows]
         )  # fmt: skip
         # the LM head, too, sees whole tiles: a prompt's last ROW_TILE positions
-        keep = {"logits_to_keep": min(width, ROW_TILE)} if self._keeps_logits else {}
+        keep = {"logits_to_keep": min(width, ROW_TILE)} if self.executor.keeps_logits else {}
         with self.executor.apply_decoding(step), _attention(self.executor.config):
             logits = self.executor.model(
                 input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
@@ -213,9 +211,6 @@ class _Tokens:
     keys: list[str]
     width: int
     device: torch.device
-
-    def allowed(self, window: int | None) -> torch.Tensor:  # pragma: no cover - unused here
-        raise NotImplementedError
 
 
 class DecodeStep(RowsRun):
@@ -241,14 +236,7 @@ class DecodeStep(RowsRun):
     def _resume(self, r: int, generation: Generation) -> None:
         """Start after the deepest prefix of the chain whose every position is stored for these
         tokens: replay what each position wrote, hand on the last one's output."""
-        states: list[DecodeState] = []
-        if self.cache is not None:
-            found, _ = self.cache.deepest(generation.key, self.chains[r])
-            for depth in range(1, found + 1):
-                state = self.cache.get(generation.key, self.chains[r].layers[:depth])
-                if state is None:  # evicted: resume above it
-                    break
-                states.append(state)
+        states = [] if self.cache is None else self.cache.path(generation.key, self.chains[r])
         for position, state in enumerate(states):
             generation.write(position, state.keys, state.values)
         self.start[r], self.resume[r] = len(states), states[-1].output if states else None

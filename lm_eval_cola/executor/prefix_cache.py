@@ -43,12 +43,20 @@ class PrefixCache:
         self.misses += 1
         return 0, None
 
-    def get(self, row: str, prefix: tuple[int, ...]) -> Stored | None:
-        """What is stored for exactly ``prefix`` on ``row`` (marked as just used)."""
-        value = self._entries.get((row, prefix))
-        if value is not None:
-            self._entries.move_to_end((row, prefix))
-        return value
+    def path(self, row: str, chain: Chain) -> list[Stored]:
+        """What is stored for every prefix of ``chain`` on ``row``, shortest first, up to the
+        first one missing: for entries that hold their own position's work only (a decoding
+        step's), resuming needs every shallower one."""
+        path: list[Stored] = []
+        for length in range(1, len(chain) + 1):
+            value = self._entries.get((row, chain.layers[:length]))
+            if value is None:
+                break
+            self._entries.move_to_end((row, chain.layers[:length]))
+            path.append(value)
+        self.hits += bool(path)
+        self.misses += not path
+        return path
 
     def put(self, row: str, prefix: tuple[int, ...], value: Stored) -> None:
         size = value.nbytes
