@@ -181,6 +181,16 @@ class Objective:
                 steps[document] += keys
         return work, steps
 
+    def judge_outputs(self, document: Document, outputs: Sequence[str]) -> list[Trial]:
+        """Each of ``outputs`` as the answer to the document's one generation request, judged
+        as a chain's answer is: the full model's own samples (``cola controls sampling``)."""
+        (instance,) = document.instances
+        trials = []
+        for output in outputs:
+            instance.resps, instance.filtered_resps = [output], {}
+            trials.append(self._trial(Proposal(document, self.identity), Work(), [], 0.0))
+        return trials
+
     def _trial(self, proposal: Proposal, work: Work, steps: list[str], seconds: float) -> Trial:
         document = proposal.document
         for ensemble in filters_of(self.task):

@@ -12,16 +12,25 @@ same command resumes or grows them; ``cola db controls`` reports them beside the
 wrong document): each edit of a rescue undone on its own (:func:`single_reversions`), how
 many of those chains are still right. A rescue that no reversion leaves right is fragile: its
 correction hangs on every edit at once, as a lottery win would.
+
+``sampling`` (generation tasks) asks what the unmodified model finds by itself: ``--k``
+answers it samples per document at each temperature (:mod:`lm_eval_cola.sampling`), judged as
+the gold run judges a chain's answer; sampling@k beside the search's @k says how much of the
+oracle the model's own randomness gives.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import add_command, add_model_args, check_model_args, load_model
@@ -38,6 +47,8 @@ EPILOG = """examples:
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
   cola controls reversion --store cola.db --run arc-mcts
   cola controls shuffle --store cola.db --run arc_easy_gen-mcts-821d6c8746ca
+  cola controls sampling --store cola.db --run arc_easy_gen-mcts-821d6c8746ca --k 49 \
+      --temperatures 0.3,0.7,1.0 --output sampling.jsonl
   cola db controls --store cola.db --run arc-mcts
 """
 
@@ -89,6 +100,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     shuffle.add_argument("--output", help="also write the counts as JSON here")
     shuffle.set_defaults(func=run_shuffle)
+    sampling = _add_kind(
+        kinds, "sampling", "the full model's own k samples at each temperature (generation)"
+    )
+    sampling.add_argument(
+        "--temperatures", default="0.3,0.7,1.0", help="comma-separated (default: 0.3,0.7,1.0)"
+    )
+    sampling.add_argument(
+        "--output",
+        required=True,
+        help="JSON lines, one per document and temperature, written as each finishes; the "
+        "same command resumes from them",
+    )
+    sampling.set_defaults(func=run_sampling)
 
 
 def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
@@ -251,6 +275,166 @@ def run_shuffle(args: argparse.Namespace) -> int:
     )
     before = [str(task.doc_to_target(originals[h].doc)) for h in kept for _ in SHIFTS]
     return _reported(ShuffleCheck.of(len(kept), trials[0::2], trials[1::2], before), gold, args)
+
+
+def run_sampling(args: argparse.Namespace) -> int:
+    """The full model's own answers on the gold run's documents, ``--k`` samples per document
+    at each temperature, judged by the gold answer; resumed from ``--output``."""
+    from lm_eval_cola.sampling import sample
+    from lm_eval_cola.scoring import Objective
+
+    try:
+        gold, task, originals, temperatures = _sampling_inputs(args)
+        k = args.k or gold.budget
+        log = SampleLog.open(Path(args.output), {"run": gold.name, "k": k, "seed": gold.seed})
+        documents = _gold_documents(task, gold, args.limit, originals)
+        lm = _model_of(args, gold)
+    except (ColaError, ValueError) as err:
+        return report("cola controls sampling", err)
+    objective = Objective(lm, task, gold.spec)
+    wanted = {(d.doc_hash, t) for d in documents for t in temperatures}
+    todo = [(d, t) for d in documents for t in temperatures if (d.doc_hash, t) not in log.done]
+    for document, temperature in tqdm(todo, desc="Sampling", disable=not todo):
+        start = time.perf_counter()
+        seed = _sample_seed(gold.seed, document.doc_hash, temperature)
+        outputs = sample(lm, document.instances[0], k, temperature, seed)
+        trials = objective.judge_outputs(document, outputs)
+        log.write({
+            "doc_hash": document.doc_hash,
+            "temperature": temperature,
+            "correct": [t.correct for t in trials],
+            "answers": [t.response for t in trials],
+            "seconds": time.perf_counter() - start,
+        })  # fmt: skip
+    wanted = {d.doc_hash for d in documents}
+    records = [
+        r for r in log.records if r["doc_hash"] in wanted and r["temperature"] in temperatures
+    ]
+    print(SamplingCheck.of(records, originals, k).text(gold.id))
+    return 0
+
+
+def _sampling_inputs(args: argparse.Namespace):
+    """The gold run, its task, its full model's correctness per document and the
+    temperatures; refused unless the task generates one answer judged right or wrong."""
+    from lm_eval_cola.scoring import BINARY_PREFIXES
+    from lm_eval_cola.store import controls
+    from lm_eval_cola.store.store import Store
+    from lm_eval_cola.tasks import check_task
+
+    check_model_args(args)
+    temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
+    if not temperatures or min(temperatures) < 0:
+        raise ControlError(f"--temperatures {args.temperatures}: give temperatures >= 0")
+    with Store(args.store, read_only=True) as store:
+        gold, task = _gold_and_task(store, args)
+        with store.session() as session:
+            originals = controls.originals(session, gold.id)
+    if task.get_config("output_type") != "generate_until":
+        raise ControlError(f"run {gold.id} is on {gold.task}, which generates nothing to sample")
+    metric, _ = check_task(task, gold.spec.metric, gold.spec.filter_name)
+    if not metric.startswith(BINARY_PREFIXES):
+        raise ControlError(f"run {gold.id} scores {metric}: sampling needs a right/wrong metric")
+    return gold, task, originals, temperatures
+
+
+def _gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, bool]):
+    """The first ``limit`` documents of the gold run's that it has finished."""
+    from lm_eval_cola.tasks import task_documents
+
+    limit = min(limit or gold.n_documents, gold.n_documents)
+    return [d for d in task_documents(task, limit) if d.doc_hash in finished]
+
+
+def _sample_seed(seed: int, doc_hash: str, temperature: float) -> int:
+    """A seed per document and temperature, so a resumed run draws what a whole one does."""
+    digest = hashlib.sha256(f"{seed}/{doc_hash}/{temperature}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+@dataclass
+class SampleLog:
+    """``cola controls sampling``'s results as JSON lines: a header naming the settings, then
+    one line per (document, temperature), appended as each finishes."""
+
+    path: Path
+    records: list[dict[str, Any]]
+
+    @classmethod
+    def open(cls, path: Path, header: dict[str, Any]) -> SampleLog:
+        if not path.exists() or path.stat().st_size == 0:
+            path.write_text(json.dumps(header) + "\n")
+            return cls(path, [])
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if lines[0] != header:
+            raise ControlError(
+                f"{path} holds samples of other settings ({lines[0]}); give another --output"
+            )
+        return cls(path, lines[1:])
+
+    @property
+    def done(self) -> set[tuple[str, float]]:
+        return {(r["doc_hash"], r["temperature"]) for r in self.records}
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        self.records.append(record)
+
+
+@dataclass(frozen=True)
+class SamplingCheck:
+    """sampling@k: of the documents whose full model (greedy) is wrong, those where one of
+    the first k samples is right, per temperature and at the best temperature for each k."""
+
+    documents: int
+    wrong: int
+    samples: int
+    #: temperature -> k -> documents corrected
+    corrected: dict[float, dict[int, int]]
+    #: temperature -> share of all its samples that are right
+    right: dict[float, float]
+    seconds: float
+
+    @classmethod
+    def of(cls, records: list[dict], originals: dict[str, bool], k: int) -> SamplingCheck:
+        budgets = sorted({1, 5, k} & set(range(1, k + 1)))
+        wrong = {r["doc_hash"] for r in records if not originals[r["doc_hash"]]}
+        corrected: dict[float, dict[int, int]] = {}
+        right: dict[float, float] = {}
+        for temperature in sorted({r["temperature"] for r in records}):
+            mine = [r for r in records if r["temperature"] == temperature]
+            missed = [r["correct"] for r in mine if r["doc_hash"] in wrong]
+            corrected[temperature] = {n: sum(any(c[:n]) for c in missed) for n in budgets}
+            right[temperature] = sum(map(sum, (r["correct"] for r in mine))) / (len(mine) * k)
+        return cls(
+            documents=len({r["doc_hash"] for r in records}),
+            wrong=len(wrong),
+            samples=k,
+            corrected=corrected,
+            right=right,
+            seconds=sum(r["seconds"] for r in records) / max(len(records), 1),
+        )
+
+    def best(self, n: int) -> int:
+        return max((counts[n] for counts in self.corrected.values()), default=0)
+
+    def text(self, run_id: int) -> str:
+        budgets = sorted(next(iter(self.corrected.values()), {}))
+        lines = [
+            f"run {run_id}: the full model's own samples on {self.documents} documents, "
+            f"{self.samples} per temperature; its greedy answer wrong on {self.wrong}",
+        ]
+        for temperature, counts in self.corrected.items():
+            within = ", ".join(f"@{n} {share_text(counts[n], self.wrong)}" for n in budgets)
+            lines.append(
+                f"  temperature {temperature:g}: wrong -> right {within}; "
+                f"samples right {100 * self.right[temperature]:.1f}%"
+            )
+        best = ", ".join(f"@{n} {share_text(self.best(n), self.wrong)}" for n in budgets)
+        lines.append(f"  best temperature per k: {best}")
+        lines.append(f"  cost: {self.seconds:.2f} s per document and temperature")
+        return "\n".join(lines)
 
 
 #: How far the options move: every option to another place, for three options or more.

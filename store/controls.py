@@ -211,11 +211,17 @@ def run_lengths(session: Session, run_id: int) -> dict[int, int]:
     return dict(sorted(Counter(lengths).items()))
 
 
+def originals(session: Session, run_id: int) -> dict[str, bool]:
+    """Per document the run evaluated the full model on (by content hash): is it right?"""
+    rows = per_document(session, run_id, run_depth(session, run_id))
+    known = {row.document_id: bool(row.original) for row in rows if row.original is not None}
+    hashes = session.execute(select(Document.id, Document.doc_hash).where(Document.id.in_(known)))
+    return {doc_hash: known[document_id] for document_id, doc_hash in hashes}
+
+
 def rescues(session: Session, run_id: int) -> dict[str, str]:
     """The run's rescues: per originally wrong document (by content hash), its shortest
     correct chain."""
-    originals = per_document(session, run_id, run_depth(session, run_id))
-    wrong = [row.document_id for row in originals if row.original == 0]
-    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(wrong))))
+    wrong = {doc_hash for doc_hash, right in originals(session, run_id).items() if not right}
     picks = pick(session, [run_id], "shortest-correct")
-    return {p.doc_hash: p.chain for p in picks if p.doc_hash in hashes and p.correct}
+    return {p.doc_hash: p.chain for p in picks if p.doc_hash in wrong and p.correct}

@@ -15,9 +15,10 @@ from sqlalchemy import select
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import main
 from lm_eval_cola.lm import ColaLM
+from lm_eval_cola.sampling import sample
 from lm_eval_cola.scoring import Objective, Trial
 from lm_eval_cola.search.baselines import Menu, RandomWalks
-from lm_eval_cola.search.controls import ShuffleCheck, Survival
+from lm_eval_cola.search.controls import SamplingCheck, ShuffleCheck, Survival
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
 from lm_eval_cola.store import controls, queries
@@ -26,7 +27,7 @@ from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.targets import TargetError, decoy, judged_by, shuffled
 from lm_eval_cola.tasks import documents_of, load_tasks, task_documents
-from tests.conftest import MC_DOCS
+from tests.conftest import GEN_DOCS, MC_DOCS
 
 TEMPLATE = Path(__file__).parents[1] / "lm_eval_cola" / "task_configs" / "_arc_gen_template_yaml"
 
@@ -411,3 +412,67 @@ def test_shuffle_checks_whether_rescues_follow_the_content(
 def test_a_run_without_rescues_reports_nothing_to_check():
     assert "reversions still right: -" in Survival.of({}, [], []).text(1)
     assert "follows the old position: -" in ShuffleCheck.of(0, [], [], []).text(1)
+
+
+@pytest.mark.internals  # the KV cache's name and its copy per row changed across transformers
+def test_the_full_models_samples_are_seeded_and_greedy_at_temperature_zero(lm, task_dir):
+    """Samples come from one shared prefill, yet at temperature 0 each is exactly the answer
+    HFLM's own generate_until gives the request; at temperature 1 a seed fixes them."""
+    task = loaded(task_dir, "cola_gen")
+    for document in task_documents(task, None):
+        (request,) = document.instances
+        (greedy,) = lm.generate_until([request])
+        assert sample(lm, request, 3, 0.0, seed=1) == [greedy] * 3
+        drawn = sample(lm, request, 8, 1.0, seed=5)
+        assert sample(lm, request, 8, 1.0, seed=5) == drawn
+        assert len(set(drawn)) > 1  # a tiny random model's samples spread over its vocabulary
+
+
+def test_sampling_at_k_counts_corrections_within_the_first_k_samples():
+    records = [
+        {"doc_hash": "a", "temperature": 0.7, "correct": [False, True], "seconds": 1.0},
+        {"doc_hash": "b", "temperature": 0.7, "correct": [True, True], "seconds": 1.0},
+        {"doc_hash": "c", "temperature": 0.7, "correct": [False, False], "seconds": 1.0},
+        {"doc_hash": "a", "temperature": 1.0, "correct": [True, False], "seconds": 3.0},
+        {"doc_hash": "b", "temperature": 1.0, "correct": [False, False], "seconds": 1.0},
+        {"doc_hash": "c", "temperature": 1.0, "correct": [False, False], "seconds": 1.0},
+    ]
+    check = SamplingCheck.of(records, {"a": False, "b": True, "c": False}, 2)
+    assert (check.documents, check.wrong) == (3, 2)
+    assert check.corrected == {0.7: {1: 0, 2: 1}, 1.0: {1: 1, 2: 1}}
+    assert check.right == {0.7: 3 / 6, 1.0: 1 / 6}
+    assert (check.best(1), check.best(2)) == (1, 1)
+    assert "best temperature per k: @1 1/2 (50.0%), @2 1/2 (50.0%)" in check.text(1)
+
+
+def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    path, output = str(tmp_path / "cola.db"), tmp_path / "sampling.jsonl"
+    with Store(path) as store:
+        gold = search(lm, loaded(task_dir, "cola_gen"), store)
+        scored = search(lm, loaded(task_dir, "cola_mc"), store)
+    argv = ["--store", path, "--include_path", task_dir, "--output", str(output)]
+    argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    common = [*argv, "--run", str(gold), "--temperatures", "0,1", "--k", "4"]
+    status, out, err = cola_controls(capsys, "sampling", *common)
+    assert status == 0, err
+    header, *records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert header["k"] == 4 and len(records) == 2 * len(GEN_DOCS)
+    assert all(len(r["correct"]) == len(r["answers"]) == 4 for r in records)
+    with Store(path, read_only=True) as store, store.session() as session:
+        originals = controls.originals(session, gold)
+    greedy = [r for r in records if r["temperature"] == 0]
+    assert [not all(r["correct"]) for r in greedy] == [not originals[r["doc_hash"]] for r in greedy]
+    assert "temperature 0: wrong -> right" in out and "best temperature per k" in out
+    output.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:-1]))
+    status, again, err = cola_controls(capsys, "sampling", *common)
+    assert status == 0, err
+    again_header, *redrawn = [json.loads(line) for line in output.read_text().splitlines()]
+    timeless = [r | {"seconds": 0} for r in records]
+    assert again_header == header and [r | {"seconds": 0} for r in redrawn] == timeless
+    assert again.split("  cost")[0] == out.split("  cost")[0]  # the one redrawn, drawn as before
+    status, _, err = cola_controls(capsys, "sampling", *common[:-1], "5")
+    assert status == 2 and "holds samples of other settings" in err and "another --output" in err
+    status, _, err = cola_controls(capsys, "sampling", *argv, "--run", str(scored))
+    assert status == 2 and "generates nothing to sample" in err
