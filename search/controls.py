@@ -365,12 +365,14 @@ class SampleLog:
         if not path.exists() or path.stat().st_size == 0:
             path.write_text(json.dumps(header) + "\n")
             return cls(path, [])
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if lines[0] != header:
+        from lm_eval_cola.store.controls import read_samples
+
+        found, records = read_samples(path)
+        if found != header:
             raise ControlError(
-                f"{path} holds samples of other settings ({lines[0]}); give another --output"
+                f"{path} holds samples of other settings ({found}); give another --output"
             )
-        return cls(path, lines[1:])
+        return cls(path, records)
 
     @property
     def done(self) -> set[tuple[str, float]]:
@@ -398,20 +400,17 @@ class SamplingCheck:
 
     @classmethod
     def of(cls, records: list[dict], originals: dict[str, bool], k: int) -> SamplingCheck:
-        budgets = sorted({1, 5, k} & set(range(1, k + 1)))
-        wrong = {r["doc_hash"] for r in records if not originals[r["doc_hash"]]}
-        corrected: dict[float, dict[int, int]] = {}
+        from lm_eval_cola.store.controls import sampled_corrections
+
         right: dict[float, float] = {}
         for temperature in sorted({r["temperature"] for r in records}):
             mine = [r for r in records if r["temperature"] == temperature]
-            missed = [r["correct"] for r in mine if r["doc_hash"] in wrong]
-            corrected[temperature] = {n: sum(any(c[:n]) for c in missed) for n in budgets}
             right[temperature] = sum(map(sum, (r["correct"] for r in mine))) / (len(mine) * k)
         return cls(
             documents=len({r["doc_hash"] for r in records}),
-            wrong=len(wrong),
+            wrong=len({r["doc_hash"] for r in records if not originals[r["doc_hash"]]}),
             samples=k,
-            corrected=corrected,
+            corrected=sampled_corrections(records, originals, sorted({1, 5, k} & {*range(k + 1)})),
             right=right,
             seconds=sum(r["seconds"] for r in records) / max(len(records), 1),
         )

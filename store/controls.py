@@ -8,6 +8,10 @@ target and some evaluated chain does. The fair comparison is on the documents wh
 model gives neither (both searches start from a wrong answer): there, *corrections above the
 lottery* is the gold search's share minus the decoy's, with a paired 95% bootstrap interval.
 
+The full model's own samples (``cola controls sampling``) are not chains, so they are kept
+beside the store, as JSON lines (:func:`read_samples`); sampling@k is read from them the same
+way, on the documents whose full model is wrong.
+
 Unguided runs (``cola controls random`` and ``menu``) name their gold run in their settings
 (``control_of``). ``@k`` of a run is the share of the documents whose full model is wrong where
 one of the run's first ``k`` chains after the full model is right; the gold search's own
@@ -16,8 +20,11 @@ one of the run's first ``k`` chains after the full model is right; the gold sear
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.engine import Row
@@ -225,3 +232,28 @@ def rescues(session: Session, run_id: int) -> dict[str, str]:
     wrong = {doc_hash for doc_hash, right in originals(session, run_id).items() if not right}
     picks = pick(session, [run_id], "shortest-correct")
     return {p.doc_hash: p.chain for p in picks if p.doc_hash in wrong and p.correct}
+
+
+def read_samples(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A ``cola controls sampling`` file: its header (gold run, k, seed) and one record per
+    document and temperature (``doc_hash``, ``temperature``, ``correct`` per sample, ...)."""
+    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not lines or "run" not in lines[0]:
+        raise ValueError(f"{path} is not a file of cola controls sampling")
+    return lines[0], lines[1:]
+
+
+def sampled_corrections(
+    records: list[dict[str, Any]], originals: dict[str, bool], budgets: list[int]
+) -> dict[float, dict[int, int]]:
+    """Per temperature and each k of ``budgets``: the documents whose full model is wrong where
+    one of the first k samples is right."""
+    corrected: dict[float, dict[int, int]] = {}
+    for temperature in sorted({r["temperature"] for r in records}):
+        missed = [
+            r["correct"]
+            for r in records
+            if r["temperature"] == temperature and not originals[r["doc_hash"]]
+        ]
+        corrected[temperature] = {k: sum(any(c[:k]) for c in missed) for k in budgets}
+    return corrected

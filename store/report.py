@@ -7,6 +7,8 @@ model is wrong. The last column is *corrections above the lottery*: where the fu
 neither the gold nor the decoy answer, the gold search's share minus the decoy's, with a
 paired 95% interval (:mod:`lm_eval_cola.store.controls`). A row whose controls are missing says
 so (``-``) instead of standing alone: run ``cola search --target decoy`` and ``cola controls``.
+A generation run's ``cola controls sampling`` file (``--sampling``) adds the model's own
+sampling at the same number of answers, at its best temperature.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ HELP = "every oracle in the stores beside its decoy, random and menu controls"
 EPILOG = """examples:
   cola report --store results/controls.db
   cola report --store results/controls.db --store results/qwen.db --output docs/controls.md
+  cola report --store results/gen.db --sampling results/gen-arc-easy-sampling.jsonl
 """
 #: The unguided controls, by method, in the order of the table's columns.
 CONTROL_METHODS = ("random-walk", "menu")
@@ -41,6 +44,8 @@ class OracleRow:
     #: unguided control at the same number of chains
     corrected: tuple[int, int]
     controls: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: the full model's own samples, as many as the search's chains, at the best temperature
+    sampling: tuple[int, int] | None = None
     #: on the documents the run and its decoy run both finished: some chain gives the target
     #: where the full model does not, for the gold answer and for the decoy
     gold_reached: tuple[int, int] | None = None
@@ -53,21 +58,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--store", action="append", required=True, help="SQLite path or URL (repeatable)"
     )
+    parser.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        help="a file of cola controls sampling, for its gold run's row (repeatable)",
+    )
     parser.add_argument("--output", help="also write the table to this Markdown file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lm_eval_cola.errors import report
+    from lm_eval_cola.store.controls import read_samples
     from lm_eval_cola.store.engine import StoreError
     from lm_eval_cola.store.store import Store
 
     rows: list[OracleRow] = []
     try:
+        samples = {}
+        for path in args.sampling:
+            header, records = read_samples(path)
+            samples[header["run"]] = (header["k"], records)
         for url in args.store:
             with Store(url, read_only=True) as store, store.session() as session:
-                rows += oracle_rows(session)
-    except StoreError as err:
+                rows += oracle_rows(session, samples)
+    except (StoreError, OSError, ValueError) as err:
         return report("cola report", err)
     table = markdown(rows)
     print(table)
@@ -77,8 +93,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def oracle_rows(session) -> list[OracleRow]:
-    """A row per gold search run of the store, oldest first."""
+def oracle_rows(session, samples: dict[str, tuple[int, list[dict]]] | None = None):
+    """A row per gold search run of the store, oldest first; ``samples``: the full model's
+    samples (k, records) by gold run name."""
     from sqlalchemy import select
 
     from lm_eval_cola.store.controls import target_of
@@ -86,10 +103,15 @@ def oracle_rows(session) -> list[OracleRow]:
 
     runs = session.scalars(select(Run).order_by(Run.id))
     gold = [r for r in runs if target_of(r) == "gold" and not r.settings.get("control_of")]
-    return [_row(session, run) for run in gold if run.method not in CONTROL_METHODS]
+    samples = samples or {}
+    return [
+        _row(session, run, samples.get(run.name))
+        for run in gold
+        if run.method not in CONTROL_METHODS
+    ]
 
 
-def _row(session, run) -> OracleRow:
+def _row(session, run, samples: tuple[int, list[dict]] | None) -> OracleRow:
     from lm_eval_cola.store.controls import controls
 
     found = controls(session, run.id)
@@ -106,10 +128,33 @@ def _row(session, run) -> OracleRow:
         original_right=found.documents - search.documents,
         corrected=(search.corrected.get(k, 0), search.documents),
         controls={a.method: (a.corrected[k], a.documents) for a in others if k in a.corrected},
+        sampling=None if samples is None else _sampled(session, found, k, samples),
         gold_reached=None if lottery is None else (lottery.gold.reached, lottery.gold.documents),
         decoy_reached=None if lottery is None else (lottery.decoy.reached, lottery.decoy.documents),
         above_lottery=None if lottery is None else _lottery_text(lottery),
     )
+
+
+def _sampled(session, found, k: int, samples: tuple[int, list[dict]]) -> tuple[int, int] | None:
+    """The originally wrong documents (of those every run of the row finished) that one of
+    the model's first k samples gets right, at its best temperature, k the search's chains;
+    ``None`` when fewer were sampled or a document was not."""
+    from sqlalchemy import select
+
+    from lm_eval_cola.store.controls import originals, sampled_corrections
+    from lm_eval_cola.store.queries import common_documents
+    from lm_eval_cola.store.schema import Document
+
+    sampled, records = samples
+    gold = found.at_k[0]
+    ids = common_documents(session, [row.run_id for row in found.at_k])
+    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(ids))))
+    right = {h: r for h, r in originals(session, gold.run_id).items() if h in hashes}
+    mine = [r for r in records if r["doc_hash"] in right]
+    if sampled < k or {r["doc_hash"] for r in mine} != set(right):
+        return None
+    counts = sampled_corrections(mine, right, [k]).values()
+    return max(c[k] for c in counts), sum(not r for r in right.values())
 
 
 def _lottery_text(lottery) -> str:
@@ -132,6 +177,7 @@ def markdown(rows: list[OracleRow]) -> str:
     header = [
         "run", "data set", "space", "budget", "documents", "full model right",
         "wrong -> right: search", *(f"{m} (same budget)" for m in CONTROL_METHODS),
+        "own sampling (same budget, best temperature)",
         "gold reached", "decoy reached", "corrections above the lottery [95% CI], on",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -139,7 +185,7 @@ def markdown(rows: list[OracleRow]) -> str:
         cells = [
             r.run, r.task, r.space, str(r.budget), str(r.documents),
             share_text(r.original_right, r.documents), cell(r.corrected),
-            *(cell(r.controls.get(m)) for m in CONTROL_METHODS),
+            *(cell(r.controls.get(m)) for m in CONTROL_METHODS), cell(r.sampling),
             cell(r.gold_reached), cell(r.decoy_reached), r.above_lottery or "-",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

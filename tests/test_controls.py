@@ -277,8 +277,9 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert cells[6] == share_text(search_k.corrected[5], search_k.documents)
     assert cells[7] == share_text(random_k.corrected[5], random_k.documents)
     assert cells[8] == "-", "no menu was run"
-    assert cells[10] == share_text(lottery.decoy.reached, lottery.decoy.documents)
-    assert rows["no-controls"][7:] == ["-"] * 4 + ["- |"], f"run {alone}: nothing beside it"
+    assert cells[9] == "-", "no sampling file was given"
+    assert cells[11] == share_text(lottery.decoy.reached, lottery.decoy.documents)
+    assert rows["no-controls"][7:] == ["-"] * 5 + ["- |"], f"run {alone}: nothing beside it"
 
 
 def loaded_split(task_dir: str, split: str):
@@ -454,12 +455,12 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
         scored = search(lm, loaded(task_dir, "cola_mc"), store)
     argv = ["--store", path, "--include_path", task_dir, "--output", str(output)]
     argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
-    common = [*argv, "--run", str(gold), "--temperatures", "0,1", "--k", "4"]
+    common = [*argv, "--run", str(gold), "--temperatures", "0,1", "--k", "5"]
     status, out, err = cola_controls(capsys, "sampling", *common)
     assert status == 0, err
     header, *records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert header["k"] == 4 and len(records) == 2 * len(GEN_DOCS)
-    assert all(len(r["correct"]) == len(r["answers"]) == 4 for r in records)
+    assert header["k"] == 5 and len(records) == 2 * len(GEN_DOCS)
+    assert all(len(r["correct"]) == len(r["answers"]) == 5 for r in records)
     with Store(path, read_only=True) as store, store.session() as session:
         originals = controls.originals(session, gold)
     greedy = [r for r in records if r["temperature"] == 0]
@@ -472,7 +473,12 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     timeless = [r | {"seconds": 0} for r in records]
     assert again_header == header and [r | {"seconds": 0} for r in redrawn] == timeless
     assert again.split("  cost")[0] == out.split("  cost")[0]  # the one redrawn, drawn as before
-    status, _, err = cola_controls(capsys, "sampling", *common[:-1], "5")
+    assert main(["report", "--store", path, "--sampling", str(output)]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if str(header["run"]) in line]
+    wrong = [r for r in records if not originals[r["doc_hash"]]]
+    best = max(sum(any(r["correct"]) for r in wrong if r["temperature"] == t) for t in (0, 1))
+    assert row.split(" | ")[9] == share_text(best, len(wrong) // 2), "the search's 5 chains"
+    status, _, err = cola_controls(capsys, "sampling", *common[:-1], "4")
     assert status == 2 and "holds samples of other settings" in err and "another --output" in err
     status, _, err = cola_controls(capsys, "sampling", *argv, "--run", str(scored))
     assert status == 2 and "generates nothing to sample" in err
