@@ -12,6 +12,7 @@ at a k-th of the prompt's cost.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 
 import torch
@@ -50,6 +51,13 @@ def sample(lm: HFLM, request: Instance, k: int, temperature: float, seed: int) -
             **_drawing(kwargs, temperature),
         )
     return [_answer(lm, row[prompt.shape[1] :], until) for row in drawn.tolist()]
+
+
+def seed_for(seed: int, doc_hash: str, temperature: float) -> int:
+    """A seed per document and temperature: a document's samples are the same whatever else is
+    sampled, before or after it (so a resumed run draws what a whole one does)."""
+    digest = hashlib.sha256(f"{seed}/{doc_hash}/{temperature}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 def _answer(lm: HFLM, tokens: list[int], until: list[str]) -> str:

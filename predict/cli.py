@@ -237,6 +237,9 @@ def _print_results(results) -> None:
           f"model depth {first.n_layers}")  # fmt: skip
     print(f"identity chain accuracy {first.identity_accuracy:.3f}; best static chain "
           f"{first.static_chain} accuracy {first.static_accuracy:.3f}")  # fmt: skip
+    if first.sampling_at_k is not None:
+        print(f"the full model's own {first.k} samples, best temperature: sampling@{first.k} "
+              f"{first.sampling_at_k:.3f}")  # fmt: skip
     oracle_k, menu_k = f"oracle@{first.k}", f"menu@{first.k}"
     print(f"{'predictor':<10} {'accuracy':>8} {'vs identity [95% CI]':>27} {'McNemar p':>9} "
           f"{'layers':>7} {'depth':>6} {'not identity':>12} {oracle_k:>9} {menu_k:>7}")  # fmt: skip
@@ -250,7 +253,8 @@ def _print_results(results) -> None:
         "layers: the chain's plus the predictor's feature layers, per document; oracle@k: "
         "any of k predicted chains right (picked by the gold answer: not an accuracy); "
         "menu@k: the same for a fixed menu of the k training candidates right most often, "
-        "which a predictor's k chains must beat to adapt to the input"
+        "which a predictor's k chains must beat to adapt to the input (and, for a "
+        "generation task, sampling@k: any of the unmodified model's own k samples right)"
     )
     if not any(r.delta_low > 0 for r in results):
         print("No predictor beats the identity chain on these documents (95% interval).")

@@ -26,6 +26,7 @@ from lm_eval_cola.fingerprint import ModelIdentity, require_match
 from lm_eval_cola.predict.dataset import DOCUMENTS_AT_ONCE
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
+from lm_eval_cola.sampling import sample, seed_for
 from lm_eval_cola.scoring import Objective, Proposal
 from lm_eval_cola.statistics import mcnemar, paired_interval
 from lm_eval_cola.tasks import Document, TaskSpec, task_documents
@@ -72,6 +73,13 @@ class PredictorScore:
     #: (the identity, then the chains right on the most training documents), the same k
     #: chains for every document; a predictor's k chains adapt to the input only if they beat it
     menu_at_k: float = 0.0
+    #: the full model's own k samples (generation tasks, else None): any of them right, at the
+    #: best of :data:`SAMPLING_TEMPERATURES`; a predictor's k chains must beat it as well
+    sampling_at_k: float | None = None
+
+
+#: The full model's sampling temperatures that sampling@k takes the best of.
+SAMPLING_TEMPERATURES = (0.3, 0.7, 1.0)
 
 
 def check_fit(predictors: list[Predictor], loaded: ModelIdentity) -> None:
@@ -150,10 +158,28 @@ def evaluate(
     for per_document in ranked:
         pairs += [(d, c) for d, chains in zip(documents, per_document, strict=True) for c in chains]
     correct.fill(pairs)
+    sampled = sampling_at_k(lm, correct.objective, documents, k)
     return [
-        _summary(predictor, task.config.task, documents, chains, _mean(cost), correct, k)
+        _summary(predictor, task.config.task, documents, chains, _mean(cost), correct, k, sampled)
         for predictor, chains, cost in zip(predictors, ranked, own, strict=True)
     ]
+
+
+def sampling_at_k(
+    lm: ChainLM, objective: Objective, documents: list[Document], k: int
+) -> float | None:
+    """The share of documents one of the full model's own ``k`` samples gets right, at the
+    best of :data:`SAMPLING_TEMPERATURES`; ``None`` unless the task generates one answer
+    judged right or wrong."""
+    if objective.output_type != "generate_until" or not objective.binary:
+        return None
+    hits = dict.fromkeys(SAMPLING_TEMPERATURES, 0)
+    for document in tqdm(documents, desc="Sampling the full model"):
+        for temperature in SAMPLING_TEMPERATURES:
+            seed = seed_for(0, document.doc_hash, temperature)
+            answers = sample(lm, document.instances[0], k, temperature, seed)
+            hits[temperature] += any(t.correct for t in objective.judge_outputs(document, answers))
+    return max(hits.values()) / len(documents) if documents else 0.0
 
 
 def menu(predictor: Predictor, k: int) -> list[Chain]:
@@ -169,6 +195,7 @@ def _summary(
     own: float,
     correct: _Correctness,
     k: int,
+    sampled: float | None,
 ) -> PredictorScore:
     identity = correct.identity
     static = Chain.parse(predictor.info.static_chain)
@@ -203,6 +230,7 @@ def _summary(
         k=k,
         oracle_at_k=_mean(any_right) if max(map(len, ranked), default=0) > 1 else None,
         menu_at_k=_mean(any(correct(d, c) for c in menu(predictor, k)) for d in documents),
+        sampling_at_k=sampled,
     )
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -280,7 +279,7 @@ def run_shuffle(args: argparse.Namespace) -> int:
 def run_sampling(args: argparse.Namespace) -> int:
     """The full model's own answers on the gold run's documents, ``--k`` samples per document
     at each temperature, judged by the gold answer; resumed from ``--output``."""
-    from lm_eval_cola.sampling import sample
+    from lm_eval_cola.sampling import sample, seed_for
     from lm_eval_cola.scoring import Objective
 
     try:
@@ -296,7 +295,7 @@ def run_sampling(args: argparse.Namespace) -> int:
     todo = [(d, t) for d in documents for t in temperatures if (d.doc_hash, t) not in log.done]
     for document, temperature in tqdm(todo, desc="Sampling", disable=not todo):
         start = time.perf_counter()
-        seed = _sample_seed(gold.seed, document.doc_hash, temperature)
+        seed = seed_for(gold.seed, document.doc_hash, temperature)
         outputs = sample(lm, document.instances[0], k, temperature, seed)
         trials = objective.judge_outputs(document, outputs)
         log.write({
@@ -344,12 +343,6 @@ def _gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, 
 
     limit = min(limit or gold.n_documents, gold.n_documents)
     return [d for d in task_documents(task, limit) if d.doc_hash in finished]
-
-
-def _sample_seed(seed: int, doc_hash: str, temperature: float) -> int:
-    """A seed per document and temperature, so a resumed run draws what a whole one does."""
-    digest = hashlib.sha256(f"{seed}/{doc_hash}/{temperature}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 @dataclass

@@ -14,13 +14,14 @@ import torch
 from lm_eval.tasks import TaskManager
 from sqlalchemy import select
 
+from lm_eval_cola import sampling
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import identify
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.predict import predictors as P
 from lm_eval_cola.predict import pruning, selection
 from lm_eval_cola.predict.dataset import build_training_set, routable, tie_shares
-from lm_eval_cola.predict.evaluate import LeakError, evaluate
+from lm_eval_cola.predict.evaluate import SAMPLING_TEMPERATURES, LeakError, evaluate
 from lm_eval_cola.predict.features import FeatureSpec, PromptStates, prompt_of
 from lm_eval_cola.predict.programs import KEEP, MAX_SEGMENT, REPEAT, SKIP, decode, longest, parse
 from lm_eval_cola.predict.training_set import RoutePath, TrainingDataError, TrainingSet
@@ -456,6 +457,17 @@ def test_out_of_domain_tasks_are_judged_with_their_own_metric(lm, task_dir, trai
         assert result.documents == len(documents)
         assert result.identity_accuracy == sum(identity) / len(documents)
         assert result.delta_low <= result.delta <= result.delta_high
+
+    def sampled_right(document, heat: float) -> bool:  # one of the model's own 5 samples
+        seed = sampling.seed_for(0, document.doc_hash, heat)
+        answers = sampling.sample(lm, document.instances[0], 5, heat, seed)
+        return any(t.correct for t in objective.judge_outputs(document, answers))
+
+    sampled = [[sampled_right(d, heat) for d in documents] for heat in SAMPLING_TEMPERATURES]
+    best = max(sum(hits) for hits in sampled) / len(documents)
+    assert {r.sampling_at_k for r in results} == {best}, "one baseline for every predictor"
+    scored = evaluate(lm, split_task(task_dir), [P.load(paths["static"])])
+    assert scored[0].sampling_at_k is None, "a log-likelihood task has no samples"
 
 
 def test_settings_that_cannot_mean_what_they_say_are_skipped_with_a_note(caplog):
