@@ -91,3 +91,23 @@ def test_ablation_reports_label_noise_routers_and_features(tiny_llama_dir, task_
     assert "## Label noise" in first and "| router |" in first and "| router-ce |" in first
     assert "| knn |" in first and "| network |" in first
     assert ablation.main(args) == 0 and report.read_text() == first  # from the cached set
+
+
+def test_answers_by_edits_counts_options_and_cumulative_corrections():
+    """benchmarks/answers.py: chains grouped by edits from the full model; a document counts as
+    corrected from the first number of edits at which one of its chains is right."""
+    import pandas as pd
+
+    answers = script("answers")
+    rows = [  # (document, edits, answer, right); the full model wrong on a and b, right on c
+        ("a", 0, "A", False), ("a", 1, "B", True), ("a", 2, "[invalid]", False),
+        ("b", 0, "A", False), ("b", 1, "C", False), ("b", 2, "D", True),
+        ("c", 0, "C", True), ("c", 1, None, False), ("c", 2, "A", False),
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=["doc_hash", "edits", "response", "correct"])
+    table = answers.by_edits(frame)
+    assert list(table.index) == ["0", "1", "2"]
+    assert list(table["wrong -> right within"]) == ["0/2", "1/2", "2/2"]
+    assert list(table["'A'"]) == ["66.7%", "0.0%", "33.3%"]
+    assert list(table["no option"]) == ["0.0%", "33.3%", "33.3%"]
+    assert list(table["right"]) == ["33.3%", "33.3%", "33.3%"]
