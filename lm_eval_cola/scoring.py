@@ -30,6 +30,7 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import PrefixCache, Work
 from lm_eval_cola.lm import ChainLM, RunOptions
+from lm_eval_cola.sampling import sample
 from lm_eval_cola.targets import judged_by
 from lm_eval_cola.tasks import Document, TaskSpec, check_task, filters_of
 
@@ -180,6 +181,12 @@ class Objective:
             for document, keys in result.decode_steps.items():
                 steps[document] += keys
         return work, steps
+
+    def sampled(self, document: Document, k: int, temperature: float, seed: int) -> list[Trial]:
+        """The full model's own ``k`` samples to the document's one generation request
+        (:func:`~lm_eval_cola.sampling.sample`), each judged as a chain's answer is."""
+        outputs = sample(self.lm, document.instances[0], k, temperature, seed)
+        return self.judge_outputs(document, outputs)
 
     def judge_outputs(self, document: Document, outputs: Sequence[str]) -> list[Trial]:
         """Each of ``outputs`` as the answer to the document's one generation request, judged

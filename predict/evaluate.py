@@ -26,7 +26,7 @@ from lm_eval_cola.fingerprint import ModelIdentity, require_match
 from lm_eval_cola.predict.dataset import DOCUMENTS_AT_ONCE
 from lm_eval_cola.predict.features import PromptStates, prompt_of
 from lm_eval_cola.predict.predictors import Predictor
-from lm_eval_cola.sampling import sample, seed_for
+from lm_eval_cola.sampling import seed_for
 from lm_eval_cola.scoring import Objective, Proposal
 from lm_eval_cola.statistics import mcnemar, paired_interval
 from lm_eval_cola.tasks import Document, TaskSpec, task_documents
@@ -158,16 +158,14 @@ def evaluate(
     for per_document in ranked:
         pairs += [(d, c) for d, chains in zip(documents, per_document, strict=True) for c in chains]
     correct.fill(pairs)
-    sampled = sampling_at_k(lm, correct.objective, documents, k)
+    sampled = sampling_at_k(correct.objective, documents, k)
     return [
         _summary(predictor, task.config.task, documents, chains, _mean(cost), correct, k, sampled)
         for predictor, chains, cost in zip(predictors, ranked, own, strict=True)
     ]
 
 
-def sampling_at_k(
-    lm: ChainLM, objective: Objective, documents: list[Document], k: int
-) -> float | None:
+def sampling_at_k(objective: Objective, documents: list[Document], k: int) -> float | None:
     """The share of documents one of the full model's own ``k`` samples gets right, at the
     best of :data:`SAMPLING_TEMPERATURES`; ``None`` unless the task generates one answer
     judged right or wrong."""
@@ -176,9 +174,10 @@ def sampling_at_k(
     hits = dict.fromkeys(SAMPLING_TEMPERATURES, 0)
     for document in tqdm(documents, desc="Sampling the full model"):
         for temperature in SAMPLING_TEMPERATURES:
-            seed = seed_for(0, document.doc_hash, temperature)
-            answers = sample(lm, document.instances[0], k, temperature, seed)
-            hits[temperature] += any(t.correct for t in objective.judge_outputs(document, answers))
+            trials = objective.sampled(
+                document, k, temperature, seed_for(0, document.doc_hash, temperature)
+            )
+            hits[temperature] += any(t.correct for t in trials)
     return max(hits.values()) / len(documents) if documents else 0.0
 
 

@@ -279,7 +279,7 @@ def run_shuffle(args: argparse.Namespace) -> int:
 def run_sampling(args: argparse.Namespace) -> int:
     """The full model's own answers on the gold run's documents, ``--k`` samples per document
     at each temperature, judged by the gold answer; resumed from ``--output``."""
-    from lm_eval_cola.sampling import sample, seed_for
+    from lm_eval_cola.sampling import seed_for
     from lm_eval_cola.scoring import Objective
 
     try:
@@ -291,13 +291,12 @@ def run_sampling(args: argparse.Namespace) -> int:
     except (ColaError, ValueError) as err:
         return report("cola controls sampling", err)
     objective = Objective(lm, task, gold.spec)
-    wanted = {(d.doc_hash, t) for d in documents for t in temperatures}
-    todo = [(d, t) for d in documents for t in temperatures if (d.doc_hash, t) not in log.done]
+    wanted = [(d, t) for d in documents for t in temperatures]
+    todo = [(d, t) for d, t in wanted if (d.doc_hash, t) not in log.done]
     for document, temperature in tqdm(todo, desc="Sampling", disable=not todo):
         start = time.perf_counter()
         seed = seed_for(gold.seed, document.doc_hash, temperature)
-        outputs = sample(lm, document.instances[0], k, temperature, seed)
-        trials = objective.judge_outputs(document, outputs)
+        trials = objective.sampled(document, k, temperature, seed)
         log.write({
             "doc_hash": document.doc_hash,
             "temperature": temperature,
@@ -305,10 +304,8 @@ def run_sampling(args: argparse.Namespace) -> int:
             "answers": [t.response for t in trials],
             "seconds": time.perf_counter() - start,
         })  # fmt: skip
-    wanted = {d.doc_hash for d in documents}
-    records = [
-        r for r in log.records if r["doc_hash"] in wanted and r["temperature"] in temperatures
-    ]
+    keys = {(d.doc_hash, t) for d, t in wanted}
+    records = [r for r in log.records if (r["doc_hash"], r["temperature"]) in keys]
     print(SamplingCheck.of(records, originals, k).text(gold.id))
     return 0
 
