@@ -10,7 +10,7 @@ does not depend on its company, which ``benchmarks/batch_invariance.py`` measure
 - linear layers (projections, MLP, LM head) give a row the same bits in any call whose rows
   are a multiple of :data:`ROW_TILE` (the kernel works in tiles of 4 rows; a row of a partial
   last tile takes another path in calls of under 12 rows), so a decoding call is filled up to
-  a multiple with copies of its first row;
+  a multiple with copies of one of its rows;
 - norms, rotary embeddings, activations and the softmax are row-invariant as they are;
 - attention is not invariant to how far a row's KV cache is padded (the reductions over keys
   change their order), so each row attends over its cache padded to its own length rounded up
@@ -88,15 +88,16 @@ class Generation:
     key: str = ""
     #: tokens in its KV cache
     length: int = 0
-    #: its KV cache: (keys, values) per chain position, room for every token it may see
+    #: its KV cache: (keys, values) per chain position, room for every token it may see in
+    #: whole key buckets, zeros after its tokens (so its keys padded to its bucket are a view)
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def write(self, position: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append a step's (heads, tokens, dim) keys and values at a chain position."""
         if position not in self.cache:
-            room = len(self.prompt) + self.max_new_tokens
+            room = _bucket(len(self.prompt) + self.max_new_tokens)
             shape = (keys.shape[0], room, keys.shape[-1])
-            self.cache[position] = (keys.new_empty(shape), values.new_empty(shape))
+            self.cache[position] = (keys.new_zeros(shape), values.new_zeros(shape))
         stored_keys, stored_values = self.cache[position]
         stored_keys[:, self.length : self.length + keys.shape[1]] = keys
         stored_values[:, self.length : self.length + keys.shape[1]] = values
@@ -227,8 +228,9 @@ class DecodeStep(RowsRun):
         self.cache = decoding.cache
         #: copies of the first row that fill a decoding step's calls to whole tiles
         self.fill = _filler(len(generations)) if width == 1 else 0
-        #: every call's keys are padded to the step's longest row's bucket
-        self.key_length = _bucket(max(g.length + n for g, n in zip(generations, new, strict=True)))
+        #: each row's keys padded to a whole bucket; a call's, to its longest row's
+        self.buckets = [_bucket(g.length + n) for g, n in zip(generations, new, strict=True)]
+        self.key_length = max(self.buckets)
         self._masks: dict[int | None, torch.Tensor] = {}
         for r, generation in enumerate(generations):
             self._resume(r, generation)
@@ -243,17 +245,20 @@ class DecodeStep(RowsRun):
 
     def _call(self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs):
         module = self.executor.layers[layer]
-        called = rows + rows[:1] * (_filler(len(rows)) if self.rows.width == 1 else 0)
+        # rows of one key bucket side by side: each bucket's attention reads slices, not copies
+        rows = sorted(rows, key=lambda r: self.buckets[r])
+        called = rows + rows[-1:] * (_filler(len(rows)) if self.rows.width == 1 else 0)
+        key_length = self.buckets[rows[-1]]
         view = _CacheView(
             [self.generations[r] for r in called],
             [positions[r] for r in called],
             [self.rows.lengths[r] for r in called],
             len(rows),
-            self.key_length,
+            key_length,
         )
         mask = self._mask(self.executor.sliding_window(module), hidden)
         arguments = {name: _take(value, called) for name, value in kwargs.items()}
-        arguments["attention_mask"] = mask[called]
+        arguments["attention_mask"] = mask[called, ..., :key_length]
         arguments[self.decoding.cache_argument] = view
         output = module(hidden[called], *args, **arguments)
         output = output[0] if isinstance(output, tuple) else output
@@ -325,14 +330,20 @@ class _CacheView:
             written = keys[i, :, keys.shape[2] - new :], values[i, :, keys.shape[2] - new :]
             generation.write(position, *written)
             self.written.append((written[0].clone(), written[1].clone()))
-        lengths = [generation.length + new for generation, _, new in rows]
-        shape = (keys.shape[0], keys.shape[1], self.key_length, keys.shape[3])
-        all_keys, all_values = keys.new_zeros(shape), values.new_zeros(shape)
-        for i, (generation, position, _) in enumerate(rows):
-            stored_keys, stored_values = generation.cache[position]
-            all_keys[i, :, : lengths[i]] = stored_keys[:, : lengths[i]]
-            all_values[i, :, : lengths[i]] = stored_values[:, : lengths[i]]
-        return all_keys, all_values
+        stored = [generation.cache[position] for generation, position, _ in rows]
+        return self._padded([k for k, _ in stored]), self._padded([v for _, v in stored])
+
+    def _padded(self, caches: list[torch.Tensor]) -> torch.Tensor:
+        """The rows' (heads, room, dim) caches as one (rows, heads, key_length, dim) tensor: a
+        cache is zero after its tokens, so it needs padding only where its room is shorter."""
+        length = self.key_length
+        return torch.stack(
+            [
+                cache[:, :length] if cache.shape[1] >= length
+                else torch.nn.functional.pad(cache, (0, 0, 0, length - cache.shape[1]))
+                for cache in caches
+            ]
+        )  # fmt: skip
 
 
 def bucketed_attention(
@@ -346,15 +357,17 @@ def bucketed_attention(
     **kwargs,
 ):
     """The family's own eager attention, each row over its keys up to its last visible one,
-    padded to a multiple of :data:`KEY_BUCKET`: one call per group of rows of one bucket, so a
-    row's reductions over keys have the same length whatever else is in the call."""
+    padded to a multiple of :data:`KEY_BUCKET`: one call per run of neighbouring rows of one
+    bucket (a slice, no copy; :meth:`DecodeStep._call` puts them side by side), so a row's
+    reductions over keys have the same length whatever else is in the call."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
     visible = attention_mask[:, 0, -1, :] == 0
     last = visible.shape[-1] - visible.flip(-1).int().argmax(-1)
     buckets = -(-last // KEY_BUCKET) * KEY_BUCKET
-    output = None
-    for bucket in buckets.unique().tolist():
-        rows = (buckets == bucket).nonzero()[:, 0]
+    buckets, counts = torch.unique_consecutive(buckets, return_counts=True)
+    parts, start = [], 0
+    for bucket, count in zip(buckets.tolist(), counts.tolist(), strict=True):
+        rows = slice(start, start + count)
         part, _ = eager(
             module,
             query[rows],
@@ -365,10 +378,9 @@ def bucketed_attention(
             dropout=dropout,
             **kwargs,
         )
-        if output is None:
-            output = part.new_empty((query.shape[0], *part.shape[1:]))
-        output[rows] = part
-    return output, None
+        parts.append(part)
+        start += count
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
 
 
 AttentionInterface.register(ATTENTION, bucketed_attention)
