@@ -100,7 +100,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     shuffle.add_argument("--output", help="also write the counts as JSON here")
     shuffle.set_defaults(func=run_shuffle)
     sampling = _add_kind(
-        kinds, "sampling", "the full model's own k samples at each temperature (generation)"
+        kinds,
+        "sampling",
+        "the full model's own k samples at each temperature (generation)",
+        runs_chains=False,
     )
     sampling.add_argument(
         "--temperatures", default="0.3,0.7,1.0", help="comma-separated (default: 0.3,0.7,1.0)"
@@ -114,7 +117,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sampling.set_defaults(func=run_sampling)
 
 
-def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
+def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str, runs_chains: bool = True):
+    """A control's parser; one that runs no chains (the model's own sampling) takes no
+    options for batching them."""
     parser = add_command(
         kinds,
         name,
@@ -124,14 +129,16 @@ def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str):
     )
     parser.add_argument("--store", default="cola.db", help="the gold run's store")
     parser.add_argument("--run", required=True, help="the gold run, id or name")
-    parser.add_argument("--k", type=int, help="chains per document (default: the gold budget)")
+    unit = "chains per document" if runs_chains else "samples per document and temperature"
+    parser.add_argument("--k", type=int, help=f"{unit} (default: the gold budget)")
     parser.add_argument(
         "--limit", type=int, help="the first N documents of the gold run's (default: all)"
     )
     add_model_args(parser, "the gold run's model")
     parser.add_argument("--include_path", help="extra folder of task YAMLs")
-    parser.add_argument("--parallel_docs", type=int, default=16, help="(default: 16)")
-    parser.add_argument("--prefix_cache_mb", type=float, default=4096, help="(default: 4096)")
+    if runs_chains:
+        parser.add_argument("--parallel_docs", type=int, default=16, help="(default: 16)")
+        parser.add_argument("--prefix_cache_mb", type=float, default=4096, help="(default: 4096)")
     return parser
 
 

@@ -456,6 +456,8 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     argv = ["--store", path, "--include_path", task_dir, "--output", str(output)]
     argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
     common = [*argv, "--run", str(gold), "--temperatures", "0,1", "--k", "5"]
+    with pytest.raises(SystemExit):  # the model's own sampling batches no chains
+        cola_controls(capsys, "sampling", *common, "--parallel_docs", "4")
     status, out, err = cola_controls(capsys, "sampling", *common)
     assert status == 0, err
     header, *records = [json.loads(line) for line in output.read_text().splitlines()]
