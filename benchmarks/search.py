@@ -15,7 +15,8 @@ The script checks that all three store the same chains with the same correctness
 (within 1e-5) and, for generation, the same answers, then prints token-layer applications
 (token positions x layers, padding included) against naive and against the physical limit
 (each distinct chain prefix once over each document's distinct token positions), wall time,
-forward passes per 100 evaluations and peak memory, with the issue's targets. It exits with
+forward passes per 100 evaluations and peak memory, with the issue's targets, and the compute
+floor: the physical limit at the model's own prefill rate, measured in the same run. It exits with
 status 1 when a check fails.
 
 Example (after ``cola data import --tasks arc_easy``):
@@ -32,6 +33,8 @@ import resource
 import sys
 import tempfile
 import time
+
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -101,6 +104,22 @@ def measured_search(lm, task, args, folder: str, name: str, decoding=None, **how
     return Measured(seconds, work, rows, limit)
 
 
+def seconds_per_token_layer(lm, rows: int = 8, tokens: int = 128, repeats: int = 3) -> float:
+    """The model's own rate over prompt tokens: a stock forward pass (no chain, no KV cache,
+    the last token's logits only) on a full batch, best of ``repeats``. The physical limit at
+    this rate is the search's compute floor: what it would cost if every token-layer ran at
+    the model's best prefill speed, with no padding and no bookkeeping."""
+    model = lm.executor.model
+    ids = torch.randint(3, model.config.vocab_size, (rows, tokens), device=model.device)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            best = min(best, time.perf_counter() - start)
+    return best / (rows * tokens * lm.executor.n_layers)
+
+
 def same_searches(a: Measured, b: Measured) -> bool:
     """The same chains on the same documents, the same correctness and answers, scores within
     1e-5."""
@@ -128,6 +147,7 @@ def main() -> int:
                 lm, task, args, folder, "hf decoding", decoding="hf",
                 prefix_cache_mb=cache, parallel_docs=args.parallel_docs,
             )  # fmt: skip
+        floor = runs["new"].limit * seconds_per_token_layer(lm)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     new, parallel = runs["new"], runs["parallel"]
     checks = {"parallel documents search exactly as one at a time": same_searches(new, parallel)}
@@ -147,6 +167,11 @@ def main() -> int:
     print(
         f"  token-layers  parallel / limit           {_tokens(parallel) / new.limit:.3f}"
         f"  (of which padding {parallel.work.padding_token_layers / new.limit:.3f})"
+    )
+    print(
+        f"  compute floor (the limit at the model's prefill rate)  {floor:.1f} s: "
+        f"parallel / floor {parallel.seconds / floor:.2f}"
+        + (f", floor / naive {floor / runs['naive'].seconds:.3f}" if "naive" in runs else "")
     )
     calls = [r.work.forward_calls * 100 / r.evaluations for r in (new, parallel)]
     print(f"  forward passes per 100 evaluations       {calls[0]:.1f} one at a time, "

@@ -28,7 +28,7 @@ from lm_eval.api.task import Task
 from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.executor import PrefixCache, Work
+from lm_eval_cola.executor import PrefixCache, Work, return_freed_memory
 from lm_eval_cola.lm import ChainLM, RunOptions
 from lm_eval_cola.sampling import sample
 from lm_eval_cola.targets import judged_by
@@ -120,6 +120,7 @@ class Objective:
             self._score_references([p.document for p in proposals if p.chain != self.identity])
         start = time.perf_counter()
         work, steps = self._respond(proposals)
+        return_freed_memory()
         seconds = (time.perf_counter() - start) / len(proposals)
         return [
             self._trial(p, work[p.document.doc_hash], steps[p.document.doc_hash], seconds)

@@ -37,7 +37,7 @@ from lm_eval_cola.predict.pruning import prune, skip_effects
 from lm_eval_cola.predict.training_set import RoutePath, TrainingDataError, TrainingSet
 from lm_eval_cola.scoring import Objective, Proposal, Trial
 from lm_eval_cola.store import queries
-from lm_eval_cola.store.schema import Model, Run, Task
+from lm_eval_cola.store.schema import Model, Run, Task, decoded_batch_invariantly
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.tasks import Document, TaskSpec, config_hash, task_documents
 
@@ -86,7 +86,7 @@ def build_training_set(
             f"{info.run_ids} searched it (prompt, data or metric changed); search it again"
         )
     documents, candidates, scores, correct = _score_table(store, info, task, n_candidates)
-    invariant = info.settings.get("decoding") == "batch_invariant"
+    invariant = decoded_batch_invariantly(info.settings)
     objective = Objective(lm, task, info.spec, batch_invariant=invariant)
     if prune_to is not None:
         effects = skip_effects(store, info.run_ids, lm.executor.n_layers)

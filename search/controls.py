@@ -453,8 +453,9 @@ def _rescues_of(args: argparse.Namespace):
 def _objective(lm: ChainLM, task, gold: GoldRun, args: argparse.Namespace):
     """The gold run's objective: its task, metric and filter, rewarded by the gold answer."""
     from lm_eval_cola.scoring import Objective
+    from lm_eval_cola.store.schema import decoded_batch_invariantly
 
-    invariant = gold.settings.get("decoding") == "batch_invariant"
+    invariant = decoded_batch_invariantly(gold.settings)
     return Objective(lm, task, gold.spec, args.prefix_cache_mb, batch_invariant=invariant)
 
 

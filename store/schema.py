@@ -23,6 +23,12 @@ RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 RESPONSE_LENGTH = 256
 
 
+def decoded_batch_invariantly(settings: dict[str, Any]) -> bool:
+    """Whether a run with these :attr:`Run.settings` decoded its generations batch-invariantly
+    (runs from before that mode record HF's ``generate`` or nothing)."""
+    return settings.get("decoding") == "batch_invariant"
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 

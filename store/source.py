@@ -28,7 +28,7 @@ from lm_eval_cola.sources import ChainSource, ChainSourceError
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.engine import StoreError
 from lm_eval_cola.store.queries import sampled_scheme
-from lm_eval_cola.store.schema import Model, Run
+from lm_eval_cola.store.schema import Model, Run, decoded_batch_invariantly
 from lm_eval_cola.store.store import Store
 
 logger = logging.getLogger("lm_eval.cola")
@@ -126,7 +126,7 @@ def _decoding(runs: list[Run]) -> bool | None:
     """How the runs' generations decoded: batch-invariantly or not (``None``: no run of a
     generation task); runs of both modes cannot be re-evaluated together."""
     modes = {
-        run.settings.get("decoding") == "batch_invariant"
+        decoded_batch_invariantly(run.settings)
         for run in runs
         if run.task.output_type == "generate_until"
     }

@@ -29,7 +29,7 @@ from lm_eval_cola.executor.chain_executor import (
     UnsupportedModelError,
     find_decoder,
 )
-from lm_eval_cola.executor.prefix_cache import PrefixCache
+from lm_eval_cola.executor.prefix_cache import PrefixCache, return_freed_memory
 from lm_eval_cola.executor.routing import MAX_ROUTED_RUNS, Routing
 from lm_eval_cola.executor.work import Work
 
@@ -42,4 +42,5 @@ __all__ = [
     "UnsupportedModelError",
     "Work",
     "find_decoder",
+    "return_freed_memory",
 ]

@@ -17,7 +17,9 @@ does not depend on its company, which ``benchmarks/batch_invariance.py`` measure
   to :data:`KEY_BUCKET` keys, never to its company's: :func:`bucketed_attention`, registered
   with transformers' ``AttentionInterface`` and run with the family's own eager attention
   (soft-capping and all), one call per group of rows of one bucket;
-- a prompt's prefill runs alone, so nothing shares its calls.
+- a prompt is left-padded to whole tiles of tokens, to its call's longest prompt: the padding
+  in front of a row changes with its company, but a row attends over its own KV cache, which
+  holds its real tokens only, so nothing of it reaches the row.
 
 So a generation gives the same tokens decoded alone, beside other chains or other documents,
 resumed from a prefix cache or computed afresh. On CUDA the same two rules apply;
@@ -249,6 +251,10 @@ class DecodeStep(RowsRun):
         rows = sorted(rows, key=lambda r: self.buckets[r])
         called = rows + rows[-1:] * (_filler(len(rows)) if self.rows.width == 1 else 0)
         key_length = self.buckets[rows[-1]]
+        # a call's prompts are padded to its own longest, in whole tiles, not the step's
+        width = self.rows.width
+        longest = max(self.rows.lengths[r] for r in rows)
+        columns = slice(width - (_tiled(longest) if width > 1 else 1), width)
         view = _CacheView(
             [self.generations[r] for r in called],
             [positions[r] for r in called],
@@ -257,13 +263,13 @@ class DecodeStep(RowsRun):
             key_length,
         )
         mask = self._mask(self.executor.sliding_window(module), hidden)
-        arguments = {name: _take(value, called) for name, value in kwargs.items()}
-        arguments["attention_mask"] = mask[called, ..., :key_length]
+        arguments = {name: _take(value, called, columns, width) for name, value in kwargs.items()}
+        arguments["attention_mask"] = mask[called, :, columns, :key_length]
         arguments[self.decoding.cache_argument] = view
-        output = module(hidden[called], *args, **arguments)
+        output = module(hidden[called, columns], *args, **arguments)
         output = output[0] if isinstance(output, tuple) else output
-        hidden[rows] = output[: len(rows)]
-        self._account(rows, positions, view, hidden, len(called) - len(rows))
+        hidden[rows, columns] = output[: len(rows)]
+        self._account(rows, positions, view, hidden, len(called) - len(rows), columns)
 
     def _mask(self, window: int | None, like: torch.Tensor) -> torch.Tensor:
         """Additive (rows, 1, width, keys) mask of the step's rows: a new token sees the tokens
@@ -283,14 +289,16 @@ class DecodeStep(RowsRun):
             self._masks[window] = additive[:, None].to(like.device)
         return self._masks[window]
 
-    def _account(self, rows, positions, view: _CacheView, hidden, filled: int) -> None:
+    def _account(
+        self, rows, positions, view: _CacheView, hidden, filled: int, columns: slice
+    ) -> None:
         """Count the call's work (padding apart); store what each row's position did."""
         width, lengths, total = self.rows.width, self.rows.lengths, self.executor.work
-        decoding = width == 1
+        decoding, called_width = width == 1, columns.stop - columns.start
         real = sum(lengths[r] for r in rows)
         total.layer_applications += len(rows)
-        total.token_layer_applications += (len(rows) + filled) * width
-        total.padding_token_layers += (len(rows) + filled) * width - real
+        total.token_layer_applications += (len(rows) + filled) * called_width
+        total.padding_token_layers += (len(rows) + filled) * called_width - real
         total.decode_token_layers += real if decoding else 0
         for i, r in enumerate(rows):
             work = self.generations[r].work
@@ -427,12 +435,16 @@ def _bucket(length: int) -> int:
     return -(-length // KEY_BUCKET) * KEY_BUCKET
 
 
-def _take(value, rows: list[int]):
-    """A per-row argument of the model's batch (positions, RoPE tables) for the call's rows."""
+def _take(value, rows: list[int], columns: slice, width: int):
+    """A per-token argument of the model's batch (positions, RoPE tables) for the call's rows
+    and its ``columns`` of the step's ``width``."""
     if isinstance(value, tuple):
-        return tuple(_take(item, rows) for item in value)
+        return tuple(_take(item, rows, columns, width) for item in value)
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == width:
+        return value[columns]  # cache positions
     if isinstance(value, torch.Tensor) and value.dim() >= 2:
-        return value[rows]
+        value = value[rows]
+        return value[:, columns] if value.shape[1] == width else value
     return value
 
 
