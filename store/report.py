@@ -8,7 +8,8 @@ neither the gold nor the decoy answer, the gold search's share minus the decoy's
 paired 95% interval (:mod:`lm_eval_cola.store.controls`). A row whose controls are missing says
 so (``-``) instead of standing alone: run ``cola search --target decoy`` and ``cola controls``.
 A generation run's ``cola controls sampling`` file (``--sampling``) adds the model's own
-sampling at the same number of answers, at its best temperature.
+sampling at the same number of answers, at its best temperature. The samples run no chain, so
+one file serves every gold run of its run's model and task, whatever their space.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--sampling",
         action="append",
         default=[],
-        help="a file of cola controls sampling, for its gold run's row (repeatable)",
+        help="a file of cola controls sampling, for the rows of its run's task (repeatable)",
     )
     parser.add_argument("--output", help="also write the table to this Markdown file")
     parser.set_defaults(func=run)
@@ -95,17 +96,19 @@ def run(args: argparse.Namespace) -> int:
 
 def oracle_rows(session, samples: dict[str, tuple[int, list[dict]]] | None = None):
     """A row per gold search run of the store, oldest first; ``samples``: the full model's
-    samples (k, records) by gold run name."""
+    samples (k, records) by the name of the run they were drawn for, given to every gold run of
+    that run's model and task (a row whose documents they do not all cover gets none)."""
     from sqlalchemy import select
 
     from lm_eval_cola.store.controls import target_of
     from lm_eval_cola.store.schema import Run
 
-    runs = session.scalars(select(Run).order_by(Run.id))
+    runs = list(session.scalars(select(Run).order_by(Run.id)))
     gold = [r for r in runs if target_of(r) == "gold" and not r.settings.get("control_of")]
     samples = samples or {}
+    drawn_for = {(r.model_id, r.task_id): samples[r.name] for r in runs if r.name in samples}
     return [
-        _row(session, run, samples.get(run.name))
+        _row(session, run, drawn_for.get((run.model_id, run.task_id)))
         for run in gold
         if run.method not in CONTROL_METHODS
     ]

@@ -453,6 +453,7 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     with Store(path) as store:
         gold = search(lm, loaded(task_dir, "cola_gen"), store)
         scored = search(lm, loaded(task_dir, "cola_mc"), store)
+        search(lm, loaded(task_dir, "cola_gen"), store, "skips", space={"mode": "skip"})
     argv = ["--store", path, "--include_path", task_dir, "--output", str(output)]
     argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
     common = [*argv, "--run", str(gold), "--temperatures", "0,1", "--k", "5"]
@@ -476,10 +477,13 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     assert again_header == header and [r | {"seconds": 0} for r in redrawn] == timeless
     assert again.split("  cost")[0] == out.split("  cost")[0]  # the one redrawn, drawn as before
     assert main(["report", "--store", path, "--sampling", str(output)]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if str(header["run"]) in line]
+    out_lines = capsys.readouterr().out.splitlines()
+    (row,) = [line for line in out_lines if str(header["run"]) in line]
     wrong = [r for r in records if not originals[r["doc_hash"]]]
     best = max(sum(any(r["correct"]) for r in wrong if r["temperature"] == t) for t in (0, 1))
     assert row.split(" | ")[9] == share_text(best, len(wrong) // 2), "the search's 5 chains"
+    (skip_row,) = [line for line in out_lines if line.startswith("| skips |")]
+    assert skip_row.split(" | ")[9] == row.split(" | ")[9], "the samples run no chain: any space"
     status, _, err = cola_controls(capsys, "sampling", *common[:-1], "4")
     assert status == 2 and "holds samples of other settings" in err and "another --output" in err
     status, _, err = cola_controls(capsys, "sampling", *argv, "--run", str(scored))
