@@ -76,10 +76,12 @@ def write_chains(path, rows) -> str:
     return str(path)
 
 
-def test_per_document_chains_apply_only_to_their_own_document(
-    hf_run, tiny_llama_dir, task_dir, tmp_path
-):
-    """Each task gets chain A on doc 0 and chain B on doc 2; q6 repeats q0's prompt exactly."""
+def test_per_document_chains_apply_only_to_their_own_document(tiny_llama_dir, task_dir, tmp_path):
+    """Each task gets chain A on doc 0 and chain B on doc 2; q6 repeats q0's prompt exactly.
+
+    Every run here batches one request at a time: on some CPUs a row's last bits depend on
+    which rows share its batch (HF's own too), and what is tested is which chain a document
+    gets, bit for bit, not batching."""
     plan = {0: "0.1.1.3", 2: "3.2.1.0"}
     rows = [
         {"task": task, "doc_hash": doc_hash(TASK_DOCS[task][doc_id]), "chain": chain}
@@ -88,9 +90,12 @@ def test_per_document_chains_apply_only_to_their_own_document(
     ]
     chains = write_chains(tmp_path / "chains.jsonl", rows)
     args = f"pretrained={tiny_llama_dir},chains={chains}"
-    run = evaluate("cola", args + ",shared_context=False", task_dir)
+    run = evaluate("cola", args + ",shared_context=False", task_dir, batch_size=1)
+    hf_run = evaluate("hf", f"pretrained={tiny_llama_dir}", task_dir, batch_size=1)
     uniform = {
-        chain: evaluate("cola", f"pretrained={tiny_llama_dir},chain={chain}", task_dir)
+        chain: evaluate(
+            "cola", f"pretrained={tiny_llama_dir},chain={chain}", task_dir, batch_size=1
+        )
         for chain in plan.values()
     }
     for task in TASKS:
