@@ -63,7 +63,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--sampling",
         action="append",
         default=[],
-        help="a file of cola controls sampling, for the rows of its run's task (repeatable)",
+        help="a cola controls sampling file, for the rows of its run's model and task (repeatable)",
     )
     parser.add_argument("--output", help="also write the table to this Markdown file")
     parser.set_defaults(func=run)
