@@ -88,7 +88,13 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft>=0.10", "psycopg[binary]>=3.1"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pytest-xdist>=3.5",
+            "peft>=0.10",
+            "psycopg[binary]>=3.1",
+        ],
         "lint": ["ruff>=0.6"],
     },
     entry_points={

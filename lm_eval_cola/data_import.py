@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import functools
 import gzip
 import hashlib
 import json
@@ -36,7 +35,7 @@ from lm_eval_cola.cli import add_command
 from lm_eval_cola.errors import ColaError
 
 if TYPE_CHECKING:
-    from lm_eval.tasks import TaskManager
+    pass
 
 EPILOG = """examples (on a machine without hub access):
   cola data import --tasks arc_easy      (the copy that ships with the package)
@@ -85,20 +84,14 @@ class SplitDigest:
     sha256: str
 
 
-@functools.cache
-def task_manager(include_path: str | None = None) -> TaskManager:
-    """lm-eval's task index (kept: it parses every task YAML, about 10 s)."""
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=include_path)
-
-
 def task_dataset(task: str, include_path: str | None = None) -> DatasetRef:
     """The data set a task loads, read from lm-eval's task index: building the task would try to
     download its data, which is what this command exists to avoid."""
     from lm_eval.tasks._index import Kind
 
-    manager = task_manager(include_path)
+    from lm_eval_cola.tasks import task_index
+
+    manager = task_index(include_path)
     entry = manager.task_index.get(task)
     if entry is None:
         close = difflib.get_close_matches(task, manager.all_subtasks, n=5, cutoff=0.6)

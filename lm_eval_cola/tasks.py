@@ -10,6 +10,7 @@ is only ever applied to the document it was made for.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from collections import defaultdict
@@ -19,6 +20,7 @@ from typing import Any, ClassVar
 
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
+from lm_eval.tasks import TaskManager
 
 from lm_eval_cola.errors import ColaError
 
@@ -120,13 +122,20 @@ def load_tasks(names: str, include_path: str | None = None, **fields: Any) -> di
     return load_specs(TaskSpec.many(names, **fields), include_path)
 
 
+@functools.cache
+def task_index(include_path: str | None = None) -> TaskManager:
+    """lm-eval's task index, with ``include_path``'s tasks: built once a process, since it
+    parses every task YAML lm-eval ships (about 15 s on a 2-core CPU)."""
+    return TaskManager(include_path=include_path)
+
+
 def load_specs(specs: list[TaskSpec], include_path: str | None = None) -> dict[str, Task]:
     """lm-eval's tasks configured as ``lm_eval`` configures them and as their specs say (a
     ``split`` replaces the one documents come from: e.g. train, to search chains for training
     a predictor). Raises before any compute for an unknown task, metric, filter or split."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
-    manager = TaskManager(include_path=include_path)
+    manager = task_index(include_path)
     unknown = [spec.name for spec in specs if spec.name not in manager.all_tasks]
     if unknown:
         raise TaskError(f"unknown task(s) {', '.join(unknown)}: see `lm_eval ls tasks`")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.registry import Registry
-from lm_eval_cola.scoring import Trial
 from lm_eval_cola.search.space import ChainSpace
+
+if TYPE_CHECKING:  # the scorer loads torch and lm-eval: not needed to list or parse searches
+    from lm_eval_cola.scoring import Trial
 
 #: Proposals that repeat an already evaluated chain cost no budget, but a method that keeps
 #: proposing known chains must still end: after this many proposals per unit of budget it

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
@@ -19,6 +20,33 @@ from lm_eval_cola.store import engine as engines
 from tests.tiny_models import tiny_model
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n``), each worker gets its own package cache, so that two
+    workers never import the same data set into one folder at once, and one thread, so that
+    the workers share the cores instead of fighting over them (subprocesses inherit both)."""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if worker is None:
+        return
+    home = os.environ.get("LM_EVAL_COLA_HOME")
+    if home:
+        os.environ["LM_EVAL_COLA_HOME"] = str(Path(home) / worker)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+#: The longest test files (minutes of real-model subprocesses), started first so that the
+#: other workers fill the time beside them instead of waiting for them at the end.
+LONGEST_FIRST = ("test_readme.py", "test_integration.py", "test_registration.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: every file keeps its own order
 
 
 def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:

@@ -19,7 +19,7 @@ from lm_eval_cola.default_model import DISPLAY_NAME
 
 pytestmark = pytest.mark.integration
 
-LIMIT = 50
+LIMIT = 20
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +200,8 @@ def test_generated_answers_equal_hf_and_searched_chains_reproduce(offline_env, t
         samples = lm_eval(offline_env, tmp_path / name, model, args, limit, 1, "arc_easy_gen")
         return {i: (row["resps"], row["exact_match"]) for i, row in samples.items()}
 
-    hf = generated("hf", "hf", f"pretrained={default_model_path()}", 10)
-    assert generated("cola", "cola", "", 10) == hf
+    hf = generated("hf", "hf", f"pretrained={default_model_path()}", 5)
+    assert generated("cola", "cola", "", 5) == hf
     store = tmp_path / "cola.db"
     search = [
         "cola", "search", "--tasks", "arc_easy_gen", "--limit", "3", "--budget", "12",
@@ -218,28 +218,3 @@ def test_generated_answers_equal_hf_and_searched_chains_reproduce(offline_env, t
     by_hash = {row["doc_hash"]: row for row in chosen}
     for sample in oracle.values():
         assert sample["exact_match"] == by_hash[sample["doc_hash"]]["score"], sample["doc_id"]
-
-
-def readme_first_command() -> str:
-    """The README's first command, without its installation steps (the test runs installed)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)\n```", readme, re.DOTALL).group(1)
-    steps = [step.strip() for step in block.split("&&")]
-    install = ("python3 -m venv", ". .venv/bin/activate", "pip install")
-    return " && ".join(step for step in steps if not step.startswith(install))
-
-
-def test_the_readmes_first_command_runs_without_shared_data(tmp_path):
-    """On a machine with only the package: no ../shared, an empty Hugging Face home. The
-    command imports the packaged ARC-Easy and prints lm-eval's results table."""
-    command = readme_first_command()
-    assert command.startswith("cola data import --tasks arc_easy && ")
-    home = tmp_path / "hf_home"
-    env = {**os.environ, "HF_HOME": str(home)}
-    for name in ("HF_DATASETS_CACHE", "COLA_SHARED_DATA", "HF_HUB_OFFLINE"):
-        env.pop(name, None)
-    cwd = tmp_path / "clone"  # nothing beside it
-    cwd.mkdir()
-    done = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert re.search(r"\|arc_easy\|\s+1\|none\s+\|\s+0\|acc\s+\|", done.stdout), done.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -14,24 +13,17 @@ import lm_eval
 import pytest
 import transformers
 from lm_eval.models.huggingface import HFLM
-from lm_eval.tasks import TaskManager
 from safetensors import SafetensorError
 
 from lm_eval_cola.chain import Chain, ChainError
 from lm_eval_cola.lm import ColaLM, MissingChainError
 from lm_eval_cola.sources import ChainSourceError
-from lm_eval_cola.tasks import doc_hash, load_tasks, task_documents
+from lm_eval_cola.tasks import doc_hash, load_tasks, task_documents, task_index
 from tests.conftest import TASK_DOCS
 
 pytestmark = pytest.mark.internals  # run on every transformers line (tox.ini)
 
 TASKS = ["cola_mc", "cola_gen", "cola_text"]
-
-
-@functools.cache
-def task_manager(task_dir: str) -> TaskManager:
-    """Indexing lm-eval's task tree takes seconds; do it once per task folder."""
-    return TaskManager(include_path=task_dir)
 
 
 def evaluate(model: str, model_args: str, task_dir: str, tasks=TASKS, **kwargs) -> dict:
@@ -40,7 +32,7 @@ def evaluate(model: str, model_args: str, task_dir: str, tasks=TASKS, **kwargs) 
         model=model,
         model_args=model_args,
         tasks=tasks,
-        task_manager=task_manager(task_dir),
+        task_manager=task_index(task_dir),
         device="cpu",
         batch_size=kwargs.pop("batch_size", 3),
         log_samples=True,
@@ -137,7 +129,7 @@ def test_packed_documents_in_mixed_batches_equal_each_document_alone(
     path = write_chains(tmp_path / "mixed.jsonl", rows)
     lm = ColaLM(pretrained=tiny_llama_dir, chains=path, device="cpu", batch_size=9)
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=["cola_mc"], task_manager=task_manager(task_dir), log_samples=True
+        model=lm, tasks=["cola_mc"], task_manager=task_index(task_dir), log_samples=True
     )
     task = load_tasks("cola_mc", task_dir)["cola_mc"]
     for sample, document in zip(out["samples"]["cola_mc"], task_documents(task, None), strict=True):

@@ -11,7 +11,6 @@ from pathlib import Path
 import lm_eval
 import pytest
 import torch
-from lm_eval.tasks import TaskManager
 from sqlalchemy import select
 
 from lm_eval_cola import sampling
@@ -31,7 +30,7 @@ from lm_eval_cola.sources import ChainSourceError, open_source
 from lm_eval_cola.statistics import mcnemar, paired_interval
 from lm_eval_cola.store.schema import Document, Evaluation, Task
 from lm_eval_cola.store.store import Store
-from lm_eval_cola.tasks import load_tasks, task_documents
+from lm_eval_cola.tasks import load_tasks, task_documents, task_index
 
 SPEC = FeatureSpec(layer=2, max_tokens=64)
 #: Training options of each predictor in the fixture (small, for speed).
@@ -336,7 +335,7 @@ def test_lm_eval_runs_each_document_with_its_predicted_chain(lm, task_dir, train
             pretrained=lm.pretrained, chains=f"predictor:{paths[kind]}", device="cpu", batch_size=1
         ),
         tasks=["cola_split"],
-        task_manager=TaskManager(include_path=task_dir),
+        task_manager=task_index(task_dir),
         log_samples=True,
     )
     task = split_task(task_dir)

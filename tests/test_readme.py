@@ -54,11 +54,14 @@ def test_every_readme_command_works_as_written(tmp_path):
     folder = tmp_path / "user"
     folder.mkdir()
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    env.pop("HF_DATASETS_CACHE", None)
+    for name in ("HF_DATASETS_CACHE", "COLA_SHARED_DATA"):  # a user's clone has no ../shared
+        env.pop(name, None)
     for kind, step in steps(README.read_text()):
         command = ["bash", "-c", step] if kind == "bash" else [sys.executable, "-c", step]
         done = subprocess.run(
             command, cwd=folder, env=env, capture_output=True, text=True, timeout=1200
         )
         assert done.returncode == 0, f"{step}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        if step.startswith(("lm_eval", "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval")):
+            assert re.search(r"\|\s*(acc|exact_match)\s*\|", done.stdout), done.stdout[-2000:]
     assert (folder / "figures").is_dir() and (folder / "predictors" / "knn.pt").is_file()

@@ -16,7 +16,7 @@ from pathlib import Path
 import lm_eval
 import optuna
 import pytest
-from lm_eval.tasks import TaskManager, get_task_dict
+from lm_eval.tasks import get_task_dict
 from sqlalchemy import func, select
 
 from lm_eval_cola.chain import Chain
@@ -29,7 +29,7 @@ from lm_eval_cola.search.space import Action, ChainSpace
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Evaluation, Run, RunDocument
 from lm_eval_cola.store.store import Store, default_run_name
-from lm_eval_cola.tasks import TaskError, TaskSpec, config_hash, task_documents
+from lm_eval_cola.tasks import TaskError, TaskSpec, config_hash, task_documents, task_index
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TASKS = ["cola_mc", "cola_gen", "cola_text"]
@@ -147,7 +147,7 @@ def test_unknown_method_and_bad_budget_fail_before_compute():
 
 @functools.cache
 def task(task_dir: str, name: str):
-    loaded = get_task_dict([name], TaskManager(include_path=task_dir))[name]
+    loaded = get_task_dict([name], task_index(task_dir))[name]
     loaded.set_config(key="num_fewshot", value=0)
     return loaded
 
@@ -162,7 +162,7 @@ def logged_samples(lm, task_dir: str, name: str, **cola_args) -> list[dict]:
     out = lm_eval.simple_evaluate(
         model=ColaLM(pretrained=lm.pretrained, device="cpu", batch_size=1, **cola_args),
         tasks=[name],
-        task_manager=TaskManager(include_path=task_dir),
+        task_manager=task_index(task_dir),
         log_samples=True,
     )
     return out["samples"][name]

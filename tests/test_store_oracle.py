@@ -11,13 +11,13 @@ import logging
 
 import lm_eval
 import pytest
-from lm_eval.tasks import TaskManager
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.sources import ChainSourceError
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Store, TaskInfo
+from lm_eval_cola.tasks import task_index
 
 GRID = ["0-3", "0.1.1.3", "3.2.1.0", "1-3", "0.2x2.3"]
 TASK = "cola_mc"
@@ -26,7 +26,7 @@ TASK = "cola_mc"
 def per_document(lm, task_dir: str) -> dict[str, dict]:
     """{doc_hash: sample} for one evaluation of the local multiple-choice task."""
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=[TASK], task_manager=TaskManager(include_path=task_dir), log_samples=True
+        model=lm, tasks=[TASK], task_manager=task_index(task_dir), log_samples=True
     )
     return {s["doc_hash"]: s for s in out["samples"][TASK]}
 
