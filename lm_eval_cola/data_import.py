@@ -27,15 +27,11 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from lm_eval_cola.cli import add_command
 from lm_eval_cola.errors import ColaError
-
-if TYPE_CHECKING:
-    pass
 
 EPILOG = """examples (on a machine without hub access):
   cola data import --tasks arc_easy      (the copy that ships with the package)

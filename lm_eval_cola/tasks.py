@@ -16,13 +16,15 @@ import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lm_eval.api.instance import Instance
 from lm_eval.api.task import Task
-from lm_eval.tasks import TaskManager
 
 from lm_eval_cola.errors import ColaError
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
 
 #: The metric scored by default, per output type.
 DEFAULT_METRICS = {
@@ -126,6 +128,8 @@ def load_tasks(names: str, include_path: str | None = None, **fields: Any) -> di
 def task_index(include_path: str | None = None) -> TaskManager:
     """lm-eval's task index, with ``include_path``'s tasks: built once a process, since it
     parses every task YAML lm-eval ships (about 15 s on a 2-core CPU)."""
+    from lm_eval.tasks import TaskManager
+
     return TaskManager(include_path=include_path)
 
 
