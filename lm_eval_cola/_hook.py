@@ -5,9 +5,10 @@ interpreter start. It only installs an import watcher: when ``lm_eval.models`` (
 fills the registry with the built-in backends) has finished executing, ``cola`` is added as a
 lazy placeholder; when ``lm_eval.tasks.manager`` has, every ``TaskManager`` also indexes
 ``lm_eval_cola/task_configs`` (``arc_easy_gen``, ``arc_challenge_gen``, ``gsm8k_direct``), so
-``lm_eval --tasks arc_easy_gen`` needs no ``--include_path``; when the CLI's configuration
-module has, ``--model cola``'s arguments are checked as soon as they are read and this
-package's errors print as one line (:func:`register_cli`). Nothing of lm-eval, torch or this
+``lm_eval --tasks arc_easy_gen`` needs no ``--include_path``, and lm-eval's own task index is
+read from a cache instead of parsed again (:mod:`lm_eval_cola.task_cache`); when the CLI's
+configuration module has, ``--model cola``'s arguments are checked as soon as they are read and
+this package's errors print as one line (:func:`register_cli`). Nothing of lm-eval, torch or this
 package is imported before lm-eval itself is, and the built-ins stay resolvable because
 registration happens after them.
 """
@@ -51,6 +52,10 @@ def register_tasks() -> None:
 
     __init__._cola_tasks = True
     TaskManager.__init__ = __init__
+
+    from lm_eval_cola import task_cache
+
+    task_cache.install()
 
 
 def register_cli() -> None:

@@ -3,7 +3,8 @@
 The snapshot is taken with SQLite's online backup API, which copies a consistent state of the
 database even while a search writes to it (WAL mode), and the restore checks that the result is
 a chain store (its schema revision) before it appears under the requested path, so a failed or
-foreign restore leaves nothing behind and never replaces an existing store.
+foreign restore leaves nothing behind and never replaces an existing store (nor meets the
+journal files a deleted one left, which SQLite would replay into it).
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def restore(archive: Path, store: str) -> None:
         raise engines.StoreError(
             f"{target} exists: restore into a new path (a restore never overwrites a store)"
         )
+    leftovers = _sidecars(target)
+    if leftovers:
+        raise engines.StoreError(
+            f"{leftovers[0]} is left from a removed store at {target}, and SQLite would replay it "
+            f"into the restored one: delete {' and '.join(map(str, leftovers))}, then restore"
+        )
     if not archive.is_file():
         raise engines.StoreError(f"no archive at {archive}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,3 +87,10 @@ def restore(archive: Path, store: str) -> None:
             if not engines.is_current(url):
                 engines.upgrade_store(url)
         os.replace(unpacked, target)
+
+
+def _sidecars(database: Path) -> list[Path]:
+    """The journal files SQLite keeps beside a database (write-ahead log, its index, rollback
+    journal): left behind when a store's file alone is deleted."""
+    names = (f"{database.name}{suffix}" for suffix in ("-wal", "-shm", "-journal"))
+    return [database.with_name(name) for name in names if database.with_name(name).exists()]

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -387,6 +388,36 @@ def test_archive_restores_to_an_identical_store_that_a_search_resumes(
     )  # fmt: skip
     assert status == 1 and "not a gzipped store" in err
     assert not (tmp_path / "new.db").exists()
+
+
+def test_a_restore_refuses_the_journal_a_deleted_store_left(
+    path: str, capsys, tmp_path: Path
+) -> None:
+    """A store's file deleted while its write-ahead log still held pages (a killed search):
+    SQLite would replay that log into a store restored under the same name."""
+    archive = tmp_path / "cola.db.gz"
+    assert cola(capsys, "db", "archive", "--store", path, "--output", str(archive))[0] == 0
+    target = tmp_path / "cola.db"
+    assert cola(capsys, "db", "restore", "--archive", str(archive), "--store", str(target))[0] == 0
+    wal = Path(f"{target}-wal")
+    writer = sqlite3.connect(target)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE notes (line TEXT)")
+    writer.commit()
+    pages = wal.read_bytes()
+    writer.close()
+    target.unlink()
+    wal.write_bytes(pages)
+
+    status, _, err = cola(
+        capsys, "db", "restore", "--archive", str(archive), "--store", str(target)
+    )
+    assert status == 1 and f"{wal} is left from a removed store" in err and "delete" in err
+    assert not target.exists() and wal.read_bytes() == pages
+    wal.unlink()
+    assert cola(capsys, "db", "restore", "--archive", str(archive), "--store", str(target))[0] == 0
+    for name, table in frames.tables(path).items():
+        pd.testing.assert_frame_equal(frames.tables(str(target))[name], table, obj=name)
 
 
 def test_export_of_some_tables_and_of_an_unknown_one(path: str, capsys, tmp_path: Path) -> None:
