@@ -3,9 +3,10 @@
 Why: every ``TaskManager`` parses each of the ~14,000 task YAML files lm-eval ships (about 15 s
 on a 2-core CPU), so every ``cola`` and ``lm_eval`` command paid that before any work. The parsed
 index of lm-eval's task folder is stored in this package's cache, keyed by lm-eval's version and
-every YAML file's path, size and modification time: an edited, added or removed task file (or
-another lm-eval) rebuilds it. Other folders (this package's tasks, a user's ``include_path``) are
-small and parsed every time, as lm-eval does, and still override lm-eval's tasks of the same name.
+every YAML file's path, size and modification time (the templates they include too): an edited,
+added or removed file (or another lm-eval) rebuilds it. Other folders (this package's tasks, a
+user's ``include_path``) are small and parsed every time, as lm-eval does, and still override
+lm-eval's tasks of the same name.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ Index = dict[str, Any]  # task name -> lm-eval's index entry
 
 
 def fingerprint(root: Path) -> str:
-    """What the index of ``root`` depends on: lm-eval's version and its YAML files' stats."""
+    """What the index of ``root`` depends on: lm-eval's version and its YAML files' stats,
+    the templates that task files include (``_default_template_yaml``) among them."""
     from lm_eval import __version__
 
     digest = hashlib.sha256(f"lm-eval {__version__}\n".encode())
-    for path in sorted(root.glob("**/*.yaml")):
+    for path in sorted(root.rglob("*yaml")):
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()

@@ -71,6 +71,19 @@ def test_an_edited_added_or_removed_task_file_rebuilds_the_index(tmp_path):
     assert set(task_cache.cached_index(folder, build)) == {"two"} and build.calls == 5
 
 
+def test_an_edited_template_that_task_files_include_rebuilds_the_index(tmp_path):
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    template = folder / "_default_template_yaml"
+    template.write_text("dataset_path: local\noutput_type: generate_until\ndoc_to_target: a\n")
+    (folder / "one.yaml").write_text("include: _default_template_yaml\ntask: one\n")
+    build = CountingBuild()
+    assert task_cache.cached_index(folder, build)["one"].cfg["output_type"] == "generate_until"
+    template.write_text("dataset_path: local\noutput_type: multiple_choice\ndoc_to_target: a\n")
+    assert task_cache.cached_index(folder, build)["one"].cfg["output_type"] == "multiple_choice"
+    assert build.calls == 2
+
+
 def test_a_truncated_cache_file_is_rebuilt_and_replaced(tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()
