@@ -40,13 +40,16 @@ if TYPE_CHECKING:
     from lm_eval_cola.lm import ChainLM
     from lm_eval_cola.tasks import TaskSpec
 
-HELP = "unguided runs beside a gold search: random chains, a fixed menu"
+HELP = (
+    "controls beside a gold search: random chains, a fixed menu, the model's own sampling, "
+    "single-edit reversion, option shuffle"
+)
 EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
   cola controls reversion --store cola.db --run arc-mcts
   cola controls shuffle --store cola.db --run arc_easy_gen-mcts-821d6c8746ca
-  cola controls sampling --store cola.db --run arc_easy_gen-mcts-821d6c8746ca --k 49 \
+  cola controls sampling --store cola.db --run arc_easy_gen-mcts-821d6c8746ca --k 49 \\
       --temperatures 0.3,0.7,1.0 --output sampling.jsonl
   cola db controls --store cola.db --run arc-mcts
 """
