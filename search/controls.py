@@ -293,7 +293,7 @@ def run_sampling(args: argparse.Namespace) -> int:
     from lm_eval_cola.scoring import Objective
 
     try:
-        gold, task, originals, temperatures = _sampling_inputs(args)
+        gold, task, originals, greedy, temperatures = _sampling_inputs(args)
         k = args.k or gold.budget
         log = SampleLog.open(Path(args.output), {"run": gold.name, "k": k, "seed": gold.seed})
         documents = _gold_documents(task, gold, args.limit, originals)
@@ -317,11 +317,17 @@ def run_sampling(args: argparse.Namespace) -> int:
     keys = {(d.doc_hash, t) for d, t in wanted}
     records = [r for r in log.records if (r["doc_hash"], r["temperature"]) in keys]
     print(SamplingCheck.of(records, originals, k).text(gold.id))
+    try:
+        lottery = SampledLottery.of(lm, task, gold.spec, documents, greedy, records)
+    except ControlError as err:
+        return report("cola controls sampling", err)
+    if lottery is not None:
+        print(lottery.text())
     return 0
 
 
 def _sampling_inputs(args: argparse.Namespace):
-    """The gold run, its task, its full model's correctness per document and the
+    """The gold run, its task, its full model's correctness and answer per document and the
     temperatures; refused unless the task generates one answer judged right or wrong."""
     from lm_eval_cola.scoring import BINARY_PREFIXES
     from lm_eval_cola.store import controls
@@ -336,12 +342,13 @@ def _sampling_inputs(args: argparse.Namespace):
         gold, task = _gold_and_task(store, args)
         with store.session() as session:
             originals = controls.originals(session, gold.id)
+            greedy = controls.original_answers(session, gold.id)
     if task.get_config("output_type") != "generate_until":
         raise ControlError(f"run {gold.id} is on {gold.task}, which generates nothing to sample")
     metric, _ = check_task(task, gold.spec.metric, gold.spec.filter_name)
     if not metric.startswith(BINARY_PREFIXES):
         raise ControlError(f"run {gold.id} scores {metric}: sampling needs a right/wrong metric")
-    return gold, task, originals, temperatures
+    return gold, task, originals, greedy, temperatures
 
 
 def _gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, bool]):
@@ -433,6 +440,83 @@ class SamplingCheck:
         best = ", ".join(f"@{n} {share_text(self.best(n), self.wrong)}" for n in budgets)
         lines.append(f"  best temperature per k: {best}")
         lines.append(f"  cost: {self.seconds:.2f} s per document and temperature")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SampledLottery:
+    """sampling@k is an oracle too (any of k samples right, judged by the gold answer): the
+    same samples judged by the decoy say how much of it any designated answer would get. On
+    the documents whose full model (greedy) gives neither answer, per temperature: those where
+    one of the k samples gives the gold answer, those where one gives the decoy."""
+
+    samples: int
+    #: temperature -> (documents, gold reached, decoy reached)
+    reached: dict[float, tuple[int, int, int]]
+    #: temperature -> paired 95% interval of gold minus decoy
+    intervals: dict[float, tuple[float, float]]
+
+    @classmethod
+    def of(cls, lm, task, spec: TaskSpec, documents, greedy: dict[str, str | None], records):
+        """Every stored answer judged again by the task, against both targets; ``None`` for a
+        task with no decoy. Refused when an answer no longer judges as it was stored (an
+        answer cut to the stored length, another task version)."""
+        from lm_eval_cola.scoring import Objective
+        from lm_eval_cola.statistics import paired_interval
+        from lm_eval_cola.targets import TARGETS, TargetError, check_decoys
+
+        try:
+            check_decoys(task, documents)
+        except TargetError:
+            return None
+        judges = {target: Objective(lm, task, spec, target=target) for target in TARGETS}
+        by_hash = {d.doc_hash: d for d in documents if greedy.get(d.doc_hash) is not None}
+
+        def hits(target: str, doc_hash: str, answers: list[str]) -> list[bool]:
+            return [t.correct for t in judges[target].judge_outputs(by_hash[doc_hash], answers)]
+
+        neither = {
+            h for h, d in by_hash.items() if not any(hits(t, h, [greedy[h]])[0] for t in TARGETS)
+        }
+        reached, intervals = {}, {}
+        for temperature in sorted({r["temperature"] for r in records}):
+            pairs = []
+            for record in records:
+                if record["temperature"] != temperature or record["doc_hash"] not in neither:
+                    continue
+                gold_hits = hits("gold", record["doc_hash"], record["answers"])
+                if gold_hits != record["correct"]:
+                    raise ControlError(
+                        f"the stored answers of document {record['doc_hash'][:12]} at "
+                        f"temperature {temperature:g} no longer judge as they did: sample again "
+                        "into another --output"
+                    )
+                pairs.append(
+                    (any(gold_hits), any(hits("decoy", record["doc_hash"], record["answers"])))
+                )
+            gold_side, decoy_side = [g for g, _ in pairs], [d for _, d in pairs]
+            reached[temperature] = (len(pairs), sum(gold_side), sum(decoy_side))
+            if pairs:
+                intervals[temperature] = paired_interval(gold_side, decoy_side)
+        return cls(len(records[0]["answers"]) if records else 0, reached, intervals)
+
+    def text(self) -> str:
+        lines = [
+            f"the same {self.samples} samples judged by the decoy too, on the documents whose full "
+            "model gives neither answer:"
+        ]
+        for temperature, (n, gold, decoy) in self.reached.items():
+            above = ""
+            if n:
+                low, high = self.intervals[temperature]
+                above = (
+                    f"; above the lottery {100 * (gold - decoy) / n:+.1f} points "
+                    f"[{100 * low:+.1f}, {100 * high:+.1f}]"
+                )
+            lines.append(
+                f"  temperature {temperature:g}: gold reached {share_text(gold, n)}, "
+                f"decoy reached {share_text(decoy, n)}{above}"
+            )
         return "\n".join(lines)
 
 

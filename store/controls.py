@@ -226,6 +226,17 @@ def originals(session: Session, run_id: int) -> dict[str, bool]:
     return {doc_hash: known[document_id] for document_id, doc_hash in hashes}
 
 
+def original_answers(session: Session, run_id: int) -> dict[str, str | None]:
+    """Per document the run evaluated the full model on (by content hash): its answer."""
+    identity = str(Chain.identity(run_depth(session, run_id)))
+    rows = session.execute(
+        select(Document.doc_hash, Evaluation.response)
+        .join(Document, Document.id == Evaluation.document_id)
+        .where(Evaluation.run_id == run_id, Evaluation.chain == identity)
+    )
+    return {doc_hash: answer for doc_hash, answer in rows}
+
+
 def rescues(session: Session, run_id: int) -> dict[str, str]:
     """The run's rescues: per originally wrong document (by content hash), its shortest
     correct chain."""

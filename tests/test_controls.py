@@ -18,7 +18,13 @@ from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.sampling import sample
 from lm_eval_cola.scoring import Objective, Trial
 from lm_eval_cola.search.baselines import Menu, RandomWalks
-from lm_eval_cola.search.controls import SamplingCheck, ShuffleCheck, Survival
+from lm_eval_cola.search.controls import (
+    ControlError,
+    SampledLottery,
+    SamplingCheck,
+    ShuffleCheck,
+    Survival,
+)
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
 from lm_eval_cola.store import controls, queries
@@ -26,7 +32,7 @@ from lm_eval_cola.store.cli import share_text
 from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.targets import TargetError, decoy, judged_by, shuffled
-from lm_eval_cola.tasks import documents_of, load_tasks, task_documents
+from lm_eval_cola.tasks import TaskSpec, documents_of, load_tasks, task_documents
 from tests.conftest import GEN_DOCS, MC_DOCS
 
 TEMPLATE = Path(__file__).parents[1] / "lm_eval_cola" / "task_configs" / "_arc_gen_template_yaml"
@@ -446,6 +452,33 @@ def test_sampling_at_k_counts_corrections_within_the_first_k_samples():
     assert "best temperature per k: @1 1/2 (50.0%), @2 1/2 (50.0%)" in check.text(1)
 
 
+def test_the_models_samples_judged_by_the_decoy_too(lm, task_dir):
+    """sampling@k's lottery: a sample that gives the gold number plus one reaches the decoy;
+    a document whose greedy answer is either target is left out; stored answers that no
+    longer judge as they were are refused; a task with no decoy has no lottery."""
+    task = loaded(task_dir, "cola_gen")
+    by_answer = {d.doc["answer"]: d.doc_hash for d in task_documents(task, len(GEN_DOCS))}
+    three, five, eight = by_answer["3"], by_answer["5"], by_answer["8"]  # decoys 4, 6, 9
+    greedy = {three: "7", five: "6", eight: "x"}  # 5's greedy answer is its decoy: left out
+    records = [
+        {"doc_hash": three, "temperature": 1.0, "answers": ["4", "zz"], "correct": [False] * 2},
+        {"doc_hash": five, "temperature": 1.0, "answers": ["5", "5"], "correct": [True] * 2},
+        {"doc_hash": eight, "temperature": 1.0, "answers": ["8", "9"], "correct": [True, False]},
+    ]
+    documents = task_documents(task, len(GEN_DOCS))
+    spec = TaskSpec("cola_gen")
+    lottery = SampledLottery.of(lm, task, spec, documents, greedy, records)
+    assert lottery.samples == 2 and lottery.reached == {1.0: (2, 1, 2)}
+    assert "gold reached 1/2 (50.0%), decoy reached 2/2 (100.0%)" in lottery.text()
+    assert "above the lottery -50.0 points" in lottery.text()
+    records[2]["correct"] = [False, False]
+    with pytest.raises(ControlError, match="no longer judge as they did"):
+        SampledLottery.of(lm, task, spec, documents, greedy, records)
+    text = loaded(task_dir, "cola_text")
+    texts = task_documents(text, 1)
+    assert SampledLottery.of(lm, text, TaskSpec("cola_text"), texts, greedy, records) is None
+
+
 def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     lm, tiny_llama_dir, task_dir, tmp_path, capsys
 ):
@@ -469,6 +502,7 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     greedy = [r for r in records if r["temperature"] == 0]
     assert [not all(r["correct"]) for r in greedy] == [not originals[r["doc_hash"]] for r in greedy]
     assert "temperature 0: wrong -> right" in out and "best temperature per k" in out
+    assert "samples judged by the decoy too" in out and "temperature 1: gold reached" in out
     output.write_text("".join(line + "\n" for line in output.read_text().splitlines()[:-1]))
     status, again, err = cola_controls(capsys, "sampling", *common)
     assert status == 0, err
