@@ -37,8 +37,10 @@ from lm_eval_cola.errors import ColaError, report
 from lm_eval_cola.store.cli import share_text
 
 if TYPE_CHECKING:
+    from lm_eval.api.task import Task
+
     from lm_eval_cola.lm import ChainLM
-    from lm_eval_cola.tasks import TaskSpec
+    from lm_eval_cola.tasks import Document, TaskSpec
 
 HELP = (
     "controls beside a gold search: random chains, a fixed menu, the model's own sampling, "
@@ -457,7 +459,15 @@ class SampledLottery:
     intervals: dict[float, tuple[float, float]]
 
     @classmethod
-    def of(cls, lm, task, spec: TaskSpec, documents, greedy: dict[str, str | None], records):
+    def of(
+        cls,
+        lm: ChainLM,
+        task: Task,
+        spec: TaskSpec,
+        documents: list[Document],
+        greedy: dict[str, str | None],
+        records: list[dict[str, Any]],
+    ) -> SampledLottery | None:
         """Every stored answer judged again by the task, against both targets; ``None`` for a
         task with no decoy. Refused when an answer no longer judges as it was stored (an
         answer cut to the stored length, another task version)."""
