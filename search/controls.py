@@ -320,7 +320,7 @@ def run_sampling(args: argparse.Namespace) -> int:
     records = [r for r in log.records if (r["doc_hash"], r["temperature"]) in keys]
     print(SamplingCheck.of(records, originals, k).text(gold.id))
     try:
-        lottery = SampledLottery.of(lm, task, gold.spec, documents, greedy, records)
+        lottery = SampledLottery.of(lm, task, gold.spec, documents, originals, greedy, records)
     except ControlError as err:
         return report("cola controls sampling", err)
     if lottery is not None:
@@ -465,10 +465,12 @@ class SampledLottery:
         task: Task,
         spec: TaskSpec,
         documents: list[Document],
+        originals: dict[str, bool],
         greedy: dict[str, str | None],
         records: list[dict[str, Any]],
     ) -> SampledLottery | None:
-        """Every stored answer judged again by the task, against both targets; ``None`` for a
+        """Every stored answer judged again by the task, against both targets (the greedy
+        answer against the decoy only: ``originals`` has its gold verdict); ``None`` for a
         task with no decoy. Refused when an answer no longer judges as it was stored (an
         answer cut to the stored length, another task version)."""
         from lm_eval_cola.scoring import Objective
@@ -485,9 +487,7 @@ class SampledLottery:
         def hits(target: str, doc_hash: str, answers: list[str]) -> list[bool]:
             return [t.correct for t in judges[target].judge_outputs(by_hash[doc_hash], answers)]
 
-        neither = {
-            h for h, d in by_hash.items() if not any(hits(t, h, [greedy[h]])[0] for t in TARGETS)
-        }
+        neither = {h for h in by_hash if not originals[h] and not hits("decoy", h, [greedy[h]])[0]}
         reached, intervals = {}, {}
         for temperature in sorted({r["temperature"] for r in records}):
             pairs = []

@@ -467,16 +467,18 @@ def test_the_models_samples_judged_by_the_decoy_too(lm, task_dir):
     ]
     documents = task_documents(task, len(GEN_DOCS))
     spec = TaskSpec("cola_gen")
-    lottery = SampledLottery.of(lm, task, spec, documents, greedy, records)
+    originals = dict.fromkeys(greedy, False)
+    lottery = SampledLottery.of(lm, task, spec, documents, originals, greedy, records)
     assert lottery.samples == 2 and lottery.reached == {1.0: (2, 1, 2)}
     assert "gold reached 1/2 (50.0%), decoy reached 2/2 (100.0%)" in lottery.text()
     assert "above the lottery -50.0 points" in lottery.text()
     records[2]["correct"] = [False, False]
     with pytest.raises(ControlError, match="no longer judge as they did"):
-        SampledLottery.of(lm, task, spec, documents, greedy, records)
+        SampledLottery.of(lm, task, spec, documents, originals, greedy, records)
     text = loaded(task_dir, "cola_text")
     texts = task_documents(text, 1)
-    assert SampledLottery.of(lm, text, TaskSpec("cola_text"), texts, greedy, records) is None
+    no_decoy = SampledLottery.of(lm, text, TaskSpec("cola_text"), texts, originals, greedy, records)
+    assert no_decoy is None
 
 
 def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
