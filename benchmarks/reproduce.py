@@ -1,11 +1,18 @@
 """The CoLa paper's findings on one model: Table 1, the headline shares, search methods
 against each other per budget, predicted chains, the generation path on GSM8K, and the paper's
-own protocol (generated answers on both ARC sets and math, at its sample count).
+own protocol (generated answers on both ARC sets and math, at its sample count), each oracle
+with the controls that say what a lottery gives beside it (``--controls``).
 
 Every search is a run in one store, named by its settings, so the same command continues
 after a crash (or on more documents) and re-uses every run already finished; the report and
 the figures are then rebuilt from the store. Defaults follow the paper: MCTS with 200
 simulations and lambda = 5, on ARC-Easy's test split with SmolLM2-135M-Instruct.
+
+Every oracle here is a search rewarded by the gold answer. Beside each headline one (Table 1's
+skip + repeat run, GSM8K's, and the combined-space runs of the paper's protocol) the same
+search rewarded by a decoy answer and random chains of the same space and budget are run on
+the same documents, and the report ends with ``cola report``'s table of every oracle in the
+store beside its controls (``-`` where one was not run).
 
 Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 
@@ -41,14 +48,18 @@ from lm_eval_cola.lm import load
 from lm_eval_cola.predict import predictors as predicting
 from lm_eval_cola.predict.dataset import build_training_set
 from lm_eval_cola.predict.evaluate import evaluate
+from lm_eval_cola.search import controls
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
+from lm_eval_cola.store.report import markdown, oracle_rows
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
+from lm_eval_cola.targets import TargetError
 from lm_eval_cola.tasks import TaskSpec
 
 SECTIONS = ("table1", "methods", "predictors", "gsm8k", "generated")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
+CONTROLS = ("decoy", "random")
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,6 +74,7 @@ def parse_args() -> argparse.Namespace:
     add("--report", default="results/REPRODUCE.md", help="markdown report written here")
     add("--figures", default="results/figures", help="PNG figures written here")
     add("--task", default="arc_easy")
+    add("--include_path", help="extra folder of task YAMLs (for --task)")
     add("--limit", type=int, default=100, help="test documents searched")
     add("--budget", type=int, default=200, help="MCTS simulations per document (Table 1)")
     add("--spaces", default="both,skip,repeat")
@@ -95,6 +107,8 @@ def parse_args() -> argparse.Namespace:
     add("--prefix_cache_mb", type=float, default=1024)
     add("--sections", default=",".join(SECTIONS),
         help="the parts to run and report, of " + "/".join(SECTIONS))  # fmt: skip
+    add("--controls", default=",".join(CONTROLS),
+        help="beside each headline oracle, of " + "/".join(CONTROLS) + " ('': none)")  # fmt: skip
     return parser.parse_args()
 
 
@@ -120,15 +134,38 @@ class Reproduction:
         self, task_name: str, method: str, budget: int, limit: int, **options
     ) -> SearchRun:
         space, parallel_docs = options.pop("space", "both"), options.pop("parallel_docs", 1)
+        target = options.pop("target", "gold")
         spec = TaskSpec(task_name, **options)
         settings = SearchSettings(
-            method=method, budget=budget, space={"mode": space}, task=spec, limit=limit
-        )
-        task = spec.load()
+            method=method, budget=budget, space={"mode": space}, task=spec, limit=limit,
+            target=target,
+        )  # fmt: skip
+        task = spec.load(self.args.include_path)
         return SearchRun(
             self.lm, task, self.store, settings, self.args.prefix_cache_mb,
             parallel_docs=parallel_docs,
         )  # fmt: skip
+
+    def controlled(self, run_id: int, task_name: str, budget: int, limit: int, **options) -> None:
+        """The lottery beside gold run ``run_id`` (searched with these arguments) on its
+        documents: the same search rewarded by the decoy, and random chains of its space with
+        its own chain lengths at its budget (``cola controls random``)."""
+        wanted = _list(self.args.controls)
+        if "decoy" in wanted:
+            try:
+                self.search(task_name, "mcts", budget, limit, target="decoy", **options)
+            except TargetError as err:  # e.g. a chain-of-thought answer: no designated wrong one
+                logging.warning("no decoy search for run %d: %s", run_id, err)
+        if "random" in wanted:
+            with Store(self.args.store, read_only=True) as store:
+                _, task, settings = controls.plan_control(
+                    store, str(run_id), "random-walk", controls.random_options, budget - 1, limit,
+                    self.args.include_path,
+                )  # fmt: skip
+            SearchRun(
+                self.lm, task, self.store, settings, self.args.prefix_cache_mb,
+                parallel_docs=options.get("parallel_docs", 1),
+            ).run()  # fmt: skip
 
     def seconds(self, run_id: int) -> float:
         with self.store.session() as session:
@@ -159,6 +196,7 @@ class Reproduction:
                 f"{_duration(self.seconds(run_id))} |"
             )
         if "both" in runs:
+            self.controlled(runs["both"], a.task, a.budget, a.limit, space="both")
             stats = self.stats(runs["both"])
             self.add(
                 "",
@@ -169,6 +207,7 @@ class Reproduction:
                 f"{_pct(stats.corrected_share)} (paper: over 60%)",
                 f"- mean length of the best chains: {stats.mean_chosen_length:.2f} of "
                 f"{stats.n_layers} layers",
+                '- what a lottery gives beside them: the section "Controls" below',
                 "",
             )
             self.figures([runs["both"]], ("layers", "lengths", "pareto"))
@@ -234,7 +273,7 @@ class Reproduction:
                 trained.append(predicting.train(kind, data, self.lm.identity))
             except ValueError as err:  # e.g. no correct program to train PoLar's head on
                 self.add(f"The {kind} predictor was not trained: {err}.", "")
-        task = TaskSpec(a.task).load()
+        task = TaskSpec(a.task).load(a.include_path)
         start = time.perf_counter()
         results = evaluate(self.lm, task, trained, a.limit)
         seconds = time.perf_counter() - start
@@ -275,6 +314,7 @@ class Reproduction:
             "filter_name": a.gsm8k_filter,
         }
         run_id = self.search("gsm8k", "mcts", a.gsm8k_budget, a.gsm8k_limit, **options)
+        self.controlled(run_id, "gsm8k", a.gsm8k_budget, a.gsm8k_limit, **options)
         stats = self.stats(run_id)
         self.add(
             f"## GSM8K (generation): MCTS with {a.gsm8k_budget} simulations, "
@@ -308,7 +348,8 @@ class Reproduction:
             "with the gold answer as reward (an oracle, as in the paper), per search space; "
             "n: documents searched. Shares of all documents as in the paper's Figure 4: "
             "original path still optimal (right, no shorter right chain), correct -> correct "
-            "(a shorter right chain), wrong -> correct, wrong -> wrong.",
+            "(a shorter right chain), wrong -> correct, wrong -> wrong. The combined-space "
+            'runs\' controls are in the section "Controls" below.',
             "",
             "| data set | budget | original | skip-only | repeat-only | skip + repeat (CoLa) "
             "| still optimal | C -> C | W -> C | W -> W | s / document | token-layers / limit |",
@@ -323,10 +364,30 @@ class Reproduction:
                 self.add(f"Layer usage, skip and repeat rates of the best chains: {task}", "")
                 self.figures([run_id], ("layers",))
 
+    def controls_table(self) -> None:
+        """``cola report``'s table: every oracle of the store beside its controls."""
+        with self.store.session() as session:
+            rows = oracle_rows(session)
+        self.add(
+            "## Controls: what a lottery gives beside every oracle",
+            "",
+            "Each gold search run of the store (an oracle: some chain gives the gold answer), "
+            "counted on the documents the full model gets wrong, beside the same search "
+            "rewarded by a decoy answer (the next option, or the gold number plus one) and "
+            "random chains of its space at its budget. *Corrections above the lottery*: on "
+            "the documents where the full model gives neither answer, the gold search's share "
+            "minus the decoy's, with a paired 95% interval. `-`: the control was not run "
+            "(`--controls`, or `cola search --target decoy` and `cola controls`).",
+            "",
+            markdown(rows),
+            "",
+        )
+
     def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
         """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents
-        per round each, until each has its limit or ``--hours`` have passed (``--hours 0``:
-        search nothing, report what the store holds)."""
+        per round each, the controls of each combined-space run on the same documents, until
+        each has its limit or ``--hours`` have passed (``--hours 0``: search nothing, report
+        what the store holds)."""
         a = self.args
         deadline = time.monotonic() + a.hours * 3600 if a.hours is not None else float("inf")
         runs: dict[tuple, int] = {}
@@ -336,10 +397,11 @@ class Reproduction:
             for task, space, limit, budget in plan:
                 if time.monotonic() >= deadline:
                     break
-                runs[(task, space, limit, budget)] = self.search(
-                    task, "mcts", budget, min(reached, limit), space=space,
-                    parallel_docs=a.parallel_docs,
-                )  # fmt: skip
+                options = {"space": space, "parallel_docs": a.parallel_docs}
+                run_id = self.search(task, "mcts", budget, min(reached, limit), **options)
+                runs[(task, space, limit, budget)] = run_id
+                if space == "both":
+                    self.controlled(run_id, task, budget, min(reached, limit), **options)
         for task, space, limit, budget in plan:  # those the deadline cut off, as stored
             if (task, space, limit, budget) not in runs:
                 found = self.stored(task, "mcts", budget, space=space)
@@ -440,6 +502,7 @@ def main() -> None:
         job.gsm8k()
     if "generated" in sections:
         job.generated()
+    job.controls_table()
     job.add(f"Total wall time of this invocation: {_duration(time.perf_counter() - start)}.")
     print(Path(args.report).read_text())
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from lm_eval.api.task import Task
 
     from lm_eval_cola.lm import ChainLM
+    from lm_eval_cola.search.runner import SearchSettings
     from lm_eval_cola.tasks import Document, TaskSpec
 
 HELP = (
@@ -148,16 +149,17 @@ def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str, runs_c
 
 
 def run_random(args: argparse.Namespace) -> int:
+    return _run_control(args, "random-walk", random_options)
+
+
+def random_options(store, gold: GoldRun, documents: set[str]) -> dict[str, Any]:
+    """Random chains drawn with the gold run's own distribution of chain lengths."""
     from lm_eval_cola.store import controls
-    from lm_eval_cola.store.store import Store
 
-    def lengths(store: Store, gold: GoldRun, documents: set[str]) -> dict[str, Any]:
-        with store.session() as session:
-            found = controls.run_lengths(session, gold.id)
-        lengths = {str(n): count for n, count in found.items()}  # string keys, as JSON keeps them
-        return {"lengths": lengths, "source": gold.name}
-
-    return _run_control(args, "random-walk", lengths)
+    with store.session() as session:
+        found = controls.run_lengths(session, gold.id)
+    lengths = {str(n): count for n, count in found.items()}  # string keys, as JSON keeps them
+    return {"lengths": lengths, "source": gold.name}
 
 
 def run_menu(args: argparse.Namespace) -> int:
@@ -189,18 +191,13 @@ def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     """Build the control run of the gold run ``args.run`` with ``method`` and run it."""
     from lm_eval_cola.search.runner import SearchRun
     from lm_eval_cola.store.store import Store
-    from lm_eval_cola.tasks import task_documents
 
     try:
         check_model_args(args)
         with Store(args.store, read_only=True) as store:
-            gold, task = _gold_and_task(store, args)
-            limit = min(args.limit or gold.n_documents, gold.n_documents)
-            documents = {d.doc_hash for d in task_documents(task, limit)}
-            k = args.k or gold.budget
-            options = options_for(store, gold, documents)
-            options = _existing_options(store, gold, method, k, options["source"]) or options
-        settings = control_settings(gold, method, options, k, limit)
+            gold, task, settings = plan_control(
+                store, args.run, method, options_for, args.k, args.limit, args.include_path
+            )
         lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
         return report(f"cola controls {args.controls_command}", err)
@@ -214,12 +211,36 @@ def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     return 0
 
 
-def _gold_and_task(store, args: argparse.Namespace):
-    """The gold run ``args.run`` and its task, refused if the task has changed since."""
+def plan_control(
+    store,
+    run: str,
+    method: str,
+    options_for,
+    k: int | None,
+    limit: int | None,
+    include_path: str | None = None,
+) -> tuple[GoldRun, Task, SearchSettings]:
+    """The gold run ``run``, its task and the settings of its ``method`` control with ``k``
+    chains per document (default: the run's budget) on its first ``limit`` documents;
+    ``options_for(store, gold, doc_hashes)`` chooses the chains. A control of this kind and
+    size made before keeps its options, so that it resumes after its source has grown."""
+    from lm_eval_cola.tasks import task_documents
+
+    gold, task = _gold_and_task(store, run, include_path)
+    limit = min(limit or gold.n_documents, gold.n_documents)
+    documents = {d.doc_hash for d in task_documents(task, limit)}
+    k = k or gold.budget
+    options = options_for(store, gold, documents)
+    options = _existing_options(store, gold, method, k, options["source"]) or options
+    return gold, task, control_settings(gold, method, options, k, limit)
+
+
+def _gold_and_task(store, run: str, include_path: str | None):
+    """The gold run ``run`` and its task, refused if the task has changed since."""
     from lm_eval_cola.search.runner import describe_task
 
-    gold = _gold_run(store, args.run)
-    task = gold.spec.load(args.include_path)
+    gold = _gold_run(store, run)
+    task = gold.spec.load(include_path)
     if describe_task(task).config_hash != gold.config_hash:
         raise ControlError(f"task {gold.task} has changed since run {gold.id}")
     return gold, task
@@ -341,7 +362,7 @@ def _sampling_inputs(args: argparse.Namespace):
     if not temperatures or min(temperatures) < 0:
         raise ControlError(f"--temperatures {args.temperatures}: give temperatures >= 0")
     with Store(args.store, read_only=True) as store:
-        gold, task = _gold_and_task(store, args)
+        gold, task = _gold_and_task(store, args.run, args.include_path)
         with store.session() as session:
             originals = controls.originals(session, gold.id)
             greedy = controls.original_answers(session, gold.id)
@@ -541,7 +562,7 @@ def _rescues_of(args: argparse.Namespace):
 
     check_model_args(args)
     with Store(args.store, read_only=True) as store:
-        gold, task = _gold_and_task(store, args)
+        gold, task = _gold_and_task(store, args.run, args.include_path)
         with store.session() as session:
             rescued = controls.rescues(session, gold.id)
     return gold, task, rescued, _model_of(args, gold)

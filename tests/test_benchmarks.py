@@ -111,3 +111,38 @@ def test_answers_by_edits_counts_options_and_cumulative_corrections():
     assert list(table["'A'"]) == ["66.7%", "0.0%", "33.3%"]
     assert list(table["no option"]) == ["0.0%", "33.3%", "33.3%"]
     assert list(table["right"]) == ["33.3%", "33.3%", "33.3%"]
+
+
+def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
+    tiny_llama_dir, task_dir, tmp_path, monkeypatch
+):
+    """benchmarks/reproduce.py: Table 1's headline oracle is searched beside its lottery (the
+    same search rewarded by the decoy, random chains at its budget, on its documents), and the
+    report ends with every oracle of the store beside its controls."""
+    from lm_eval_cola.store.controls import target_of
+    from lm_eval_cola.store.schema import Run
+    from lm_eval_cola.store.store import Store
+
+    store, report = tmp_path / "r.db", tmp_path / "R.md"
+    argv = ["reproduce.py", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
+            "--task", "cola_mc", "--include_path", task_dir, "--limit", "4", "--budget", "6",
+            "--spaces", "both,skip", "--sections", "table1", "--store", str(store),
+            "--report", str(report), "--figures", str(tmp_path / "figures")]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    script("reproduce").main()
+    with Store(str(store), read_only=True) as opened, opened.session() as session:
+        runs = {r.id: r for r in session.query(Run)}
+    gold = [r for r in runs.values() if r.method == "mcts" and target_of(r) == "gold"]
+    both = next(r for r in gold if r.space["mode"] == "both")
+    decoy = [r for r in runs.values() if target_of(r) == "decoy"]
+    random = [r for r in runs.values() if r.method == "random-walk"]
+    assert len(gold) == 2 and len(decoy) == 1 and len(random) == 1
+    assert decoy[0].space == both.space and decoy[0].budget == both.budget == random[0].budget
+    assert random[0].settings["control_of"] == both.name
+    assert decoy[0].n_documents == random[0].n_documents == both.n_documents == 4
+    text = report.read_text()
+    table = text.split("## Controls: what a lottery gives beside every oracle")[1]
+    rows = {line.split(" | ")[2]: line for line in table.splitlines() if "| cola_mc |" in line}
+    assert set(rows) == {"both", "skip"}
+    assert rows["both"].count(" - ") == 2  # no menu, no sampling; decoy and random are there
+    assert rows["skip"].count(" - ") == 6  # its controls were not run, and it says so
