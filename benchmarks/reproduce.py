@@ -12,7 +12,8 @@ Every oracle here is a search rewarded by the gold answer. Beside each headline 
 skip + repeat run, GSM8K's, and the combined-space runs of the paper's protocol) the same
 search rewarded by a decoy answer and random chains of the same space and budget are run on
 the same documents, and the report ends with ``cola report``'s table of every oracle in the
-store beside its controls (``-`` where one was not run).
+store beside its controls (``-`` where one was not run) and the headline runs' rescues under
+single-edit reversion and option shuffle.
 
 Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 
@@ -51,6 +52,7 @@ from lm_eval_cola.predict.evaluate import evaluate
 from lm_eval_cola.search import controls
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
+from lm_eval_cola.store.cli import share_text
 from lm_eval_cola.store.report import markdown, oracle_rows
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
@@ -59,7 +61,7 @@ from lm_eval_cola.tasks import TaskSpec
 
 SECTIONS = ("table1", "methods", "predictors", "gsm8k", "generated")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
-CONTROLS = ("decoy", "random")
+CONTROLS = ("decoy", "random", "reversion", "shuffle")
 
 
 def parse_args() -> argparse.Namespace:
@@ -119,6 +121,8 @@ class Reproduction:
         self.store = Store(args.store)
         self.lm = load(args.model_args, args.device)
         self.report: list[str] = []
+        #: the gold runs whose controls are searched, in the order of the report
+        self.headlines: list[int] = []
 
     def search(self, task_name: str, method: str, budget: int, limit: int, **options) -> int:
         """The run for these settings, searched (or continued) until all its documents are done."""
@@ -157,11 +161,10 @@ class Reproduction:
             except TargetError as err:  # e.g. a chain-of-thought answer: no designated wrong one
                 logging.warning("no decoy search for run %d: %s", run_id, err)
         if "random" in wanted:
-            with Store(self.args.store, read_only=True) as store:
-                _, task, settings = controls.plan_control(
-                    store, str(run_id), "random-walk", controls.random_options, budget - 1, limit,
-                    self.args.include_path,
-                )  # fmt: skip
+            _, task, settings = controls.plan_control(
+                self.store, str(run_id), "random-walk", controls.random_options, budget - 1,
+                limit, self.args.include_path,
+            )  # fmt: skip
             SearchRun(
                 self.lm, task, self.store, settings, self.args.prefix_cache_mb,
                 parallel_docs=options.get("parallel_docs", 1),
@@ -197,6 +200,7 @@ class Reproduction:
             )
         if "both" in runs:
             self.controlled(runs["both"], a.task, a.budget, a.limit, space="both")
+            self.headlines.append(runs["both"])
             stats = self.stats(runs["both"])
             self.add(
                 "",
@@ -315,6 +319,7 @@ class Reproduction:
         }
         run_id = self.search("gsm8k", "mcts", a.gsm8k_budget, a.gsm8k_limit, **options)
         self.controlled(run_id, "gsm8k", a.gsm8k_budget, a.gsm8k_limit, **options)
+        self.headlines.append(run_id)
         stats = self.stats(run_id)
         self.add(
             f"## GSM8K (generation): MCTS with {a.gsm8k_budget} simulations, "
@@ -341,6 +346,7 @@ class Reproduction:
                  for s in ("skip", "repeat")]  # fmt: skip
         plan += [(a.math_task, "both", a.math_limit, a.math_budget)] if a.math_limit else []
         runs = self.grow(plan)
+        self.headlines += [run_id for (_, space, *_), run_id in runs.items() if space == "both"]
         self.add(
             "## The paper's protocol: generated answers, MCTS per document",
             "",
@@ -382,6 +388,46 @@ class Reproduction:
             markdown(rows),
             "",
         )
+        self.rescue_checks()
+
+    def rescue_checks(self) -> None:
+        """Single-edit reversion and option shuffle of every headline oracle's rescues (the
+        shortest correct chain of each originally wrong document)."""
+        wanted = _list(self.args.controls)
+        if not self.headlines or not {"reversion", "shuffle"} & set(wanted):
+            return
+        self.add(
+            "Rescue checks. Reversion: each edit of a rescue undone on its own; a rescue that "
+            "no reversion leaves right hangs on every edit at once. Shuffle: the rescue on its "
+            "question with the options rotated 1 and 2 places; a real rescue follows the "
+            "answer's text, a letter switch the old position.",
+            "",
+            "| run | rescues | reversions still right | survive every reversion | survive none "
+            "| shuffled: still right | on the old position | full model right |",
+            "|---" * 8 + "|",
+        )
+        for run_id in self.headlines:
+            self.add(self.rescue_row(run_id, wanted))
+        self.add("")
+
+    def rescue_row(self, run_id: int, wanted: list[str]) -> str:
+        """One run's line of the rescue checks (``-`` for a check not wanted or not possible:
+        a generated number has no options to move)."""
+        a = self.args
+        gold, task, rescued = controls.rescues_of(self.store, str(run_id), a.include_path)
+        batching = (a.prefix_cache_mb, a.parallel_docs)
+        reverted = shuffled = ["-"] * 3
+        if "reversion" in wanted:
+            kept = controls.reversions(self.lm, task, gold, rescued, *batching)
+            counts = [(kept.still_right, kept.reversions), (kept.robust, kept.checked),
+                      (kept.fragile, kept.checked)]  # fmt: skip
+            reverted = [share_text(*count) for count in counts]
+        moved = _movable(task, gold, rescued) if "shuffle" in wanted else None
+        if moved is not None:
+            found = controls.shuffles(self.lm, task, gold, moved, *batching)
+            counts = [found.content, found.position, found.full_model_right]
+            shuffled = [share_text(n, found.shuffles) for n in counts]
+        return "| " + " | ".join([str(run_id), str(len(rescued)), *reverted, *shuffled]) + " |"
 
     def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
         """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents
@@ -448,6 +494,14 @@ def _outcomes(stats: queries.RunStats) -> list[float]:
     right = stats.original_accuracy or 0.0
     shorter, fixed = stats.shorter_correct_share or 0.0, stats.corrected_share or 0.0
     return [right * (1 - shorter), right * shorter, (1 - right) * fixed, (1 - right) * (1 - fixed)]
+
+
+def _movable(task, gold, rescued: dict[str, str]) -> list[controls.ShuffledRescue] | None:
+    """The rescued documents with their options rotated; ``None`` where they have none."""
+    try:
+        return controls.shuffled_rescues(task, gold, rescued)
+    except TargetError:
+        return None
 
 
 def _list(text: str) -> list[str]:

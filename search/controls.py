@@ -260,14 +260,23 @@ def _model_of(args: argparse.Namespace, gold: GoldRun):
 def run_reversion(args: argparse.Namespace) -> int:
     """Undo each edit of every rescue of the gold run, one at a time, and count the rescues
     that survive (a reverted chain still right)."""
-    from lm_eval_cola.scoring import Proposal
-    from lm_eval_cola.search.space import single_reversions
-    from lm_eval_cola.tasks import task_documents
-
     try:
         gold, task, rescued, lm = _rescues_of(args)
     except (ColaError, ValueError) as err:
         return report("cola controls reversion", err)
+    survival = reversions(lm, task, gold, rescued, args.prefix_cache_mb, args.parallel_docs)
+    return _reported(survival, gold, args)
+
+
+def reversions(
+    lm: ChainLM, task: Task, gold: GoldRun, rescued: dict[str, str], prefix_cache_mb: float,
+    parallel_docs: int,
+) -> Survival:  # fmt: skip
+    """Every single-edit reversion of each rescue (document hash -> chain), evaluated."""
+    from lm_eval_cola.scoring import Proposal
+    from lm_eval_cola.search.space import single_reversions
+    from lm_eval_cola.tasks import task_documents
+
     documents = {d.doc_hash: d for d in task_documents(task, gold.n_documents)}
     proposals = [
         Proposal(documents[doc_hash], reverted)
@@ -275,38 +284,64 @@ def run_reversion(args: argparse.Namespace) -> int:
         if doc_hash in documents
         for reverted in single_reversions(Chain.parse(chain), lm.executor.n_layers)
     ]
-    trials = _objective(lm, task, gold, args).score_all(
-        proposals, args.parallel_docs, "Reverting single edits"
+    trials = _objective(lm, task, gold, prefix_cache_mb).score_all(
+        proposals, parallel_docs, "Reverting single edits"
     )
-    return _reported(Survival.of(rescued, proposals, trials), gold, args)
+    return Survival.of(rescued, proposals, trials)
 
 
 def run_shuffle(args: argparse.Namespace) -> int:
     """Every rescue and the full model on the rescued documents with their options rotated
     one and two places: does the rescue follow the gold answer's text or its old position?"""
-    from lm_eval_cola.scoring import Proposal
+    try:
+        gold, task, rescued, lm = _rescues_of(args)
+        moved = shuffled_rescues(task, gold, rescued)
+    except (ColaError, ValueError) as err:
+        return report("cola controls shuffle", err)
+    check = shuffles(lm, task, gold, moved, args.prefix_cache_mb, args.parallel_docs)
+    return _reported(check, gold, args)
+
+
+@dataclass(frozen=True)
+class ShuffledRescue:
+    """A rescue's document with its options rotated, and where its gold answer was."""
+
+    document: Document
+    chain: Chain
+    #: the gold target before the rotation
+    before: str
+
+
+def shuffled_rescues(task: Task, gold: GoldRun, rescued: dict[str, str]) -> list[ShuffledRescue]:
+    """Each rescued document rotated by every shift of :data:`SHIFTS`; refused (before any
+    compute) for documents whose options cannot be moved."""
     from lm_eval_cola.targets import shuffled
     from lm_eval_cola.tasks import documents_of, task_documents
 
-    try:
-        gold, task, rescued, lm = _rescues_of(args)
-        originals = {d.doc_hash: d for d in task_documents(task, gold.n_documents)}
-        kept = [h for h in rescued if h in originals]
-        moved = [shuffled(originals[h].doc, shift) for h in kept for shift in SHIFTS]
-    except (ColaError, ValueError) as err:
-        return report("cola controls shuffle", err)
+    originals = {d.doc_hash: d for d in task_documents(task, gold.n_documents)}
+    pairs = [(h, shift) for h in rescued if h in originals for shift in SHIFTS]
+    moved = [shuffled(originals[h].doc, shift) for h, shift in pairs]
     documents = documents_of(task, moved) if moved else []
-    identity = Chain.identity(lm.executor.n_layers)
-    proposals = [
-        Proposal(document, chain)
-        for document, doc_hash in zip(documents, [h for h in kept for _ in SHIFTS], strict=True)
-        for chain in (Chain.parse(rescued[doc_hash]), identity)
+    return [
+        ShuffledRescue(document, Chain.parse(rescued[h]), str(task.doc_to_target(originals[h].doc)))
+        for document, (h, _) in zip(documents, pairs, strict=True)
     ]
-    trials = _objective(lm, task, gold, args).score_all(
-        proposals, args.parallel_docs, "Rescues on shuffled options"
+
+
+def shuffles(
+    lm: ChainLM, task: Task, gold: GoldRun, moved: list[ShuffledRescue], prefix_cache_mb: float,
+    parallel_docs: int,
+) -> ShuffleCheck:  # fmt: skip
+    """Each shuffled rescue and the full model on its document, evaluated."""
+    from lm_eval_cola.scoring import Proposal
+
+    identity = Chain.identity(lm.executor.n_layers)
+    proposals = [Proposal(m.document, chain) for m in moved for chain in (m.chain, identity)]
+    trials = _objective(lm, task, gold, prefix_cache_mb).score_all(
+        proposals, parallel_docs, "Rescues on shuffled options"
     )
-    before = [str(task.doc_to_target(originals[h].doc)) for h in kept for _ in SHIFTS]
-    return _reported(ShuffleCheck.of(len(kept), trials[0::2], trials[1::2], before), gold, args)
+    before = [m.before for m in moved]
+    return ShuffleCheck.of(len(moved) // len(SHIFTS), trials[0::2], trials[1::2], before)
 
 
 def run_sampling(args: argparse.Namespace) -> int:
@@ -556,25 +591,34 @@ SHIFTS = (1, 2)
 
 
 def _rescues_of(args: argparse.Namespace):
-    """The gold run, its task, its rescues (document hash -> chain) and the model."""
-    from lm_eval_cola.store import controls
+    """The gold run, its task, its rescues and the model."""
     from lm_eval_cola.store.store import Store
 
     check_model_args(args)
     with Store(args.store, read_only=True) as store:
-        gold, task = _gold_and_task(store, args.run, args.include_path)
-        with store.session() as session:
-            rescued = controls.rescues(session, gold.id)
+        gold, task, rescued = rescues_of(store, args.run, args.include_path)
     return gold, task, rescued, _model_of(args, gold)
 
 
-def _objective(lm: ChainLM, task, gold: GoldRun, args: argparse.Namespace):
+def rescues_of(
+    store, run: str, include_path: str | None = None
+) -> tuple[GoldRun, Task, dict[str, str]]:
+    """The gold run ``run``, its task and its rescues (document hash -> the shortest correct
+    chain of each originally wrong document)."""
+    from lm_eval_cola.store import controls
+
+    gold, task = _gold_and_task(store, run, include_path)
+    with store.session() as session:
+        return gold, task, controls.rescues(session, gold.id)
+
+
+def _objective(lm: ChainLM, task, gold: GoldRun, prefix_cache_mb: float):
     """The gold run's objective: its task, metric and filter, rewarded by the gold answer."""
     from lm_eval_cola.scoring import Objective
     from lm_eval_cola.store.schema import decoded_batch_invariantly
 
     invariant = decoded_batch_invariantly(gold.settings)
-    return Objective(lm, task, gold.spec, args.prefix_cache_mb, batch_invariant=invariant)
+    return Objective(lm, task, gold.spec, prefix_cache_mb, batch_invariant=invariant)
 
 
 def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:

@@ -119,8 +119,11 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     """benchmarks/reproduce.py: Table 1's headline oracle is searched beside its lottery (the
     same search rewarded by the decoy, random chains at its budget, on its documents), and the
     report ends with every oracle of the store beside its controls."""
+    from sqlalchemy import select
+
+    from lm_eval_cola.store import queries
     from lm_eval_cola.store.controls import target_of
-    from lm_eval_cola.store.schema import Run
+    from lm_eval_cola.store.schema import Evaluation, Run
     from lm_eval_cola.store.store import Store
 
     store, report = tmp_path / "r.db", tmp_path / "R.md"
@@ -146,3 +149,18 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     assert set(rows) == {"both", "skip"}
     assert rows["both"].count(" - ") == 2  # no menu, no sampling; decoy and random are there
     assert rows["skip"].count(" - ") == 6  # its controls were not run, and it says so
+    assert f"| {both.id} | 0 | - | - | - | - | - | - |" in table  # the tiny model rescues none
+
+    with Store(str(store)) as opened, opened.session() as session:  # so mark one rescue
+        wrong = next(
+            r.document_id for r in queries.per_document(session, both.id, 4) if not r.original
+        )
+        session.scalars(
+            select(Evaluation)
+            .where(Evaluation.run_id == both.id, Evaluation.document_id == wrong)
+            .where(Evaluation.chain != "0-3")
+        ).first().correct = True
+    script("reproduce").main()  # searches nothing new: its runs are finished
+    table = report.read_text().split("## Controls: what a lottery gives")[1]
+    (checks,) = [line for line in table.splitlines() if line.startswith(f"| {both.id} | 1 |")]
+    assert " - " not in checks and checks.count("/2 (") == 3  # shuffled twice: both checks ran
