@@ -157,10 +157,12 @@ def _reach(rows: dict[int, Row], documents: list[int]) -> Reach:
 
 def controls(session: Session, run_id: int) -> Controls:
     """Everything stored that controls the gold run ``run_id`` (or the gold run of a decoy or
-    unguided run ``run_id``)."""
+    unguided run ``run_id``), on the documents all of them finished. An unguided run that has
+    finished no document yet (just started) is left out rather than leave none to compare."""
     gold = session.get(Run, _gold_of(session, run_id))
     decoy = paired_run(session, gold.id)
-    runs = [gold, *controls_of(session, gold)]
+    started = controls_of(session, gold)
+    runs = [gold, *(run for run in started if common_documents(session, [run.id]))]
     documents = common_documents(session, [run.id for run in runs])
     budgets = sorted({1, 5, gold.budget - 1, *(run.budget - 1 for run in runs[1:])} - {0})
     return Controls(

@@ -154,7 +154,7 @@ def _sampled(session, found, k: int, samples: tuple[int, list[dict]]) -> tuple[i
     hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(ids))))
     right = {h: r for h, r in originals(session, gold.run_id).items() if h in hashes}
     mine = [r for r in records if r["doc_hash"] in right]
-    if sampled < k or {r["doc_hash"] for r in mine} != set(right):
+    if sampled < k or not right or {r["doc_hash"] for r in mine} != set(right):
         return None
     counts = sampled_corrections(mine, right, [k]).values()
     return max(c[k] for c in counts), sum(not r for r in right.values())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import main
@@ -286,6 +286,31 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert cells[9] == "-", "no sampling file was given"
     assert cells[11] == share_text(lottery.decoy.reached, lottery.decoy.documents)
     assert rows["no-controls"][7:] == ["-"] * 5 + ["- |"], f"run {alone}: nothing beside it"
+
+
+def test_a_control_that_has_finished_no_document_yet_is_left_out(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    """A control just started (its run stored, no document finished) must not shrink the
+    comparison to no documents: it is left out until it has finished one."""
+    from lm_eval_cola.store.schema import RunDocument
+
+    task = loaded(task_dir, "cola_mc")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store, run_name="mc-gold")
+    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "5"]
+    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    assert cola_controls(capsys, "random", *common)[0] == 0
+    with Store(path) as store, store.session() as session:
+        random_run = session.scalar(select(Run.id).where(Run.method == "random-walk"))
+        session.execute(delete(RunDocument).where(RunDocument.run_id == random_run))
+    with Store(path, read_only=True) as store, store.session() as session:
+        found = controls.controls(session, gold)
+    assert [row.run_id for row in found.at_k] == [gold] and found.documents == len(MC_DOCS)
+    assert main(["report", "--store", path]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "| mc-gold |" in line]
+    assert row.split(" | ")[4] == str(len(MC_DOCS)) and row.split(" | ")[7] == "-"
 
 
 def loaded_split(task_dir: str, split: str):
