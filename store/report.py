@@ -2,14 +2,16 @@
 
 One row per gold search run (a search rewarded by the gold answer): its data set and space,
 the full model, the oracle (some evaluated chain right), the same search rewarded by a decoy,
-and the unguided controls at the search's budget, each counted on the documents whose full
-model is wrong. The last column is *corrections above the lottery*: where the full model gives
-neither the gold nor the decoy answer, the gold search's share minus the decoy's, with a
-paired 95% interval (:mod:`lm_eval_cola.store.controls`). A row whose controls are missing says
-so (``-``) instead of standing alone: run ``cola search --target decoy`` and ``cola controls``.
-A generation run's ``cola controls sampling`` file (``--sampling``) adds the model's own
-sampling at the same number of answers, at its best temperature. The samples run no chain, so
-one file serves every gold run of its run's model and task, whatever their space.
+and the unguided controls, each counted on the documents whose full model is wrong, within 1,
+5 and the search's budget of chains (a cell reads ``10, 39, 69/98``). The last column is
+*corrections above the lottery*: where the full model gives neither the gold nor the decoy
+answer, the gold search's share minus the decoy's, with a paired 95% interval
+(:mod:`lm_eval_cola.store.controls`). A row whose controls are missing says so (``-``)
+instead of standing alone: run ``cola search --target decoy`` and ``cola controls``. A
+generation run's ``cola controls sampling`` file (``--sampling``) adds the model's own sampling
+at the same numbers of answers, at its best temperature for each; the samples run no chain, so
+one file serves every gold run of its run's model and task, whatever their space. A scored
+task (log-likelihood) has no sampling to draw: its cell says ``n/a``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ EPILOG = """examples:
 CONTROL_METHODS = ("random-walk", "menu")
 
 
+#: corrected documents within each of a row's numbers of chains (:func:`chain_counts`), of how
+#: many originally wrong ones
+Corrections = tuple[tuple[int, ...], int]
+
+
 @dataclass(frozen=True)
 class OracleRow:
     """A gold run beside its controls: counts as (part, whole), ``None`` where a control was
@@ -38,15 +45,16 @@ class OracleRow:
     task: str
     space: str
     budget: int
+    #: a generation task, which the model's own sampling can answer (a scored one cannot)
+    generates: bool
     #: the documents the run and its unguided controls all finished
     documents: int
     original_right: int
-    #: of the originally wrong documents, corrected within the budget: the search, then each
-    #: unguided control at the same number of chains
-    corrected: tuple[int, int]
-    controls: dict[str, tuple[int, int]] = field(default_factory=dict)
-    #: the full model's own samples, as many as the search's chains, at the best temperature
-    sampling: tuple[int, int] | None = None
+    #: the search's corrections, then each unguided control's at the same numbers of chains
+    corrected: Corrections
+    controls: dict[str, Corrections] = field(default_factory=dict)
+    #: the full model's own samples, as many as the chains, at the best temperature for each
+    sampling: Corrections | None = None
     #: on the documents the run and its decoy run both finished: some chain gives the target
     #: where the full model does not, for the gold answer and for the decoy
     gold_reached: tuple[int, int] | None = None
@@ -119,29 +127,40 @@ def _row(session, run, samples: tuple[int, list[dict]] | None) -> OracleRow:
 
     found = controls(session, run.id)
     search, *others = found.at_k
-    k, lottery = run.budget - 1, found.decoy
+    ks, lottery = chain_counts(run.budget), found.decoy
     return OracleRow(
         run=run.name or str(run.id),
         task=run.task.name,
         space=run.space.get("mode", "both"),
         budget=run.budget,
+        generates=run.task.output_type == "generate_until",
         documents=found.documents,
         # every search evaluates the full model first: the documents it got right are those
         # that are not among the search's originally wrong ones
         original_right=found.documents - search.documents,
-        corrected=(search.corrected.get(k, 0), search.documents),
-        controls={a.method: (a.corrected[k], a.documents) for a in others if k in a.corrected},
-        sampling=None if samples is None else _sampled(session, found, k, samples),
+        corrected=(tuple(search.corrected.get(k, 0) for k in ks), search.documents),
+        controls={
+            a.method: (tuple(a.corrected[k] for k in ks), a.documents)
+            for a in others
+            if set(ks) <= set(a.corrected)
+        },
+        sampling=None if samples is None else _sampled(session, found, ks, samples),
         gold_reached=None if lottery is None else (lottery.gold.reached, lottery.gold.documents),
         decoy_reached=None if lottery is None else (lottery.decoy.reached, lottery.decoy.documents),
         above_lottery=None if lottery is None else _lottery_text(lottery),
     )
 
 
-def _sampled(session, found, k: int, samples: tuple[int, list[dict]]) -> tuple[int, int] | None:
+def chain_counts(budget: int) -> list[int]:
+    """The numbers of chains a row compares at: 1, 5 and all the search's chains after the
+    full model (those of them a run of ``budget`` evaluations has)."""
+    return [k for k in (1, 5) if k < budget - 1] + [budget - 1]
+
+
+def _sampled(session, found, ks: list[int], samples: tuple[int, list[dict]]) -> Corrections | None:
     """The originally wrong documents (of those every run of the row finished) that one of
-    the model's first k samples gets right, at its best temperature, k the search's chains;
-    ``None`` when fewer were sampled or a document was not."""
+    the model's first k samples gets right, for each k of ``ks``, at the best temperature for
+    that k; ``None`` when fewer were sampled or a document was not."""
     from sqlalchemy import select
 
     from lm_eval_cola.store.controls import originals, sampled_corrections
@@ -154,10 +173,10 @@ def _sampled(session, found, k: int, samples: tuple[int, list[dict]]) -> tuple[i
     hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(ids))))
     right = {h: r for h, r in originals(session, gold.run_id).items() if h in hashes}
     mine = [r for r in records if r["doc_hash"] in right]
-    if sampled < k or not right or {r["doc_hash"] for r in mine} != set(right):
+    if sampled < ks[-1] or not right or {r["doc_hash"] for r in mine} != set(right):
         return None
-    counts = sampled_corrections(mine, right, [k]).values()
-    return max(c[k] for c in counts), sum(not r for r in right.values())
+    counts = sampled_corrections(mine, right, ks).values()
+    return tuple(max(c[k] for c in counts) for k in ks), sum(not r for r in right.values())
 
 
 def _lottery_text(lottery) -> str:
@@ -177,18 +196,25 @@ def markdown(rows: list[OracleRow]) -> str:
     def cell(count: tuple[int, int] | None) -> str:
         return "-" if count is None else share_text(*count)
 
+    def at_ks(count: Corrections | None) -> str:
+        if count is None:
+            return "-"
+        (*fewer, most), whole = count
+        return ", ".join([*map(str, fewer), share_text(most, whole)])
+
     header = [
         "run", "data set", "space", "budget", "documents", "full model right",
-        "wrong -> right: search", *(f"{m} (same budget)" for m in CONTROL_METHODS),
-        "own sampling (same budget, best temperature)",
+        "wrong -> right within 1, 5, all chains: search", *CONTROL_METHODS,
+        "own sampling (best temperature)",
         "gold reached", "decoy reached", "corrections above the lottery [95% CI], on",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [
             r.run, r.task, r.space, str(r.budget), str(r.documents),
-            share_text(r.original_right, r.documents), cell(r.corrected),
-            *(cell(r.controls.get(m)) for m in CONTROL_METHODS), cell(r.sampling),
+            share_text(r.original_right, r.documents), at_ks(r.corrected),
+            *(at_ks(r.controls.get(m)) for m in CONTROL_METHODS),
+            at_ks(r.sampling) if r.generates else "n/a",
             cell(r.gold_reached), cell(r.decoy_reached), r.above_lottery or "-",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")

@@ -280,12 +280,16 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert set(rows) == {"mc-gold", "no-controls"}, "decoy and control runs are no rows"
     cells = rows["mc-gold"]
     assert cells[5] == share_text(right, found.documents), "all the gold run's documents"
-    assert cells[6] == share_text(search_k.corrected[5], search_k.documents)
-    assert cells[7] == share_text(random_k.corrected[5], random_k.documents)
+
+    def at_1_and_5(row) -> str:  # budget 6: 1 chain, then all 5 (no separate @5)
+        return f"{row.corrected[1]}, " + share_text(row.corrected[5], row.documents)
+
+    assert cells[6] == at_1_and_5(search_k) and cells[7] == at_1_and_5(random_k)
     assert cells[8] == "-", "no menu was run"
-    assert cells[9] == "-", "no sampling file was given"
+    assert cells[9] == "n/a", "a scored task has no sampling"
     assert cells[11] == share_text(lottery.decoy.reached, lottery.decoy.documents)
-    assert rows["no-controls"][7:] == ["-"] * 5 + ["- |"], f"run {alone}: nothing beside it"
+    nothing = ["-", "-", "n/a", "-", "-", "- |"]
+    assert rows["no-controls"][7:] == nothing, f"run {alone}: nothing beside it"
 
 
 def test_a_control_that_has_finished_no_document_yet_is_left_out(
@@ -542,7 +546,9 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     (row,) = [line for line in out_lines if str(header["run"]) in line]
     wrong = [r for r in records if not originals[r["doc_hash"]]]
     best = max(sum(any(r["correct"]) for r in wrong if r["temperature"] == t) for t in (0, 1))
-    assert row.split(" | ")[9] == share_text(best, len(wrong) // 2), "the search's 5 chains"
+    best_1 = max(sum(r["correct"][0] for r in wrong if r["temperature"] == t) for t in (0, 1))
+    best_at = f"{best_1}, " + share_text(best, len(wrong) // 2)
+    assert row.split(" | ")[9] == best_at, "the best temperature within 1 and the search's 5"
     (skip_row,) = [line for line in out_lines if line.startswith("| skips |")]
     assert skip_row.split(" | ")[9] == row.split(" | ")[9], "the samples run no chain: any space"
     status, _, err = cola_controls(capsys, "sampling", *common[:-1], "4")
