@@ -94,7 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_from_env
+    from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_of
     from lm_eval_cola.store.engine import check_usable
     from lm_eval_cola.targets import check_decoys
     from lm_eval_cola.tasks import load_specs, task_documents
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
-        shard = _parse_shard(args.shard) if args.shard else shard_from_env()
+        shard = shard_of(args.shard)
         check_model_args(args)
         specs = _task_specs(args)
         tasks = load_specs(specs, args.include_path)
@@ -149,13 +149,6 @@ def _parse_pairs(text: str) -> dict:
     from lm_eval_cola.model_args import parse
 
     return parse(text)
-
-
-def _parse_shard(text: str) -> tuple[int, int]:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
-        raise ValueError(f"--shard {text}: write i/n with 0 <= i < n, e.g. --shard 0/4")
-    return int(index), int(count)
 
 
 def _task_specs(args: argparse.Namespace) -> list:

@@ -49,6 +49,8 @@ HELP = (
 )
 EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200
+  cola controls random --store cola.db --run arc-mcts --k 200 --shard 0/2   (1/2 in another
+      process: a control splits its documents as cola search does)
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
   cola controls reversion --store cola.db --run arc-mcts
   cola controls shuffle --store cola.db --run arc_easy_gen-mcts-821d6c8746ca
@@ -91,7 +93,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="controls_command", metavar="KIND", required=True)
     random = _add_kind(kinds, "random", "k random chains of the space, lengths as the search's")
     random.set_defaults(func=run_random)
+    _add_shard(random)
     menu = _add_kind(kinds, "menu", "the k chains right on the most training documents")
+    _add_shard(menu)
     menu.add_argument("--train_run", required=True, help="a search on training documents")
     menu.add_argument("--train_store", help="the training run's store (default: --store)")
     menu.set_defaults(func=run_menu)
@@ -148,6 +152,14 @@ def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str, runs_c
     return parser
 
 
+def _add_shard(parser: argparse.ArgumentParser) -> None:
+    """A control that is a run of its own splits its documents as ``cola search`` does; each
+    document's seed makes the shards' union equal one whole run."""
+    parser.add_argument(
+        "--shard", help="i/n: every n-th document from the i-th, e.g. two processes at 0/2 and 1/2"
+    )
+
+
 def run_random(args: argparse.Namespace) -> int:
     return _run_control(args, "random-walk", random_options)
 
@@ -189,10 +201,11 @@ def run_menu(args: argparse.Namespace) -> int:
 
 def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     """Build the control run of the gold run ``args.run`` with ``method`` and run it."""
-    from lm_eval_cola.search.runner import SearchRun
+    from lm_eval_cola.search.runner import SearchRun, shard_of
     from lm_eval_cola.store.store import Store
 
     try:
+        shard = shard_of(args.shard)
         check_model_args(args)
         with Store(args.store, read_only=True) as store:
             gold, task, settings = plan_control(
@@ -205,7 +218,7 @@ def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
         search = SearchRun(
             lm, task, store, settings, args.prefix_cache_mb, parallel_docs=args.parallel_docs
         )
-        run_id = search.run()
+        run_id = search.run(shard)
     print(f"{gold.task}: {method} control run {run_id} of run {gold.id}: {search.tally}")
     print(f"  see: cola db controls --store {args.store} --run {gold.id}")
     return 0

@@ -151,9 +151,15 @@ class SearchProgress:
         self.bar.close()
 
 
-def shard_from_env() -> tuple[int, int]:
-    """Under torchrun or accelerate launch, each rank searches its own share."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def shard_of(text: str | None) -> tuple[int, int]:
+    """The shard ``--shard i/n`` names; without one, under torchrun or accelerate launch, each
+    rank searches its own share."""
+    if not text:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise ValueError(f"--shard {text}: write i/n with 0 <= i < n, e.g. --shard 0/4")
+    return int(index), int(count)
 
 
 @dataclass

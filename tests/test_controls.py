@@ -256,6 +256,35 @@ def test_control_runs_of_a_gold_run_resume_and_are_reported(
     assert "random-walk (run 4)" in report and "menu (run 5)" in report
 
 
+def test_a_random_control_in_shards_equals_one_whole_run(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    """Two processes at ``--shard 0/2`` and ``1/2`` draw each document's chains by its own
+    seed, so together they store what one process does."""
+    task = loaded(task_dir, "cola_mc")
+    stored = {}
+    for name, shards in (("whole", [None]), ("shards", ["0/2", "1/2"])):
+        path = str(tmp_path / f"{name}.db")
+        with Store(path) as store:
+            gold = search(lm, task, store)
+        common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "4"]
+        common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+        for shard in shards:
+            status, _, err = cola_controls(
+                capsys, "random", *common, *(["--shard", shard] * bool(shard))
+            )
+            assert status == 0, err
+        with Store(path, read_only=True) as store, store.session() as session:
+            random_run = session.scalar(select(Run.id).where(Run.method == "random-walk"))
+            evaluations = session.scalars(select(Evaluation).where(Evaluation.run_id == random_run))
+            stored[name] = sorted(
+                (e.document_id, e.chain, e.correct, e.response) for e in evaluations
+            )
+    assert stored["shards"] == stored["whole"] and len(stored["whole"]) == 5 * len(MC_DOCS)
+    status, _, err = cola_controls(capsys, "random", *common, "--shard", "2/2")
+    assert status == 2 and "--shard 2/2: write i/n with 0 <= i < n" in err
+
+
 def test_cola_report_sets_every_oracle_beside_its_controls(
     lm, tiny_llama_dir, task_dir, tmp_path, capsys
 ):
