@@ -77,12 +77,15 @@ class Lottery:
 @dataclass(frozen=True)
 class AtK:
     """A run's corrections within its first ``k`` chains after the full model, for each ``k``:
-    of ``documents`` whose full model is wrong, how many."""
+    of ``documents`` whose full model is wrong, how many; and of the ``right`` ones whose full
+    model is right, how many keep a right chain shorter than the model (``shortened``)."""
 
     run_id: int
     method: str
     documents: int
     corrected: dict[int, int] = field(default_factory=dict)
+    right: int = 0
+    shortened: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -197,16 +200,18 @@ def controls_of(session: Session, gold: Run) -> list[Run]:
 
 
 def at_k(session: Session, run: Run, documents: list[int], budgets: list[int]) -> AtK:
-    """``run``'s corrections within its first k chains after the full model (see :class:`AtK`),
-    on ``documents``."""
+    """``run``'s corrections and shortenings within its first k chains after the full model
+    (see :class:`AtK`), on ``documents``."""
     steps = first_correct_step(session, run.id, documents)
+    shorter = first_correct_step(session, run.id, documents, shorter=True)
     wrong = [step for step in steps if step != 1]
-    corrected = {
-        k: sum(step is not None and step <= k + 1 for step in wrong)
-        for k in budgets
-        if k < run.budget  # a run of budget b has b - 1 chains after the full model
-    }
-    return AtK(run.id, run.method, len(wrong), corrected)
+    kept = [step for step, first in zip(shorter, steps, strict=True) if first == 1]
+    ks = [k for k in budgets if k < run.budget]  # budget b: b - 1 chains after the full model
+
+    def within(found: list[int | None]) -> dict[int, int]:
+        return {k: sum(step is not None and step <= k + 1 for step in found) for k in ks}
+
+    return AtK(run.id, run.method, len(wrong), within(wrong), len(kept), within(kept))
 
 
 def run_lengths(session: Session, run_id: int) -> dict[int, int]:

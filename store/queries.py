@@ -512,13 +512,21 @@ def _in_order(run_id: int, documents: Sequence[int] | None) -> Subquery:
 
 
 def first_correct_step(
-    session: Session, run_id: int, documents: Sequence[int] | None = None
+    session: Session, run_id: int, documents: Sequence[int] | None = None, shorter: bool = False
 ) -> list[int | None]:
-    """Per document (of ``documents``, or all the run has), how many evaluations the search
-    needed before its first correct chain (1: the full model was correct; None: none was)."""
+    """Per document (of ``documents``, or all the run has, by document id), how many
+    evaluations the search needed before its first correct chain (1: the full model was
+    correct; None: none was). ``shorter``: only chains shorter than the model count, the
+    paper's other claim (a document the model gets right keeps a right chain with fewer
+    layers)."""
     ordered = _in_order(run_id, documents)
+    right = ordered.c.correct
+    if shorter:
+        right = right & (ordered.c.length < run_depth(session, run_id))
     rows = session.execute(
-        select(func.min(case((ordered.c.correct, ordered.c.step)))).group_by(ordered.c.document_id)
+        select(func.min(case((right, ordered.c.step))))
+        .group_by(ordered.c.document_id)
+        .order_by(ordered.c.document_id)
     )
     return list(rows.scalars())
 

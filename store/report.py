@@ -11,7 +11,9 @@ instead of standing alone: run ``cola search --target decoy`` and ``cola control
 generation run's ``cola controls sampling`` file (``--sampling``) adds the model's own sampling
 at the same numbers of answers, at its best temperature for each; the samples run no chain, so
 one file serves every gold run of its run's model and task, whatever their space. A scored
-task (log-likelihood) has no sampling to draw: its cell says ``n/a``.
+task (log-likelihood) has no sampling to draw: its cell says ``n/a``. A second table does the
+same for the paper's other claim: of the documents the full model gets right, those that keep
+a right chain shorter than the model, found by the search and by the unguided chains.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ EPILOG = """examples:
 """
 #: The unguided controls, by method, in the order of the table's columns.
 CONTROL_METHODS = ("random-walk", "menu")
+SHORTER_CAPTION = (
+    "Originally right documents that keep a right chain shorter than the model (the paper: "
+    "over 75%), the search beside unguided chains on the same documents:"
+)
 
 
-#: corrected documents within each of a row's numbers of chains (:func:`chain_counts`), of how
-#: many originally wrong ones
+#: documents corrected (or shortened) within each of a row's numbers of chains
+#: (:func:`chain_counts`), of how many originally wrong (or right) ones
 Corrections = tuple[tuple[int, ...], int]
 
 
@@ -55,6 +61,10 @@ class OracleRow:
     controls: dict[str, Corrections] = field(default_factory=dict)
     #: the full model's own samples, as many as the chains, at the best temperature for each
     sampling: Corrections | None = None
+    #: of the originally right documents, those that keep a right chain shorter than the
+    #: model: the search's, then each unguided control's
+    shortened: Corrections | None = None
+    controls_shortened: dict[str, Corrections] = field(default_factory=dict)
     #: on the documents the run and its decoy run both finished: some chain gives the target
     #: where the full model does not, for the gold answer and for the decoy
     gold_reached: tuple[int, int] | None = None
@@ -123,11 +133,18 @@ def oracle_rows(session, samples: dict[str, tuple[int, list[dict]]] | None = Non
 
 
 def _row(session, run, samples: tuple[int, list[dict]] | None) -> OracleRow:
-    from lm_eval_cola.store.controls import controls
+    from lm_eval_cola.store.controls import AtK, controls
 
     found = controls(session, run.id)
     search, *others = found.at_k
     ks, lottery = chain_counts(run.budget), found.decoy
+
+    def at(row: AtK, shortened: bool = False) -> Corrections | None:
+        counts = row.shortened if shortened else row.corrected
+        if not set(ks) <= set(counts):  # a control of fewer chains
+            return None
+        return tuple(counts[k] for k in ks), row.right if shortened else row.documents
+
     return OracleRow(
         run=run.name or str(run.id),
         task=run.task.name,
@@ -138,13 +155,11 @@ def _row(session, run, samples: tuple[int, list[dict]] | None) -> OracleRow:
         # every search evaluates the full model first: the documents it got right are those
         # that are not among the search's originally wrong ones
         original_right=found.documents - search.documents,
-        corrected=(tuple(search.corrected.get(k, 0) for k in ks), search.documents),
-        controls={
-            a.method: (tuple(a.corrected[k] for k in ks), a.documents)
-            for a in others
-            if set(ks) <= set(a.corrected)
-        },
+        corrected=at(search),
+        controls={a.method: count for a in others if (count := at(a))},
         sampling=None if samples is None else _sampled(session, found, ks, samples),
+        shortened=at(search, shortened=True),
+        controls_shortened={a.method: count for a in others if (count := at(a, shortened=True))},
         gold_reached=None if lottery is None else (lottery.gold.reached, lottery.gold.documents),
         decoy_reached=None if lottery is None else (lottery.decoy.reached, lottery.decoy.documents),
         above_lottery=None if lottery is None else _lottery_text(lottery),
@@ -190,7 +205,8 @@ def _lottery_text(lottery) -> str:
 
 
 def markdown(rows: list[OracleRow]) -> str:
-    """The table: one row per oracle, its controls beside it."""
+    """Two tables, one row per oracle: its corrections beside its controls, then its
+    shortenings (the paper's other claim) beside the unguided controls'."""
     from lm_eval_cola.store.cli import share_text
 
     def cell(count: tuple[int, int] | None) -> str:
@@ -216,6 +232,18 @@ def markdown(rows: list[OracleRow]) -> str:
             *(at_ks(r.controls.get(m)) for m in CONTROL_METHODS),
             at_ks(r.sampling) if r.generates else "n/a",
             cell(r.gold_reached), cell(r.decoy_reached), r.above_lottery or "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", SHORTER_CAPTION, ""]
+    header = [
+        "run", "data set", "space", "documents", "full model right",
+        "right -> a shorter right chain within 1, 5, all chains: search", *CONTROL_METHODS,
+    ]  # fmt: skip
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [
+            r.run, r.task, r.space, str(r.documents), share_text(r.original_right, r.documents),
+            at_ks(r.shortened), *(at_ks(r.controls_shortened.get(m)) for m in CONTROL_METHODS),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -123,6 +123,7 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
 
     from lm_eval_cola.store import queries
     from lm_eval_cola.store.controls import target_of
+    from lm_eval_cola.store.report import SHORTER_CAPTION
     from lm_eval_cola.store.schema import Evaluation, Run
     from lm_eval_cola.store.store import Store
 
@@ -145,7 +146,12 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     assert decoy[0].n_documents == random[0].n_documents == both.n_documents == 4
     text = report.read_text()
     table = text.split("## Controls: what a lottery gives beside every oracle")[1]
-    rows = {line.split(" | ")[2]: line for line in table.splitlines() if "| cola_mc |" in line}
+    corrections, shortenings = table.split(SHORTER_CAPTION)
+    rows = {
+        line.split(" | ")[2]: line for line in corrections.splitlines() if "| cola_mc |" in line
+    }
+    shortened = [line for line in shortenings.splitlines() if "| cola_mc |" in line]
+    assert len(shortened) == 2 and all(line.endswith(" | - |") for line in shortened)  # no menu
     assert set(rows) == {"both", "skip"}
     assert rows["both"].count(" - ") == 1  # no menu; decoy and random are there
     assert rows["skip"].count(" - ") == 5  # its controls were not run, and it says so

@@ -29,6 +29,7 @@ from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
 from lm_eval_cola.store import controls, queries
 from lm_eval_cola.store.cli import share_text
+from lm_eval_cola.store.report import SHORTER_CAPTION
 from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.targets import TargetError, decoy, judged_by, shuffled
@@ -303,9 +304,13 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert output.read_text().strip().splitlines() == table
     with Store(path, read_only=True) as store, store.session() as session:
         found = controls.controls(session, gold)
-        right = sum(bool(row.original) for row in queries.per_document(session, gold, 4))
+        documents = queries.per_document(session, gold, 4)
+    right = sum(bool(row.original) for row in documents)
+    shorter = sum(bool(row.shorter_correct) for row in documents if row.original)
     (search_k, random_k), lottery = found.at_k, found.decoy
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table[2:]}
+    assert (search_k.right, search_k.shortened[5]) == (right, shorter), "as cola db stats counts"
+    corrections, shortenings = "\n".join(table).split(SHORTER_CAPTION)
+    rows = table_rows(corrections)
     assert set(rows) == {"mc-gold", "no-controls"}, "decoy and control runs are no rows"
     cells = rows["mc-gold"]
     assert cells[5] == share_text(right, found.documents), "all the gold run's documents"
@@ -319,6 +324,19 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert cells[11] == share_text(lottery.decoy.reached, lottery.decoy.documents)
     nothing = ["-", "-", "n/a", "-", "-", "- |"]
     assert rows["no-controls"][7:] == nothing, f"run {alone}: nothing beside it"
+
+    def shortened_at_1_and_5(row) -> str:
+        return f"{row.shortened[1]}, " + share_text(row.shortened[5], row.right)
+
+    shortened = table_rows(shortenings)
+    assert set(shortened) == set(rows) and shortened["mc-gold"][4] == cells[5]
+    assert shortened["mc-gold"][5:] == [*map(shortened_at_1_and_5, found.at_k), "- |"]
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """A Markdown table's rows by their first cell, each split into its cells."""
+    lines = text.strip().splitlines()[2:]
+    return {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines}
 
 
 def test_a_control_that_has_finished_no_document_yet_is_left_out(
@@ -342,8 +360,8 @@ def test_a_control_that_has_finished_no_document_yet_is_left_out(
         found = controls.controls(session, gold)
     assert [row.run_id for row in found.at_k] == [gold] and found.documents == len(MC_DOCS)
     assert main(["report", "--store", path]) == 0
-    (row,) = [line for line in capsys.readouterr().out.splitlines() if "| mc-gold |" in line]
-    assert row.split(" | ")[4] == str(len(MC_DOCS)) and row.split(" | ")[7] == "-"
+    row = table_rows(capsys.readouterr().out.split(SHORTER_CAPTION)[0])["mc-gold"]
+    assert row[4] == str(len(MC_DOCS)) and row[7] == "-"
 
 
 def loaded_split(task_dir: str, split: str):
@@ -571,15 +589,14 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     assert again_header == header and [r | {"seconds": 0} for r in redrawn] == timeless
     assert again.split("  cost")[0] == out.split("  cost")[0]  # the one redrawn, drawn as before
     assert main(["report", "--store", path, "--sampling", str(output)]) == 0
-    out_lines = capsys.readouterr().out.splitlines()
-    (row,) = [line for line in out_lines if str(header["run"]) in line]
+    rows = table_rows(capsys.readouterr().out.split(SHORTER_CAPTION)[0])
+    row = rows[str(header["run"])]
     wrong = [r for r in records if not originals[r["doc_hash"]]]
     best = max(sum(any(r["correct"]) for r in wrong if r["temperature"] == t) for t in (0, 1))
     best_1 = max(sum(r["correct"][0] for r in wrong if r["temperature"] == t) for t in (0, 1))
     best_at = f"{best_1}, " + share_text(best, len(wrong) // 2)
-    assert row.split(" | ")[9] == best_at, "the best temperature within 1 and the search's 5"
-    (skip_row,) = [line for line in out_lines if line.startswith("| skips |")]
-    assert skip_row.split(" | ")[9] == row.split(" | ")[9], "the samples run no chain: any space"
+    assert row[9] == best_at, "the best temperature within 1 and the search's 5"
+    assert rows["skips"][9] == row[9], "the samples run no chain: any space"
     status, _, err = cola_controls(capsys, "sampling", *common[:-1], "4")
     assert status == 2 and "holds samples of other settings" in err and "another --output" in err
     status, _, err = cola_controls(capsys, "sampling", *argv, "--run", str(scored))
