@@ -102,12 +102,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     reversion = _add_kind(
         kinds, "reversion", "every rescue with each of its edits undone, one at a time"
     )
-    reversion.add_argument("--output", help="also write the counts as JSON here")
+    reversion.add_argument(
+        "--output", help="also write the counts as JSON here (for cola report --checks)"
+    )
     reversion.set_defaults(func=run_reversion)
     shuffle = _add_kind(
         kinds, "shuffle", "every rescue on its question with the options rotated 1 and 2 places"
     )
-    shuffle.add_argument("--output", help="also write the counts as JSON here")
+    shuffle.add_argument(
+        "--output", help="also write the counts as JSON here (for cola report --checks)"
+    )
     shuffle.set_defaults(func=run_shuffle)
     sampling = _add_kind(
         kinds,
@@ -635,9 +639,12 @@ def _objective(lm: ChainLM, task, gold: GoldRun, prefix_cache_mb: float):
 
 
 def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
+    """Print the check; ``--output`` also keeps its counts with the run and check they belong
+    to, for ``cola report --checks``."""
     print(result.text(gold.id))
     if args.output:
-        Path(args.output).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+        counts = {"run": gold.name, "check": args.controls_command, **dataclasses.asdict(result)}
+        Path(args.output).write_text(json.dumps(counts, indent=2) + "\n")
     return 0
 
 

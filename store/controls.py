@@ -261,6 +261,29 @@ def read_samples(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]
     return lines[0], lines[1:]
 
 
+#: What ``cola controls reversion|shuffle --output`` counts, by check.
+CHECK_COUNTS = {
+    "reversion": {"rescues", "checked", "reversions", "still_right", "robust", "fragile"},
+    "shuffle": {"rescues", "shuffles", "content", "position", "full_model_right"},
+}
+
+
+def read_checks(path: str | Path) -> dict[str, Any]:
+    """A ``cola controls reversion|shuffle --output`` file: its gold run's name, its check and
+    the counts of :data:`CHECK_COUNTS`."""
+    try:
+        counts = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err})") from None
+    wanted = CHECK_COUNTS.get(counts.get("check") if isinstance(counts, dict) else None)
+    if wanted is None or "run" not in counts or not wanted <= set(counts):
+        raise ValueError(
+            f"{path} is not a file of cola controls reversion|shuffle --output (or one written "
+            "before it named its run): run the check again with --output"
+        )
+    return counts
+
+
 def sampled_corrections(
     records: list[dict[str, Any]], originals: dict[str, bool], budgets: list[int]
 ) -> dict[float, dict[int, int]]:

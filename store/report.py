@@ -13,7 +13,9 @@ at the same numbers of answers, at its best temperature for each; the samples ru
 one file serves every gold run of its run's model and task, whatever their space. A scored
 task (log-likelihood) has no sampling to draw: its cell says ``n/a``. A second table does the
 same for the paper's other claim: of the documents the full model gets right, those that keep
-a right chain shorter than the model, found by the search and by the unguided chains.
+a right chain shorter than the model, found by the search and by the unguided chains. A third
+sets out the rescue checks of ``cola controls shuffle`` and ``reversion`` whose ``--output``
+files are given with ``--checks`` (refused when the run has other rescues since).
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ EPILOG = """examples:
   cola report --store results/controls.db
   cola report --store results/controls.db --store results/qwen.db --output docs/controls.md
   cola report --store results/gen.db --sampling results/gen-arc-easy-sampling.jsonl
+  cola report --store cola.db --checks reversion.json --checks shuffle.json
 """
 #: The unguided controls, by method, in the order of the table's columns.
 CONTROL_METHODS = ("random-walk", "menu")
+CHECKS_CAPTION = (
+    "Rescue checks (the shortest right chain of each originally wrong document; `cola controls "
+    "shuffle|reversion --output`, given with `--checks`): a rescue that follows the answer's "
+    "content stays right when the options move, one that follows the position answers where "
+    "the gold answer was; undoing its edits one at a time says how much of it is needed:"
+)
 SHORTER_CAPTION = (
     "Originally right documents that keep a right chain shorter than the model (the paper: "
     "over 75%), the search beside unguided chains on the same documents:"
@@ -65,6 +74,10 @@ class OracleRow:
     #: model: the search's, then each unguided control's
     shortened: Corrections | None = None
     controls_shortened: dict[str, Corrections] = field(default_factory=dict)
+    #: the shortest right chain of each originally wrong document, and the counts of
+    #: ``cola controls reversion`` and ``shuffle`` on them, by check
+    rescues: int = 0
+    checks: dict[str, dict] = field(default_factory=dict)
     #: on the documents the run and its decoy run both finished: some chain gives the target
     #: where the full model does not, for the gold answer and for the decoy
     gold_reached: tuple[int, int] | None = None
@@ -83,13 +96,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="a cola controls sampling file, for the rows of its run's model and task (repeatable)",
     )
-    parser.add_argument("--output", help="also write the table to this Markdown file")
+    parser.add_argument(
+        "--checks",
+        action="append",
+        default=[],
+        help="a cola controls reversion|shuffle --output file, for its run's row (repeatable)",
+    )
+    parser.add_argument("--output", help="also write the tables to this Markdown file")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lm_eval_cola.errors import report
-    from lm_eval_cola.store.controls import read_samples
+    from lm_eval_cola.store.controls import read_checks, read_samples
     from lm_eval_cola.store.engine import StoreError
     from lm_eval_cola.store.store import Store
 
@@ -99,9 +118,13 @@ def run(args: argparse.Namespace) -> int:
         for path in args.sampling:
             header, records = read_samples(path)
             samples[header["run"]] = (header["k"], records)
+        checks: dict[str, dict[str, dict]] = {}
+        for path in args.checks:
+            counts = read_checks(path)
+            checks.setdefault(counts["run"], {})[counts["check"]] = counts
         for url in args.store:
             with Store(url, read_only=True) as store, store.session() as session:
-                rows += oracle_rows(session, samples)
+                rows += oracle_rows(session, samples, checks)
     except (StoreError, OSError, ValueError) as err:
         return report("cola report", err)
     table = markdown(rows)
@@ -112,10 +135,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def oracle_rows(session, samples: dict[str, tuple[int, list[dict]]] | None = None):
+def oracle_rows(
+    session,
+    samples: dict[str, tuple[int, list[dict]]] | None = None,
+    checks: dict[str, dict[str, dict]] | None = None,
+) -> list[OracleRow]:
     """A row per gold search run of the store, oldest first; ``samples``: the full model's
     samples (k, records) by the name of the run they were drawn for, given to every gold run of
-    that run's model and task (a row whose documents they do not all cover gets none)."""
+    that run's model and task (a row whose documents they do not all cover gets none);
+    ``checks``: the rescue checks' counts by run name and check."""
     from sqlalchemy import select
 
     from lm_eval_cola.store.controls import target_of
@@ -126,14 +154,24 @@ def oracle_rows(session, samples: dict[str, tuple[int, list[dict]]] | None = Non
     samples = samples or {}
     drawn_for = {(r.model_id, r.task_id): samples[r.name] for r in runs if r.name in samples}
     return [
-        _row(session, run, drawn_for.get((run.model_id, run.task_id)))
+        _row(session, run, drawn_for.get((run.model_id, run.task_id)), (checks or {}).get(run.name))
         for run in gold
         if run.method not in CONTROL_METHODS
     ]
 
 
-def _row(session, run, samples: tuple[int, list[dict]] | None) -> OracleRow:
-    from lm_eval_cola.store.controls import AtK, controls
+def _row(
+    session, run, samples: tuple[int, list[dict]] | None, checks: dict[str, dict] | None
+) -> OracleRow:
+    from lm_eval_cola.store.controls import AtK, controls, rescues
+
+    rescued = len(rescues(session, run.id))
+    for counts in (checks or {}).values():
+        if counts["rescues"] != rescued:
+            raise ValueError(
+                f"the {counts['check']} check of run '{run.name}' counted {counts['rescues']} "
+                f"rescues, the run has {rescued} now: run cola controls {counts['check']} again"
+            )
 
     found = controls(session, run.id)
     search, *others = found.at_k
@@ -163,6 +201,8 @@ def _row(session, run, samples: tuple[int, list[dict]] | None) -> OracleRow:
         gold_reached=None if lottery is None else (lottery.gold.reached, lottery.gold.documents),
         decoy_reached=None if lottery is None else (lottery.decoy.reached, lottery.decoy.documents),
         above_lottery=None if lottery is None else _lottery_text(lottery),
+        rescues=rescued,
+        checks=checks or {},
     )
 
 
@@ -205,8 +245,9 @@ def _lottery_text(lottery) -> str:
 
 
 def markdown(rows: list[OracleRow]) -> str:
-    """Two tables, one row per oracle: its corrections beside its controls, then its
-    shortenings (the paper's other claim) beside the unguided controls'."""
+    """Three tables, one row per oracle: its corrections beside its controls, its
+    shortenings (the paper's other claim) beside the unguided controls', and its rescue
+    checks."""
     from lm_eval_cola.store.cli import share_text
 
     def cell(count: tuple[int, int] | None) -> str:
@@ -246,4 +287,31 @@ def markdown(rows: list[OracleRow]) -> str:
             at_ks(r.shortened), *(at_ks(r.controls_shortened.get(m)) for m in CONTROL_METHODS),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", CHECKS_CAPTION, ""]
+    header = [
+        "run", "rescues", "options moved: rescue still right", "answers the old position",
+        "full model right", "one edit undone: still right", "rescues surviving every undoing",
+        "surviving none",
+    ]  # fmt: skip
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([r.run, str(r.rescues), *_check_cells(r.checks)]) + " |")
     return "\n".join(lines)
+
+
+def _check_cells(checks: dict[str, dict]) -> list[str]:
+    """The shuffle's three shares of its shuffled documents, then the reversion's: of its
+    reversions, then of its rescues; ``-`` for a check not given."""
+    from lm_eval_cola.store.cli import share_text
+
+    shuffle, reversion = checks.get("shuffle"), checks.get("reversion")
+    cells = ["-"] * 6
+    if shuffle:
+        whole = shuffle["shuffles"]
+        cells[:3] = [
+            share_text(shuffle[n], whole) for n in ("content", "position", "full_model_right")
+        ]
+    if reversion:
+        cells[3] = share_text(reversion["still_right"], reversion["reversions"])
+        cells[4:] = [share_text(reversion[n], reversion["checked"]) for n in ("robust", "fragile")]
+    return cells

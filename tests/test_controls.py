@@ -29,7 +29,7 @@ from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
 from lm_eval_cola.store import controls, queries
 from lm_eval_cola.store.cli import share_text
-from lm_eval_cola.store.report import SHORTER_CAPTION
+from lm_eval_cola.store.report import CHECKS_CAPTION, SHORTER_CAPTION
 from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
 from lm_eval_cola.targets import TargetError, decoy, judged_by, shuffled
@@ -309,7 +309,8 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     shorter = sum(bool(row.shorter_correct) for row in documents if row.original)
     (search_k, random_k), lottery = found.at_k, found.decoy
     assert (search_k.right, search_k.shortened[5]) == (right, shorter), "as cola db stats counts"
-    corrections, shortenings = "\n".join(table).split(SHORTER_CAPTION)
+    corrections, rest = "\n".join(table).split(SHORTER_CAPTION)
+    shortenings, checks = rest.split(CHECKS_CAPTION)
     rows = table_rows(corrections)
     assert set(rows) == {"mc-gold", "no-controls"}, "decoy and control runs are no rows"
     cells = rows["mc-gold"]
@@ -331,6 +332,7 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     shortened = table_rows(shortenings)
     assert set(shortened) == set(rows) and shortened["mc-gold"][4] == cells[5]
     assert shortened["mc-gold"][5:] == [*map(shortened_at_1_and_5, found.at_k), "- |"]
+    assert table_rows(checks)["mc-gold"][2:] == ["-"] * 5 + ["- |"], "no check file given"
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -427,6 +429,24 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
     assert counts["still_right"] == right
     assert f"reversions still right: {right}/{counts['reversions']}" in out
 
+    assert main(["report", "--store", path, "--checks", str(output)]) == 0  # its row's checks
+    checks = table_rows(capsys.readouterr().out.split(CHECKS_CAPTION)[1])[str(counts["run"])]
+    assert checks[1:4] == ["2", "-", "-"], "two rescues, no shuffle given"
+    assert checks[5] == share_text(right, counts["reversions"])
+    output.write_text(json.dumps({"check": "reversion", "rescues": 2}))
+    assert main(["report", "--store", path, "--checks", str(output)]) == 2
+    assert "is not a file of cola controls reversion|shuffle --output" in capsys.readouterr().err
+    assert cola_controls(capsys, "reversion", *argv)[0] == 0
+    with Store(path) as store, store.session() as session:  # the run gains a third rescue
+        third = [row.document_id for row in originals if row.original == 0][2]
+        session.scalars(
+            select(Evaluation).where(Evaluation.run_id == gold, Evaluation.document_id == third)
+            .where(Evaluation.chain != "0-3")
+        ).first().correct = True  # fmt: skip
+    assert main(["report", "--store", path, "--checks", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "counted 2 rescues, the run has 3 now: run cola controls reversion again" in err
+
 
 def test_an_option_shuffled_document_keeps_its_content_and_moves_its_gold_label():
     doc = MC_DOCS[1]  # "Which animal barks?" cat / dog / fish, gold B (dog)
@@ -482,6 +502,8 @@ def test_shuffle_checks_whether_rescues_follow_the_content(
     assert status == 0, err
     counts = json.loads(output.read_text())
     assert counts["rescues"] == len(rescued) > 0 and counts["shuffles"] == 2 * len(rescued)
+    with Store(path, read_only=True) as store, store.session() as session:
+        assert (counts["check"], counts["run"]) == ("shuffle", session.get(Run, gold).name)
     documents = {d.doc_hash: d.doc for d in task_documents(task, None)}
     golds = {h: task.doc_to_target(documents[h]) for h in rescued}
     truly_right = sum(int(answers[h]) == golds[h] for h in rescued)
