@@ -53,7 +53,10 @@ The best chain of each document (highest score, then shortest; as cola db chains
   on average (usage) and the share of best chains that skip the layer and that repeat it.
 Distinct answers: how many different answers (the option chosen, or the generated answer) a
   document's evaluated chains gave; many answers mean a search for the gold one is partly a
-  lottery over answers."""
+  lottery over answers.
+Beside its controls: a gold run's corrections above the lottery (its decoy search), and its
+  corrections and shortenings within the same number of chains against each unguided control
+  (cola controls random|menu); a run without controls says so, a control names its gold run."""
 #: Decimals of shares and accuracies in tables.
 DIGITS = 3
 
@@ -276,6 +279,8 @@ def _stats_text(result: RunStats) -> str:
             f"run {result.run_id}: {result.documents} documents evaluated",
             *(f"  {label:<{width}}  {value}" for label, value in lines.items()),
             "",
+            *_beside_text(result),
+            "",
             "per layer: mean applications in the best chains, share that skip it, that repeat it:",
             layers,
         ]
@@ -342,15 +347,7 @@ def _decoy_text(result: Lottery) -> str:
     runs = f"gold run {result.gold_run}, decoy run {result.decoy_run}"
     lines = [f"{runs}: {n} documents both finished"]
     lines += [f"  {a:<{width}}  {b:>16}  {c:>16}" for a, b, c in rows]
-    if result.above_lottery is None:
-        lines.append("corrections above the lottery: - (no document where the model gives neither)")
-    else:
-        low, high = result.interval
-        lines.append(
-            f"corrections above the lottery: {100 * result.above_lottery:+.1f} points "
-            f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired 95% bootstrap interval, "
-            f"{result.neither} documents)"
-        )
+    lines.append(_above_lottery_text(result))
     return "\n".join(lines)
 
 
@@ -372,6 +369,62 @@ def _at_k_text(result: Controls) -> str:
         lines.append(f"  {name:<22}" + "".join(f"{c:>18}" for c in cells))
     lines.append("(the first row is the gold search itself; the others never see a score)")
     return "\n".join(lines)
+
+
+def _beside_text(result: RunStats) -> list[str]:
+    """What chance alone gives beside the run's oracle figures, in a line per control; for a
+    control run, the gold run it belongs to."""
+    if result.control_of is not None:
+        return [
+            f"a control of run {result.control_of}: its oracle figures are chance's, compared "
+            f"with the gold search's by: cola db controls --run {result.control_of}"
+        ]
+    if result.controls is None:
+        return [
+            "no controls yet: an oracle's corrections say nothing until set beside what chance "
+            "gives; add them with cola search --target decoy (the same settings) or cola "
+            f"controls random|menu --run {result.run_id}"
+        ]
+    controls = result.controls
+    lines = [f"beside its controls (in full: cola db controls --run {result.run_id}):"]
+    if controls.decoy is not None:
+        lines.append(f"  {_above_lottery_text(controls.decoy)}")
+    search, *unguided = controls.at_k
+    ks = [max(row.corrected) for row in unguided if row.corrected]
+    if ks and min(ks) in search.corrected:
+        lines += _unguided_lines(controls, min(ks))
+    return lines
+
+
+def _unguided_lines(controls: Controls, k: int) -> list[str]:
+    """The search against each unguided control within ``k`` chains after the full model."""
+    rows = [
+        (
+            f"{'this search' if i == 0 else row.method} (run {row.run_id})",
+            share_text(row.corrected[k], row.documents),
+            share_text(row.shortened[k], row.right),
+        )
+        for i, row in enumerate(controls.at_k)
+    ]
+    width = max(len(row[0]) for row in rows)
+    return [
+        f"  within {k} chains after the full model, on the {controls.documents} documents "
+        "every control finished:",
+        f"    {'':<{width}}  {'wrong -> right':>18}  {'right, kept shorter':>20}",
+        *(f"    {a:<{width}}  {b:>18}  {c:>20}" for a, b, c in rows),
+    ]
+
+
+def _above_lottery_text(result: Lottery) -> str:
+    """Gold minus decoy where the full model gives neither, with its interval."""
+    if result.above_lottery is None:
+        return "corrections above the lottery: - (no document where the model gives neither)"
+    low, high = result.interval
+    return (
+        f"corrections above the lottery: {100 * result.above_lottery:+.1f} points "
+        f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired 95% bootstrap interval, "
+        f"{result.neither} documents; decoy run {result.decoy_run})"
+    )
 
 
 def _answers_text(result: RunStats) -> str:

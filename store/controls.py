@@ -162,7 +162,7 @@ def controls(session: Session, run_id: int) -> Controls:
     """Everything stored that controls the gold run ``run_id`` (or the gold run of a decoy or
     unguided run ``run_id``), on the documents all of them finished. An unguided run that has
     finished no document yet (just started) is left out rather than leave none to compare."""
-    gold = session.get(Run, _gold_of(session, run_id))
+    gold = session.get(Run, gold_of(session, run_id))
     decoy = paired_run(session, gold.id)
     started = controls_of(session, gold)
     runs = [gold, *(run for run in started if common_documents(session, [run.id]))]
@@ -176,7 +176,8 @@ def controls(session: Session, run_id: int) -> Controls:
     )
 
 
-def _gold_of(session: Session, run_id: int) -> int:
+def gold_of(session: Session, run_id: int) -> int:
+    """The gold run that run ``run_id`` controls, or ``run_id`` itself if it is a gold run."""
     run = session.get(Run, run_id)
     if run is None:
         raise ValueError(f"no run {run_id}")

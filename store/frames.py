@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pandas as pd
 
@@ -70,12 +70,19 @@ def chains(
 
 
 def run_stats(store: StoreLike, run_id: RunLike) -> queries.RunStats:
-    """The CoLa paper's questions for one run; :func:`stats` and :func:`layer_rates` as
-    frames, from a single computation."""
+    """The CoLa paper's questions for one run, with the run's controls beside its oracle
+    figures (or the gold run it controls); :func:`stats` and :func:`layer_rates` as frames,
+    from a single computation."""
     with opened(store) as opened_store:
         (found,) = resolve_runs(opened_store, run_id)
         with opened_store.session() as session:
-            return queries.stats(session, found)
+            stats = queries.stats(session, found)
+            gold = controls_queries.gold_of(session, found)
+            if gold != found:
+                return replace(stats, control_of=gold)
+            beside = controls_queries.controls(session, found)
+    controlled = beside.decoy is not None or len(beside.at_k) > 1
+    return replace(stats, controls=beside if controlled else None)
 
 
 def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
@@ -108,8 +115,11 @@ def layer_rates(store: StoreLike, run_id: RunLike) -> pd.DataFrame:
 
 def stats_frame(result: queries.RunStats) -> pd.DataFrame:
     """The scalars of ``result`` as one row; a share of no documents (None) as NaN, so that
-    the shares are float columns."""
-    scalars = {k: v for k, v in vars(result).items() if not isinstance(v, list | dict)}
+    the shares are float columns. The controls have a function of their own (:func:`controls`)."""
+    beside = {"control_of", "controls"}
+    scalars = {
+        k: v for k, v in vars(result).items() if k not in beside and not isinstance(v, list | dict)
+    }
     return pd.DataFrame([{k: math.nan if v is None else v for k, v in scalars.items()}])
 
 

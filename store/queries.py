@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import JSON, Float, Integer, Text, case, cast, distinct, func, select
 from sqlalchemy.engine import Row
@@ -19,6 +19,9 @@ from sqlalchemy.sql import Subquery
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.store.schema import Base, Document, Evaluation, Model, Run, RunDocument, Task
+
+if TYPE_CHECKING:  # the controls build on these queries
+    from lm_eval_cola.store.controls import Controls
 
 #: How to choose one chain per document. Each is an ORDER BY over the document's evaluations
 #: and a filter; ties end on the chain text, so a pick is deterministic.
@@ -109,6 +112,11 @@ class RunStats:
     #: answer (searched before schema 0003, or a task without answers) are left out
     answer_diversity: dict[int, int] = field(default_factory=dict)
     mean_distinct_answers: float | None = None
+    #: the gold run this run is a control of (its decoy search, or an unguided control)
+    control_of: int | None = None
+    #: for a gold run, its stored controls (:mod:`lm_eval_cola.store.controls`), so that its
+    #: oracle figures never stand alone; None while it has none
+    controls: Controls | None = None
 
 
 def per_document(session: Session, run_id: int, n_layers: int) -> list[Row]:

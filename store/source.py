@@ -97,6 +97,14 @@ class StoreChains(ChainSource):
         logger.info(
             "%s: picked %d chains (%s) from runs %s", self.store, len(picks), self.policy, run_ids
         )
+        runs = "+".join(map(str, run_ids))
+        logger.warning(
+            "chains=store: every pick was chosen by the gold answer, so the accuracy reported is "
+            "an oracle, not a prediction: set it beside its controls with cola db stats --store "
+            "%s --run %s",
+            self.location,
+            runs,
+        )
 
     def _matches(self, session, run: Run, model: ModelIdentity) -> bool:
         stored = session.get(Model, run.model_id)

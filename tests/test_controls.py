@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,6 +334,54 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert set(shortened) == set(rows) and shortened["mc-gold"][4] == cells[5]
     assert shortened["mc-gold"][5:] == [*map(shortened_at_1_and_5, found.at_k), "- |"]
     assert table_rows(checks)["mc-gold"][2:] == ["-"] * 5 + ["- |"], "no check file given"
+
+
+def test_cola_db_stats_never_shows_an_oracle_without_its_controls(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    task = loaded(task_dir, "cola_mc")
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store)
+        decoy_run = search(lm, task, store, target="decoy")
+        alone = search(lm, task, store, seed=7)
+    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "5"]
+    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    assert cola_controls(capsys, "random", *common)[0] == 0
+    random_run = alone + 1
+    with Store(path, read_only=True) as store, store.session() as session:
+        found = controls.controls(session, gold)
+    (search_k, random_k), lottery = found.at_k, found.decoy
+
+    def stats(run: int, *options: str) -> str:
+        assert main(["db", "stats", "--store", path, "--run", str(run), *options]) == 0
+        return capsys.readouterr().out
+
+    text = stats(gold)
+    low, high = lottery.interval
+    assert (
+        f"  corrections above the lottery: {100 * lottery.above_lottery:+.1f} points "
+        f"[{100 * low:+.1f}, {100 * high:+.1f}]" in text
+    )
+    assert f"on the {found.documents} documents every control finished" in text
+    for name, row in (
+        (f"this search (run {gold})", search_k),
+        (f"random-walk (run {random_run})", random_k),
+    ):
+        cells = [
+            share_text(row.corrected[5], row.documents),
+            share_text(row.shortened[5], row.right),
+        ]
+        assert re.search(
+            rf"^    {re.escape(name)} +{re.escape(cells[0])} +{re.escape(cells[1])}$", text, re.M
+        )
+    for control in (decoy_run, random_run):
+        assert f"a control of run {gold}: " in stats(control)
+    assert "no controls yet" in stats(alone)
+    as_json = json.loads(stats(gold, "--format", "json"))
+    assert as_json["controls"]["gold_run"] == gold and as_json["control_of"] is None
+    assert as_json["controls"]["decoy"]["decoy_run"] == decoy_run
+    assert json.loads(stats(random_run, "--format", "json"))["control_of"] == gold
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

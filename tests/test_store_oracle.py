@@ -69,17 +69,22 @@ def searched(tiny_llama_dir, task_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("policy", list(queries.PICKS))
-def test_oracle_chains_reproduce_the_recorded_scores(searched, tiny_llama_dir, task_dir, policy):
+def test_oracle_chains_reproduce_the_recorded_scores(
+    searched, tiny_llama_dir, task_dir, policy, caplog
+):
     path, run_id, seen = searched
     with Store(path, read_only=True).session() as session:
         picks = {p.doc_hash: p for p in queries.pick(session, [run_id], policy)}
     assert picks, "the grid must have picked something"
-    lm = ColaLM(
-        pretrained=tiny_llama_dir,
-        chains=f"store:{path};run={run_id};pick={policy}",
-        device="cpu",
-        batch_size=1,
-    )
+    with caplog.at_level(logging.WARNING, logger="lm_eval.cola"):
+        lm = ColaLM(
+            pretrained=tiny_llama_dir,
+            chains=f"store:{path};run={run_id};pick={policy}",
+            device="cpu",
+            batch_size=1,
+        )
+    assert "the accuracy reported is an oracle, not a prediction" in caplog.text
+    assert f"cola db stats --store {path} --run {run_id}" in caplog.text
     again = per_document(lm, task_dir)
     for doc_hash, sample in again.items():
         if doc_hash in picks:
