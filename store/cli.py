@@ -177,7 +177,8 @@ def _runs(args: argparse.Namespace) -> None:
     runs["last document"] = last.dt.strftime("%Y-%m-%d %H:%M")
     shown = runs.rename(columns={"original_accuracy": "original", "oracle_accuracy": "oracle"})
     columns = ["id", "name", "method", "model", "task", "status", "budget", "done"]
-    table = shown[[*columns, "evaluations", "original", "oracle", "started", "last document"]]
+    shown = shown[[*columns, "evaluations", "original", "oracle", "controls"]]
+    table = shown.assign(started=runs["started"], **{"last document": runs["last document"]})
     _write(table, "table", args.output, "runs")
 
 

@@ -196,8 +196,30 @@ def gold_of(session: Session, run_id: int) -> int:
 
 def controls_of(session: Session, gold: Run) -> list[Run]:
     """The unguided runs made as controls of ``gold``, oldest first."""
+    if gold.name is None:  # controls name their gold run, so an unnamed run has none
+        return []
     runs = session.scalars(select(Run).where(Run.task_id == gold.task_id).order_by(Run.id))
     return [run for run in runs if run.settings.get("control_of") == gold.name]
+
+
+def roles(session: Session) -> dict[int, str]:
+    """Per run, its place among the controls, for listings: a gold run names its controls
+    (``decoy 2, random-walk 3``, or ``none``), a control the run it controls (``of 1``)."""
+    found = {}
+    for run in session.scalars(select(Run).order_by(Run.id)):
+        try:
+            gold = gold_of(session, run.id)
+        except ValueError:  # a decoy without its gold run, or a control whose gold is gone
+            found[run.id] = "of none"
+            continue
+        if gold != run.id:
+            found[run.id] = f"of {gold}"
+            continue
+        decoy = paired_run(session, run.id)
+        named = [f"decoy {decoy}"] * (decoy is not None)
+        named += [f"{control.method} {control.id}" for control in controls_of(session, run)]
+        found[run.id] = ", ".join(named) or "none"
+    return found
 
 
 def at_k(session: Session, run: Run, documents: list[int], budgets: list[int]) -> AtK:

@@ -49,9 +49,17 @@ def resolve_runs(store: Store, runs: RunLike | Sequence[RunLike]) -> list[int]:
 
 def runs(store: StoreLike) -> pd.DataFrame:
     """Every run: what it searched, its status, its progress (``done`` of ``n_documents``),
-    and its original and oracle accuracies."""
+    its original and oracle accuracies, and its controls (or the run it controls), so that no
+    oracle is listed without them."""
     with opened(store) as opened_store, opened_store.session() as session:
-        return _frame(queries.run_summaries(session), queries.RunSummary)
+        frame = _frame(queries.run_summaries(session), queries.RunSummary)
+        roles = controls_queries.roles(session)
+    frame.insert(
+        frame.columns.get_loc("oracle_accuracy") + 1,
+        "controls",
+        frame["id"].map(roles).astype(object),
+    )
+    return frame
 
 
 def chains(

@@ -28,7 +28,7 @@ from lm_eval_cola.search.controls import (
 )
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
-from lm_eval_cola.store import controls, queries
+from lm_eval_cola.store import controls, frames, queries
 from lm_eval_cola.store.cli import share_text
 from lm_eval_cola.store.report import CHECKS_CAPTION, SHORTER_CAPTION
 from lm_eval_cola.store.schema import Evaluation, Run
@@ -377,6 +377,13 @@ def test_cola_db_stats_never_shows_an_oracle_without_its_controls(
         )
     for control in (decoy_run, random_run):
         assert f"a control of run {gold}: " in stats(control)
+    listed = {run["id"]: run["controls"] for run in frames.runs(path).to_dict("records")}
+    assert listed == {
+        gold: f"decoy {decoy_run}, random-walk {random_run}",
+        decoy_run: f"of {gold}",
+        alone: "none",
+        random_run: f"of {gold}",
+    }
     assert "no controls yet" in stats(alone)
     as_json = json.loads(stats(gold, "--format", "json"))
     assert as_json["controls"]["gold_run"] == gold and as_json["control_of"] is None

@@ -214,16 +214,17 @@ def test_runs_command(url: str, capsys) -> None:
     header, *rows = out.splitlines()
     assert header.split() == [
         *("id", "name", "method", "model", "task", "status", "budget", "done"),
-        *("evaluations", "original", "oracle", "started", "last", "document"),
+        *("evaluations", "original", "oracle", "controls", "started", "last", "document"),
     ]
-    cells = [row.split()[:11] for row in rows]
+    cells = [row.split()[:12] for row in rows]
     assert cells[0] == [
         *("1", "grid", "grid", "tiny", "cola_mc", "finished", "4", "6/6", "16", "0.500"),
-        "0.833",
+        *("0.833", "none"),
     ]
     mcts = ("mcts-a", "mcts", "tiny", "cola_mc", "running", "2", "2/6", "3", "1.000", "1.000")
-    assert cells[1][1:] == list(mcts)
-    assert cells[2][1:] == ["-", "tpe", "tiny", "cola_mc", "running", "8", "0/6", "0", "-", "-"]
+    assert cells[1][1:] == [*mcts, "none"]
+    tpe = ("-", "tpe", "tiny", "cola_mc", "running", "8", "0/6", "0", "-", "-", "none")
+    assert cells[2][1:] == list(tpe)
     # when each run last finished a document: never, for the tpe run
     assert rows[2].split()[-1] == "-" and re.fullmatch(r"\d\d:\d\d", rows[1].split()[-1])
     status, out, _ = cola(capsys, "db", "runs", "--store", url, "--format", "json")
