@@ -370,7 +370,8 @@ def run_sampling(args: argparse.Namespace) -> int:
     try:
         gold, task, originals, greedy, temperatures = _sampling_inputs(args)
         k = args.k or gold.budget
-        log = SampleLog.open(Path(args.output), {"run": gold.name, "k": k, "seed": gold.seed})
+        header = {"run": gold.name, "k": k, "seed": gold.seed, "fingerprint": gold.fingerprint}
+        log = SampleLog.open(Path(args.output), header)
         documents = _gold_documents(task, gold, args.limit, originals)
         lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
@@ -450,7 +451,8 @@ class SampleLog:
         from lm_eval_cola.store.controls import read_samples
 
         found, records = read_samples(path)
-        if found != header:
+        written_before = {k: v for k, v in header.items() if k != "fingerprint"}
+        if found not in (header, written_before):  # files once named no model
             raise ControlError(
                 f"{path} holds samples of other settings ({found}); give another --output"
             )
@@ -643,7 +645,12 @@ def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
     to, for ``cola report --checks``."""
     print(result.text(gold.id))
     if args.output:
-        counts = {"run": gold.name, "check": args.controls_command, **dataclasses.asdict(result)}
+        counts = {
+            "run": gold.name,
+            "fingerprint": gold.fingerprint,
+            "check": args.controls_command,
+            **dataclasses.asdict(result),
+        }
         Path(args.output).write_text(json.dumps(counts, indent=2) + "\n")
     return 0
 

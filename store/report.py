@@ -114,14 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows: list[OracleRow] = []
     try:
-        samples = {}
-        for path in args.sampling:
-            header, records = read_samples(path)
-            samples[header["run"]] = (header["k"], records)
-        checks: dict[str, dict[str, dict]] = {}
-        for path in args.checks:
-            counts = read_checks(path)
-            checks.setdefault(counts["run"], {})[counts["check"]] = counts
+        samples = [read_samples(path) for path in args.sampling]
+        checks = [read_checks(path) for path in args.checks]
         for url in args.store:
             with Store(url, read_only=True) as store, store.session() as session:
                 rows += oracle_rows(session, samples, checks)
@@ -137,13 +131,15 @@ def run(args: argparse.Namespace) -> int:
 
 def oracle_rows(
     session,
-    samples: dict[str, tuple[int, list[dict]]] | None = None,
-    checks: dict[str, dict[str, dict]] | None = None,
+    samples: list[tuple[dict, list[dict]]] | None = None,
+    checks: list[dict] | None = None,
 ) -> list[OracleRow]:
     """A row per gold search run of the store, oldest first; ``samples``: the full model's
-    samples (k, records) by the name of the run they were drawn for, given to every gold run of
-    that run's model and task (a row whose documents they do not all cover gets none);
-    ``checks``: the rescue checks' counts by run name and check."""
+    samples as (header, records), each given to every gold run of the model and task of the
+    run it was drawn for (a row whose documents they do not all cover gets none); ``checks``:
+    the rescue checks' counts, each for the run it names. A file belongs to a run of its name
+    and, where it records one, its model's fingerprint (never to another model's run of the
+    same name in another store)."""
     from sqlalchemy import select
 
     from lm_eval_cola.store.controls import target_of
@@ -151,22 +147,38 @@ def oracle_rows(
 
     runs = list(session.scalars(select(Run).order_by(Run.id)))
     gold = [r for r in runs if target_of(r) == "gold" and not r.settings.get("control_of")]
-    samples = samples or {}
-    drawn_for = {(r.model_id, r.task_id): samples[r.name] for r in runs if r.name in samples}
+    drawn_for = {
+        (run.model_id, run.task_id): (header["k"], records)
+        for header, records in samples or []
+        for run in runs
+        if _belongs(header, run)
+    }
     return [
-        _row(session, run, drawn_for.get((run.model_id, run.task_id)), (checks or {}).get(run.name))
+        _row(
+            session,
+            run,
+            drawn_for.get((run.model_id, run.task_id)),
+            {counts["check"]: counts for counts in checks or [] if _belongs(counts, run)},
+        )
         for run in gold
         if run.method not in CONTROL_METHODS
     ]
 
 
+def _belongs(header: dict, run) -> bool:
+    """Whether a controls file names ``run``: its name, and its model's fingerprint where the
+    file records one (files written before it did name the run alone)."""
+    fingerprint = header.get("fingerprint", run.model.fingerprint)
+    return header["run"] == run.name and fingerprint == run.model.fingerprint
+
+
 def _row(
-    session, run, samples: tuple[int, list[dict]] | None, checks: dict[str, dict] | None
+    session, run, samples: tuple[int, list[dict]] | None, checks: dict[str, dict]
 ) -> OracleRow:
     from lm_eval_cola.store.controls import AtK, controls, rescues
 
     rescued = len(rescues(session, run.id))
-    for counts in (checks or {}).values():
+    for counts in checks.values():
         if counts["rescues"] != rescued:
             raise ValueError(
                 f"the {counts['check']} check of run '{run.name}' counted {counts['rescues']} "
@@ -202,7 +214,7 @@ def _row(
         decoy_reached=None if lottery is None else (lottery.decoy.reached, lottery.decoy.documents),
         above_lottery=None if lottery is None else _lottery_text(lottery),
         rescues=rescued,
-        checks=checks or {},
+        checks=checks,
     )
 
 

@@ -489,6 +489,11 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
     checks = table_rows(capsys.readouterr().out.split(CHECKS_CAPTION)[1])[str(counts["run"])]
     assert checks[1:4] == ["2", "-", "-"], "two rescues, no shuffle given"
     assert checks[5] == share_text(right, counts["reversions"])
+    other_model = tmp_path / "other-model.json"
+    other_model.write_text(json.dumps({**counts, "fingerprint": "0" * 64}))
+    assert main(["report", "--store", path, "--checks", str(other_model)]) == 0
+    out = capsys.readouterr().out.split(CHECKS_CAPTION)[1]
+    assert table_rows(out)[str(counts["run"])][5] == "-", "another model's run of the same name"
     output.write_text(json.dumps({"check": "reversion", "rescues": 2}))
     assert main(["report", "--store", path, "--checks", str(output)]) == 2
     assert "is not a file of cola controls reversion|shuffle --output" in capsys.readouterr().err
@@ -652,6 +657,7 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     assert status == 0, err
     header, *records = [json.loads(line) for line in output.read_text().splitlines()]
     assert header["k"] == 5 and len(records) == 2 * len(GEN_DOCS)
+    assert header["fingerprint"] == lm.identity.fingerprint
     assert all(len(r["correct"]) == len(r["answers"]) == 5 for r in records)
     with Store(path, read_only=True) as store, store.session() as session:
         originals = controls.originals(session, gold)
@@ -675,6 +681,15 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     best_at = f"{best_1}, " + share_text(best, len(wrong) // 2)
     assert row[9] == best_at, "the best temperature within 1 and the search's 5"
     assert rows["skips"][9] == row[9], "the samples run no chain: any space"
+    lines = output.read_text().splitlines()
+    for fingerprint, cell in (("0" * 64, "-"), (None, row[9])):  # another model's; an old file
+        older = {k: v for k, v in header.items() if k != "fingerprint"}
+        first = older if fingerprint is None else {**header, "fingerprint": fingerprint}
+        output.write_text("".join(line + "\n" for line in [json.dumps(first), *lines[1:]]))
+        assert main(["report", "--store", path, "--sampling", str(output)]) == 0
+        out = capsys.readouterr().out.split(SHORTER_CAPTION)[0]
+        assert table_rows(out)[str(header["run"])][9] == cell
+    assert cola_controls(capsys, "sampling", *common)[0] == 0, "an old file resumes"
     status, _, err = cola_controls(capsys, "sampling", *common[:-1], "4")
     assert status == 2 and "holds samples of other settings" in err and "another --output" in err
     status, _, err = cola_controls(capsys, "sampling", *argv, "--run", str(scored))
