@@ -35,7 +35,8 @@ EPILOG = """examples:
 #: The unguided controls, by method, in the order of the table's columns.
 CONTROL_METHODS = ("random-walk", "menu")
 CHECKS_CAPTION = (
-    "Rescue checks (the shortest right chain of each originally wrong document; `cola controls "
+    "Rescue checks (the shortest right chain of each originally wrong document, on all the "
+    "gold run's documents, not only those its controls finished; `cola controls "
     "shuffle|reversion --output`, given with `--checks`): a rescue that follows the answer's "
     "content stays right when the options move, one that follows the position answers where "
     "the gold answer was; undoing its edits one at a time says how much of it is needed:"
