@@ -99,6 +99,11 @@ class Controls:
     #: the gold search itself first, then each unguided run
     at_k: list[AtK]
 
+    @property
+    def any(self) -> bool:
+        """Whether anything controls the gold run: a decoy run or an unguided run."""
+        return self.decoy is not None or len(self.at_k) > 1
+
 
 def target_of(run: Run) -> str:
     return run.settings.get("target", "gold")

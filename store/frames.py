@@ -89,8 +89,7 @@ def run_stats(store: StoreLike, run_id: RunLike) -> queries.RunStats:
             if gold != found:
                 return replace(stats, control_of=gold)
             beside = controls_queries.controls(session, found)
-    controlled = beside.decoy is not None or len(beside.at_k) > 1
-    return replace(stats, controls=beside if controlled else None)
+    return replace(stats, controls=beside if beside.any else None)
 
 
 def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
@@ -100,7 +99,7 @@ def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
         (found,) = resolve_runs(opened_store, run_id)
         with opened_store.session() as session:
             result = controls_queries.controls(session, found)
-    if result.decoy is None and len(result.at_k) == 1:
+    if not result.any:
         raise ValueError(
             f"run {result.gold_run} has no controls yet: search the same settings with "
             "--target decoy, or run cola controls random / menu"

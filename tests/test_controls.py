@@ -218,6 +218,30 @@ def test_a_menu_is_the_same_list_for_every_document_whatever_the_scores():
     assert [str(c) for c in asked] == ["0-3", "0-2", "0-1.1-3", "1-3"]
 
 
+def control_args(path: str, gold: int, task_dir: str, model_dir: str, k: int) -> list[str]:
+    """``cola controls`` arguments for gold run ``gold`` of the store at ``path``, ``k`` chains."""
+    return [
+        *("--store", path, "--run", str(gold), "--include_path", task_dir, "--k", str(k)),
+        *("--model_args", f"pretrained={model_dir}", "--device", "cpu"),
+    ]
+
+
+def controlled(
+    lm, model_dir: str, task_dir: str, path: str, capsys, gold_name=None, alone_name=None
+) -> tuple[int, int, int, int]:
+    """A store holding a gold run of ``cola_mc`` with its decoy run and random chains (5 a
+    document), and a run of another seed without controls: their ids (gold, decoy, alone,
+    random)."""
+    task = loaded(task_dir, "cola_mc")
+    with Store(path) as store:
+        gold = search(lm, task, store, run_name=gold_name)
+        decoy = search(lm, task, store, target="decoy")
+        alone = search(lm, task, store, seed=7, run_name=alone_name)
+    random_args = control_args(path, gold, task_dir, model_dir, 5)
+    assert cola_controls(capsys, "random", *random_args)[0] == 0
+    return gold, decoy, alone, alone + 1
+
+
 def cola_controls(capsys, *argv: str) -> tuple[int, str, str]:
     status = main(["controls", *argv])
     out, err = capsys.readouterr()
@@ -233,8 +257,7 @@ def test_control_runs_of_a_gold_run_resume_and_are_reported(
         gold = search(lm, task, store)
         train = search(lm, loaded_split(task_dir, "train"), store)
         same_documents = search(lm, task, store, seed=3)
-    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "4"]
-    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    common = control_args(path, gold, task_dir, tiny_llama_dir, 4)
     status, out, err = cola_controls(capsys, "random", *common)
     assert status == 0, err
     status, _, err = cola_controls(capsys, "menu", *common, "--train_run", str(train))
@@ -269,8 +292,7 @@ def test_a_random_control_in_shards_equals_one_whole_run(
         path = str(tmp_path / f"{name}.db")
         with Store(path) as store:
             gold = search(lm, task, store)
-        common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "4"]
-        common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+        common = control_args(path, gold, task_dir, tiny_llama_dir, 4)
         for shard in shards:
             status, _, err = cola_controls(
                 capsys, "random", *common, *(["--shard", shard] * bool(shard))
@@ -290,15 +312,10 @@ def test_a_random_control_in_shards_equals_one_whole_run(
 def test_cola_report_sets_every_oracle_beside_its_controls(
     lm, tiny_llama_dir, task_dir, tmp_path, capsys
 ):
-    task = loaded(task_dir, "cola_mc")
     path = str(tmp_path / "cola.db")
-    with Store(path) as store:
-        gold = search(lm, task, store, run_name="mc-gold")
-        search(lm, task, store, target="decoy")
-        alone = search(lm, task, store, seed=7, run_name="no-controls")
-    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "5"]
-    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
-    assert cola_controls(capsys, "random", *common)[0] == 0
+    gold, _, alone, _ = controlled(
+        lm, tiny_llama_dir, task_dir, path, capsys, "mc-gold", "no-controls"
+    )
     output = tmp_path / "report.md"
     assert main(["report", "--store", path, "--output", str(output)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
@@ -339,16 +356,8 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
 def test_cola_db_stats_never_shows_an_oracle_without_its_controls(
     lm, tiny_llama_dir, task_dir, tmp_path, capsys
 ):
-    task = loaded(task_dir, "cola_mc")
     path = str(tmp_path / "cola.db")
-    with Store(path) as store:
-        gold = search(lm, task, store)
-        decoy_run = search(lm, task, store, target="decoy")
-        alone = search(lm, task, store, seed=7)
-    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "5"]
-    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
-    assert cola_controls(capsys, "random", *common)[0] == 0
-    random_run = alone + 1
+    gold, decoy_run, alone, random_run = controlled(lm, tiny_llama_dir, task_dir, path, capsys)
     with Store(path, read_only=True) as store, store.session() as session:
         found = controls.controls(session, gold)
     (search_k, random_k), lottery = found.at_k, found.decoy
@@ -408,8 +417,7 @@ def test_a_control_that_has_finished_no_document_yet_is_left_out(
     path = str(tmp_path / "cola.db")
     with Store(path) as store:
         gold = search(lm, task, store, run_name="mc-gold")
-    common = ["--store", path, "--run", str(gold), "--include_path", task_dir, "--k", "5"]
-    common += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    common = control_args(path, gold, task_dir, tiny_llama_dir, 5)
     assert cola_controls(capsys, "random", *common)[0] == 0
     with Store(path) as store, store.session() as session:
         random_run = session.scalar(select(Run.id).where(Run.method == "random-walk"))
