@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from lm_eval_cola.lm import ChainLM
     from lm_eval_cola.search.runner import SearchSettings
     from lm_eval_cola.tasks import Document, TaskSpec
+
+logger = logging.getLogger("lm_eval.cola")
 
 HELP = (
     "controls beside a gold search: random chains, a fixed menu, the model's own sampling, "
@@ -198,7 +201,14 @@ def run_menu(args: argparse.Namespace) -> int:
                 "a menu must be chosen on other documents (search the train split)"
             )
         identity = str(Chain.identity(int(gold.space["n_layers"])))
-        return {"chains": [c for c in chains if c != identity][:k], "source": trained.name}
+        chosen = [c for c in chains if c != identity][:k]
+        if len(chosen) < k:
+            logger.warning(
+                "training run %d (%s) has only %d chains besides the full model right on any of "
+                "its documents: the menu holds those, not --k %d; search more training documents "
+                "to fill it", trained.id, trained.name, len(chosen), k,
+            )  # fmt: skip
+        return {"chains": chosen, "source": trained.name}
 
     return _run_control(args, "menu", menu)
 

@@ -279,6 +279,13 @@ def test_control_runs_of_a_gold_run_resume_and_are_reported(
     assert main(["db", "controls", "--store", path, "--run", str(random_run)]) == 0
     report = capsys.readouterr().out
     assert "random-walk (run 4)" in report and "menu (run 5)" in report
+    more = control_args(path, gold, task_dir, tiny_llama_dir, 500)
+    status, _, err = cola_controls(capsys, "menu", *more, "--train_run", str(train))
+    assert status == 0, err
+    with Store(path, read_only=True) as store, store.session() as session:
+        offered = session.get(Run, menu_run + 1).settings["method_options"]["chains"]
+    assert 0 < len(offered) < 500
+    assert f"has only {len(offered)} chains besides the full model" in err
 
 
 def test_a_random_control_in_shards_equals_one_whole_run(
