@@ -23,7 +23,7 @@ from lm_eval_cola.cli import add_command
 if TYPE_CHECKING:
     import pandas as pd
 
-    from lm_eval_cola.store.controls import Controls, Lottery
+    from lm_eval_cola.store.controls import AtK, Controls, Lottery
     from lm_eval_cola.store.queries import RunStats
 
 EPILOG = """examples:
@@ -355,21 +355,29 @@ def _decoy_text(result: Lottery) -> str:
 def _at_k_text(result: Controls) -> str:
     """Per run, the originally wrong documents corrected within its first k chains."""
     budgets = sorted({k for row in result.at_k for k in row.corrected})
-    header = f"  {'run':<22}" + "".join(f"{f'@{k}':>18}" for k in budgets)
+    names = [_control_name(row) for row in result.at_k]
+    width = max(22, *map(len, names))
+    header = f"  {'run':<{width}}" + "".join(f"{f'@{k}':>18}" for k in budgets)
     lines = [
         f"originally wrong documents corrected within the first k chains after the full model, "
         f"on the {result.documents} documents every run below finished:",
         header,
     ]
-    for row in result.at_k:
-        name = f"{row.method} (run {row.run_id})"
+    for name, row in zip(names, result.at_k, strict=True):
         cells = [
             share_text(row.corrected[k], row.documents) if k in row.corrected else "-"
             for k in budgets
         ]
-        lines.append(f"  {name:<22}" + "".join(f"{c:>18}" for c in cells))
+        lines.append(f"  {name:<{width}}" + "".join(f"{c:>18}" for c in cells))
     lines.append("(the first row is the gold search itself; the others never see a score)")
     return "\n".join(lines)
+
+
+def _control_name(row: AtK) -> str:
+    """``menu (run 4)``, with its number of chains where it tries fewer than its budget's
+    (a short menu), so that its "within k chains" is not read as k of them."""
+    fewer = f", {row.chains} chains" if 0 < row.chains < max(row.corrected, default=0) else ""
+    return f"{row.method} (run {row.run_id}{fewer})"
 
 
 def _beside_text(result: RunStats) -> list[str]:
@@ -401,7 +409,7 @@ def _unguided_lines(controls: Controls, k: int) -> list[str]:
     """The search against each unguided control within ``k`` chains after the full model."""
     rows = [
         (
-            f"{'this search' if i == 0 else row.method} (run {row.run_id})",
+            f"this search (run {row.run_id})" if i == 0 else _control_name(row),
             share_text(row.corrected[k], row.documents),
             share_text(row.shortened[k], row.right),
         )

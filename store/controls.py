@@ -86,6 +86,8 @@ class AtK:
     corrected: dict[int, int] = field(default_factory=dict)
     right: int = 0
     shortened: dict[int, int] = field(default_factory=dict)
+    #: the chains it tries after the full model: its budget's, fewer for a short menu
+    chains: int = 0
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,17 @@ def at_k(session: Session, run: Run, documents: list[int], budgets: list[int]) -
     def within(found: list[int | None]) -> dict[int, int]:
         return {k: sum(step is not None and step <= k + 1 for step in found) for k in ks}
 
-    return AtK(run.id, run.method, len(wrong), within(wrong), len(kept), within(kept))
+    return AtK(
+        run.id, run.method, len(wrong), within(wrong), len(kept), within(kept), chains_of(run)
+    )
+
+
+def chains_of(run: Run) -> int:
+    """How many chains ``run`` tries after the full model: ``budget - 1``, or fewer for a
+    menu whose training run had fewer right chains, whose "within all its chains" then means
+    fewer than the search's."""
+    menu = run.settings.get("method_options", {}).get("chains")
+    return run.budget - 1 if menu is None else min(run.budget - 1, len(menu))
 
 
 def run_lengths(session: Session, run_id: int) -> dict[int, int]:

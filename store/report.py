@@ -69,6 +69,8 @@ class OracleRow:
     #: the search's corrections, then each unguided control's at the same numbers of chains
     corrected: Corrections
     controls: dict[str, Corrections] = field(default_factory=dict)
+    #: the controls that try fewer chains than the search (a short menu): how many
+    control_chains: dict[str, int] = field(default_factory=dict)
     #: the full model's own samples, as many as the chains, at the best temperature for each
     sampling: Corrections | None = None
     #: of the originally right documents, those that keep a right chain shorter than the
@@ -208,6 +210,7 @@ def _row(
         original_right=found.documents - search.documents,
         corrected=at(search),
         controls={a.method: count for a in others if (count := at(a))},
+        control_chains={a.method: a.chains for a in others if 0 < a.chains < ks[-1]},
         sampling=None if samples is None else _sampled(session, found, ks, samples),
         shortened=at(search, shortened=True),
         controls_shortened={a.method: count for a in others if (count := at(a, shortened=True))},
@@ -266,11 +269,13 @@ def markdown(rows: list[OracleRow]) -> str:
     def cell(count: tuple[int, int] | None) -> str:
         return "-" if count is None else share_text(*count)
 
-    def at_ks(count: Corrections | None) -> str:
+    def at_ks(count: Corrections | None, chains: int | None = None) -> str:
         if count is None:
             return "-"
         (*fewer, most), whole = count
-        return ", ".join([*map(str, fewer), share_text(most, whole)])
+        return ", ".join([*map(str, fewer), share_text(most, whole)]) + (
+            f" with its {chains} chains" if chains else ""
+        )
 
     header = [
         "run", "data set", "space", "budget", "documents", "full model right",
@@ -283,7 +288,7 @@ def markdown(rows: list[OracleRow]) -> str:
         cells = [
             r.run, r.task, r.space, str(r.budget), str(r.documents),
             share_text(r.original_right, r.documents), at_ks(r.corrected),
-            *(at_ks(r.controls.get(m)) for m in CONTROL_METHODS),
+            *(at_ks(r.controls.get(m), r.control_chains.get(m)) for m in CONTROL_METHODS),
             at_ks(r.sampling) if r.generates else "n/a",
             cell(r.gold_reached), cell(r.decoy_reached), r.above_lottery or "-",
         ]  # fmt: skip
@@ -297,7 +302,8 @@ def markdown(rows: list[OracleRow]) -> str:
     for r in rows:
         cells = [
             r.run, r.task, r.space, str(r.documents), share_text(r.original_right, r.documents),
-            at_ks(r.shortened), *(at_ks(r.controls_shortened.get(m)) for m in CONTROL_METHODS),
+            at_ks(r.shortened),
+            *(at_ks(r.controls_shortened.get(m), r.control_chains.get(m)) for m in CONTROL_METHODS),
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", CHECKS_CAPTION, ""]

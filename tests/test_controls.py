@@ -286,6 +286,10 @@ def test_control_runs_of_a_gold_run_resume_and_are_reported(
         offered = session.get(Run, menu_run + 1).settings["method_options"]["chains"]
     assert 0 < len(offered) < 500
     assert f"has only {len(offered)} chains besides the full model" in err
+    assert main(["db", "controls", "--store", path, "--run", str(gold)]) == 0
+    listed = capsys.readouterr().out
+    assert f"menu (run {menu_run + 1}, {len(offered)} chains)" in listed
+    assert "menu (run 5)" in listed and "random-walk (run 4)" in listed, "full ones unmarked"
 
 
 def test_a_random_control_in_shards_equals_one_whole_run(
@@ -358,6 +362,28 @@ def test_cola_report_sets_every_oracle_beside_its_controls(
     assert set(shortened) == set(rows) and shortened["mc-gold"][4] == cells[5]
     assert shortened["mc-gold"][5:] == [*map(shortened_at_1_and_5, found.at_k), "- |"]
     assert table_rows(checks)["mc-gold"][2:] == ["-"] * 5 + ["- |"], "no check file given"
+
+
+def test_a_menu_shorter_than_asked_says_so_beside_the_search(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    """A training run with few right chains gives a menu of fewer chains than ``--k``: its
+    "within all chains" then counts fewer chains than the search's, and the report says so."""
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, loaded(task_dir, "cola_split"), store, run_name="gold")
+        train = search(lm, loaded_split(task_dir, "train"), store, budget=3, limit=4)
+    menu_args = control_args(path, gold, task_dir, tiny_llama_dir, 5)
+    status, _, err = cola_controls(capsys, "menu", *menu_args, "--train_run", str(train))
+    assert status == 0, err
+    with Store(path, read_only=True) as store, store.session() as session:
+        chains = len(session.get(Run, train + 1).settings["method_options"]["chains"])
+    assert 0 < chains < 5, "the training run's right chains, fewer than --k"
+    assert main(["report", "--store", path]) == 0
+    corrections, shortenings = capsys.readouterr().out.split(SHORTER_CAPTION)
+    assert table_rows(corrections)["gold"][8].endswith(f" with its {chains} chains")
+    shortened = table_rows(shortenings.split(CHECKS_CAPTION)[0])["gold"]
+    assert shortened[7].endswith(f" with its {chains} chains |")
 
 
 def test_cola_db_stats_never_shows_an_oracle_without_its_controls(
