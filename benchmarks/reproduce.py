@@ -23,15 +23,17 @@ Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 The paper's protocol alone (``generated``: arc_easy_gen and arc_challenge_gen at 500 documents
 in the combined space and 200 in each single space, gsm8k_direct at 200 documents and budget
 50), grown round-robin 25 documents at a time so that every table has data when it stops, and
-stopping after 2 hours (run it again to go on):
+stopping after 2 hours (run it again to go on; results/paper.db's runs were searched with
+HF's ``generate``, so they grow with ``--decoding hf``):
 
     python benchmarks/reproduce.py --sections generated --hours 2 --store results/paper.db \\
-        --report results/PAPER.md --figures docs/figures
+        --decoding hf --report results/PAPER.md --figures docs/figures
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import platform
@@ -50,7 +52,7 @@ from lm_eval_cola.predict import predictors as predicting
 from lm_eval_cola.predict.dataset import build_training_set
 from lm_eval_cola.predict.evaluate import evaluate
 from lm_eval_cola.search import controls
-from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.search.runner import DECODINGS, SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
 from lm_eval_cola.store.cli import share_text
 from lm_eval_cola.store.report import markdown, oracle_rows
@@ -107,6 +109,9 @@ def parse_args() -> argparse.Namespace:
     add("--hours", type=float, help="start no round after this many hours (default: no limit)")
     add("--parallel_docs", type=int, default=16, help="documents searched per forward pass")
     add("--prefix_cache_mb", type=float, default=1024)
+    add("--decoding", choices=DECODINGS, default="batch_invariant",
+        help="how generation tasks decode (cola search --decoding); a store's runs grow only in "
+        "their own mode: hf for those searched before batch-invariant decoding")  # fmt: skip
     add("--sections", default=",".join(SECTIONS),
         help="the parts to run and report, of " + "/".join(SECTIONS))  # fmt: skip
     add("--controls", default=",".join(CONTROLS),
@@ -142,13 +147,32 @@ class Reproduction:
         spec = TaskSpec(task_name, **options)
         settings = SearchSettings(
             method=method, budget=budget, space={"mode": space}, task=spec, limit=limit,
-            target=target,
+            target=target, decoding=self.args.decoding,
         )  # fmt: skip
         task = spec.load(self.args.include_path)
-        return SearchRun(
+        run = SearchRun(
             self.lm, task, self.store, settings, self.args.prefix_cache_mb,
             parallel_docs=parallel_docs,
         )  # fmt: skip
+        self._refuse_the_other_decoding(run)
+        return run
+
+    def _refuse_the_other_decoding(self, run: SearchRun) -> None:
+        """This script resumes: where the store holds a run of these settings in the other
+        decoding mode and none in this one, ``--decoding`` is wrong, and a new run from its
+        first document would throw hours away."""
+        if run.decoding is None and self.args.decoding != "hf":  # a task that generates nothing
+            return
+        if self.store.run_settings(run.run_name) is not None:
+            return
+        other = "hf" if self.args.decoding == "batch_invariant" else "batch_invariant"
+        settings = dataclasses.replace(run.settings, decoding=other)
+        twin = SearchRun(self.lm, run.task, self.store, settings).run_name
+        if self.store.run_settings(twin) is not None:
+            raise SystemExit(
+                f"{self.store} holds run '{twin}' of these settings searched with --decoding "
+                f"{other}: pass --decoding {other} to grow it"
+            )
 
     def controlled(self, run_id: int, task_name: str, budget: int, limit: int, **options) -> None:
         """The lottery beside gold run ``run_id`` (searched with these arguments) on its

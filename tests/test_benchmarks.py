@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 from lm_eval_cola.lm import ColaLM
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
@@ -171,3 +173,39 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     table = report.read_text().split("## Controls: what a lottery gives")[1]
     (checks,) = [line for line in table.splitlines() if line.startswith(f"| {both.id} | 1 |")]
     assert " - " not in checks and checks.count("/2 (") == 3  # shuffled twice: both checks ran
+
+
+def test_reproduction_grows_each_run_in_its_own_decoding_mode(
+    tiny_llama_dir, task_dir, tmp_path, monkeypatch
+):
+    """benchmarks/reproduce.py --decoding hf grows a store of runs searched with HF's
+    ``generate`` (results/paper.db), their controls decoded as they were; the default mode on
+    that store stops before any search, naming the option, rather than starting every run over."""
+    from lm_eval_cola.store.controls import target_of
+    from lm_eval_cola.store.schema import Run
+    from lm_eval_cola.store.store import Store
+
+    store = tmp_path / "paper.db"
+    argv = ["reproduce.py", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
+            "--include_path", task_dir, "--sections", "generated", "--gen_tasks", "cola_gen",
+            "--gen_limit", "2", "--gen_space_limit", "1", "--math_limit", "0", "--budget", "3",
+            "--step", "2", "--controls", "decoy,random", "--store", str(store),
+            "--report", str(tmp_path / "P.md"), "--figures", str(tmp_path / "figures")]  # fmt: skip
+    monkeypatch.setattr("sys.argv", [*argv, "--decoding", "hf"])
+    script("reproduce").main()
+
+    def runs() -> list[Run]:
+        with Store(str(store), read_only=True) as opened, opened.session() as session:
+            return list(session.query(Run))
+
+    searched = runs()
+    kinds = sorted((r.space["mode"], target_of(r), r.method) for r in searched)
+    assert kinds == [("both", "decoy", "mcts"), ("both", "gold", "mcts"),
+                     ("both", "gold", "random-walk"), ("repeat", "gold", "mcts"),
+                     ("skip", "gold", "mcts")]  # fmt: skip
+    assert all("decoding" not in r.settings for r in searched)  # HF's generate, as recorded
+
+    monkeypatch.setattr("sys.argv", argv)  # batch_invariant, the default
+    with pytest.raises(SystemExit, match="searched with --decoding hf: pass --decoding hf"):
+        script("reproduce").main()
+    assert [(r.id, r.name) for r in runs()] == [(r.id, r.name) for r in searched]
