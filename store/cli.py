@@ -323,6 +323,11 @@ def share_text(part: int, whole: int) -> str:
     return f"{part}/{whole} ({100 * part / whole:.1f}%)" if whole else "-"
 
 
+def chains_text(count: int) -> str:
+    """``21 chains``, ``1 chain``."""
+    return f"{count} chain{'s' * (count != 1)}"
+
+
 def _decoy_text(result: Lottery) -> str:
     """Gold and decoy side by side, then the difference that matters."""
     n = result.documents
@@ -376,7 +381,7 @@ def _at_k_text(result: Controls) -> str:
 def _control_name(row: AtK) -> str:
     """``menu (run 4)``, with its number of chains where it tries fewer than its budget's
     (a short menu), so that its "within k chains" is not read as k of them."""
-    fewer = f", {row.chains} chains" if 0 < row.chains < max(row.corrected, default=0) else ""
+    fewer = f", {chains_text(row.chains)}" if 0 < row.chains < max(row.corrected, default=0) else ""
     return f"{row.method} (run {row.run_id}{fewer})"
 
 

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lm_eval_cola.cli import add_command
+
+if TYPE_CHECKING:
+    from lm_eval_cola.store.controls import AtK
 
 HELP = "every oracle in the stores beside its decoy, random and menu controls"
 EPILOG = """examples:
@@ -178,7 +182,7 @@ def _belongs(header: dict, run) -> bool:
 def _row(
     session, run, samples: tuple[int, list[dict]] | None, checks: dict[str, dict]
 ) -> OracleRow:
-    from lm_eval_cola.store.controls import AtK, controls, rescues
+    from lm_eval_cola.store.controls import controls, rescues
 
     rescued = len(rescues(session, run.id))
     for counts in checks.values():
@@ -190,6 +194,7 @@ def _row(
 
     found = controls(session, run.id)
     search, *others = found.at_k
+    others = _one_per_method(others)
     ks, lottery = chain_counts(run.budget), found.decoy
 
     def at(row: AtK, shortened: bool = False) -> Corrections | None:
@@ -220,6 +225,17 @@ def _row(
         rescues=rescued,
         checks=checks,
     )
+
+
+def _one_per_method(unguided: list[AtK]) -> list[AtK]:
+    """A row has a column per method: of several controls of one method (say, a second menu
+    from a larger training search), the one that tries the most chains, the latest of equals,
+    rather than whichever comes last. ``cola db controls`` lists them all."""
+    chosen: dict[str, AtK] = {}
+    for control in unguided:  # oldest first
+        if control.chains >= chosen.get(control.method, control).chains:
+            chosen[control.method] = control
+    return list(chosen.values())
 
 
 def chain_counts(budget: int) -> list[int]:
@@ -264,7 +280,7 @@ def markdown(rows: list[OracleRow]) -> str:
     """Three tables, one row per oracle: its corrections beside its controls, its
     shortenings (the paper's other claim) beside the unguided controls', and its rescue
     checks."""
-    from lm_eval_cola.store.cli import share_text
+    from lm_eval_cola.store.cli import chains_text, share_text
 
     def cell(count: tuple[int, int] | None) -> str:
         return "-" if count is None else share_text(*count)
@@ -274,7 +290,7 @@ def markdown(rows: list[OracleRow]) -> str:
             return "-"
         (*fewer, most), whole = count
         return ", ".join([*map(str, fewer), share_text(most, whole)]) + (
-            f" with its {chains} chains" if chains else ""
+            f" with its {chains_text(chains)}" if chains else ""
         )
 
     header = [

@@ -386,6 +386,30 @@ def test_a_menu_shorter_than_asked_says_so_beside_the_search(
     assert shortened[7].endswith(f" with its {chains} chains |")
 
 
+def test_of_two_menus_the_report_compares_the_one_of_more_chains(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    """A second menu of one method (here a one-chain menu made after a fuller one) does not
+    replace the first in ``cola report``'s column: the one that tries more chains stays."""
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, loaded(task_dir, "cola_split"), store, run_name="gold")
+        train = search(lm, loaded_split(task_dir, "train"), store, budget=6, limit=8)
+    for k in (5, 1):
+        menu_args = control_args(path, gold, task_dir, tiny_llama_dir, k)
+        status, _, err = cola_controls(capsys, "menu", *menu_args, "--train_run", str(train))
+        assert status == 0, err
+    with Store(path, read_only=True) as store, store.session() as session:
+        menus = session.scalars(select(Run).where(Run.method == "menu").order_by(Run.id)).all()
+        sizes = [len(menu.settings["method_options"]["chains"]) for menu in menus]
+    assert sizes[0] > sizes[1] == 1, "a fuller menu, then a one-chain menu"
+    assert main(["report", "--store", path]) == 0
+    corrections = capsys.readouterr().out.split(SHORTER_CAPTION)[0]
+    menu_cell = table_rows(corrections)["gold"][8]
+    assert " with its 1 chain" not in menu_cell
+    assert menu_cell.endswith(f" with its {sizes[0]} chains") or sizes[0] == 5
+
+
 def test_cola_db_stats_never_shows_an_oracle_without_its_controls(
     lm, tiny_llama_dir, task_dir, tmp_path, capsys
 ):
