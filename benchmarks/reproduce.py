@@ -161,9 +161,8 @@ class Reproduction:
         """This script resumes: where the store holds a run of these settings in the other
         decoding mode and none in this one, ``--decoding`` is wrong, and a new run from its
         first document would throw hours away."""
-        if run.decoding is None and self.args.decoding != "hf":  # a task that generates nothing
-            return
-        if self.store.run_settings(run.run_name) is not None:
+        generates = run.task.get_config("output_type") == "generate_until"
+        if not generates or self.store.run_settings(run.run_name) is not None:
             return
         other = "hf" if self.args.decoding == "batch_invariant" else "batch_invariant"
         settings = dataclasses.replace(run.settings, decoding=other)
