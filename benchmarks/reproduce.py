@@ -164,7 +164,7 @@ class Reproduction:
         generates = run.task.get_config("output_type") == "generate_until"
         if not generates or self.store.run_settings(run.run_name) is not None:
             return
-        other = "hf" if self.args.decoding == "batch_invariant" else "batch_invariant"
+        (other,) = set(DECODINGS) - {self.args.decoding}
         settings = dataclasses.replace(run.settings, decoding=other)
         twin = SearchRun(self.lm, run.task, self.store, settings).run_name
         if self.store.run_settings(twin) is not None:

@@ -407,7 +407,10 @@ def test_of_two_menus_the_report_compares_the_one_of_more_chains(
     corrections = capsys.readouterr().out.split(SHORTER_CAPTION)[0]
     menu_cell = table_rows(corrections)["gold"][8]
     assert " with its 1 chain" not in menu_cell
-    assert menu_cell.endswith(f" with its {sizes[0]} chains") or sizes[0] == 5
+    if sizes[0] < 5:  # a short menu says how many chains it has
+        assert menu_cell.endswith(f" with its {sizes[0]} chains")
+    else:
+        assert " with its " not in menu_cell
 
 
 def test_cola_db_stats_never_shows_an_oracle_without_its_controls(
