@@ -15,6 +15,7 @@ can be drawn, so the search widens at the root as well as deepening along good b
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 
@@ -25,18 +26,35 @@ from lm_eval_cola.search.space import ChainSpace
 
 
 class Node:
-    __slots__ = ("_children", "chain", "parent", "total", "visits")
+    __slots__ = ("_chains", "_unvisited", "_visited", "chain", "index", "parent", "total", "visits")
 
-    def __init__(self, chain: Chain, parent: Node | None) -> None:
-        self.chain, self.parent = chain, parent
+    def __init__(self, chain: Chain, parent: Node | None, index: int = 0) -> None:
+        self.chain, self.parent, self.index = chain, parent, index
         self.visits, self.total = 0, 0.0
-        self._children: list[Node] | None = None
+        self._chains: list[Chain] | None = None
+        self._visited: list[Node] = []
+        self._unvisited: list[Chain] = []
 
-    def children(self, space: ChainSpace) -> list[Node]:
-        """Created on first use: a node has hundreds of children, most never evaluated."""
-        if self._children is None:
-            self._children = [Node(chain, self) for chain in space.children(self.chain)]
-        return self._children
+    def split_children(self, space: ChainSpace) -> tuple[list[Node], list[Chain]]:
+        """The children visited (nodes) and the chains of those not yet visited, each in the
+        space's order. A node has hundreds of children, most never evaluated: only a visited
+        child becomes a node, and the split is kept as visits come in rather than sorted
+        again at every selection step."""
+        if self._chains is None:
+            self._chains = list(space.children(self.chain))
+            self._unvisited = list(self._chains)
+        return self._visited, self._unvisited
+
+    def child(self, chain: Chain) -> Node:
+        """A node for one of this node's unvisited chains, joined to it on its first visit."""
+        return Node(chain, self, self._chains.index(chain))
+
+    def visit(self, score: float) -> None:
+        if not self.visits and self.parent is not None:
+            self.parent._unvisited.remove(self.chain)
+            bisect.insort(self.parent._visited, self, key=lambda node: node.index)
+        self.visits += 1
+        self.total += score
 
     def depth(self) -> int:
         return 0 if self.parent is None else 1 + self.parent.depth()
@@ -68,11 +86,9 @@ class MCTS(Searcher):
     def _select(self) -> Node:
         node = self.root
         while True:
-            children = node.children(self.space)
-            visited = [child for child in children if child.visits]
-            unvisited = [child for child in children if not child.visits]
+            visited, unvisited = node.split_children(self.space)
             if unvisited and (not visited or self.rng.random() < self.explore):
-                return self.rng.choice(unvisited)
+                return node.child(self.rng.choice(unvisited))
             if not visited:  # no action left: a complete chain, evaluated again from the memo
                 return node
             node = max(visited, key=lambda child: self.ucb(child, node.visits))
@@ -85,6 +101,5 @@ class MCTS(Searcher):
     def tell(self, trial: Trial) -> None:
         node = self._leaf
         while node is not None:
-            node.visits += 1
-            node.total += trial.score
+            node.visit(trial.score)
             node = node.parent

@@ -106,7 +106,7 @@ def test_mcts_explores_more_than_one_branch():
     """PoLar's MCTS only ever evaluates one child of the root; ours widens and deepens."""
     searcher = MCTS(ChainSpace(12), 100, seed=0)
     run_search(searcher, synthetic)
-    root_children = [c for c in searcher.root.children(searcher.space) if c.visits]
+    root_children, _ = searcher.root.split_children(searcher.space)
     assert len(root_children) >= 3
     depths = {n.depth() for child in root_children for n in _visited(child)}
     assert max(depths) >= 3
@@ -114,9 +114,27 @@ def test_mcts_explores_more_than_one_branch():
 
 def _visited(node):
     yield node
-    for child in node._children or []:
-        if child.visits:
-            yield from _visited(child)
+    for child in node._visited:
+        yield from _visited(child)
+
+
+def test_mcts_keeps_each_nodes_children_split_by_visits_in_the_spaces_order():
+    """Selection reads the split lists instead of sorting hundreds of children each step:
+    they must stay exactly what splitting all the children again would give."""
+    searcher = MCTS(ChainSpace(12), 100, seed=0)
+    run_search(searcher, synthetic)
+    checked = 0
+    for node in _visited(searcher.root):
+        if node._chains is None:
+            continue
+        visited, unvisited = node.split_children(searcher.space)
+        chains = list(searcher.space.children(node.chain))
+        assert [c.chain for c in visited] == [c for c in chains if c not in unvisited]
+        assert [c.index for c in visited] == sorted(chains.index(c.chain) for c in visited)
+        assert unvisited == [c for c in chains if c not in {n.chain for n in visited}]
+        assert all(c.visits for c in visited)
+        checked += 1
+    assert checked >= 5
 
 
 def test_mcts_length_penalty_steers_to_shorter_chains():
