@@ -19,6 +19,7 @@ from lm_eval_cola.executor import (
     PrefixCache,
     UnsupportedModelError,
     Work,
+    prefix_cache,
 )
 from lm_eval_cola.executor.positions import ChainPosition
 from lm_eval_cola.packing import PackedBatch, pack
@@ -395,6 +396,23 @@ def test_a_packed_row_shares_its_context(model):
     assert executor.work.padding_token_layers == 0
 
 
+@torch.no_grad()
+def test_a_row_that_fell_behind_catches_up_instead_of_running_alone():
+    """Two rows run 0-3; a third repeats layer 1. Running the layer most rows need next would
+    take 2 until the end and leave the third alone for 1, 2, 3 (7 calls); the lowest layer
+    first lets it catch up at 2 (5 calls), each call reading a layer's weights once."""
+    model = build("llama")
+    executor = ChainExecutor(model)
+    rows = [pack(requests, 256) for requests in documents()[:3]]
+    chains = [Chain.parse("0-3"), Chain.parse("0-3"), Chain.parse("0.1.1.2.3")]
+    row_states(executor, rows, chains, share_calls=True)  # the executor's first-use check
+    calls = []
+    for index, layer in enumerate(executor.layers):
+        layer.register_forward_hook(lambda *_, index=index: calls.append(index))
+    row_states(executor, rows, chains, share_calls=True)
+    assert calls == [0, 1, 1, 2, 3]
+
+
 #: Chains as a search explores them: each shares a prefix with an earlier one.
 SEARCH_ORDER = ["0-3", "0-2", "0.1.1.2.3", "0.1.1.3", "0.1.2.2.3", "0-3.3", "0.2.3"]
 
@@ -438,6 +456,19 @@ def test_prefix_cache_is_keyed_by_row_content_and_bounded():
     assert cache.hits == 0  # another row never reuses these states
     again, _ = packed_scores(executor, [first], [chain], PrefixCache(64))
     assert again == scores
+
+
+def test_freed_memory_is_returned_at_most_once_every_interval(monkeypatch):
+    """Trimming after every forward pass cost a long search a tenth of its time (the trim,
+    then the page faults that take the pages back): it runs once an interval."""
+    trims = []
+    monkeypatch.setattr(prefix_cache, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(prefix_cache, "_last_trim", -float("inf"))
+    for _ in range(3):
+        prefix_cache.return_freed_memory(every_s=3600)
+    assert trims == [0]
+    prefix_cache.return_freed_memory(every_s=0)
+    assert trims == [0, 0]
 
 
 def test_rows_of_different_layer_types_are_refused():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
@@ -75,16 +76,28 @@ class PrefixCache:
         return len(self._entries)
 
 
-def return_freed_memory() -> None:
-    """Hand the allocator's free pages back to the system (glibc; elsewhere nothing).
+TRIM_EVERY_S = 10.0
+"""Seconds between two trims: a trim costs its walk over the free chunks and, afterwards, a
+page fault for every page the next passes take back, so trimming after every pass of a long
+search cost it about a tenth of its time; at this pace the holes still cannot pile up."""
+
+_last_trim = -float("inf")
+
+
+def return_freed_memory(every_s: float = TRIM_EVERY_S) -> None:
+    """Hand the allocator's free pages back to the system (glibc; elsewhere nothing), at most
+    once every ``every_s`` seconds.
 
     A search frees tensors of every size in an order no allocator predicts (the cache's
     evictions, finished generations' KV caches), and glibc keeps the holes: a GSM8K search
-    with a 4 GB cache grew past 20 GB. Trimming after each forward pass keeps a search at its
-    cache plus the model, at no measurable cost (docs/BENCHMARKS.md, "Memory")."""
+    with a 4 GB cache grew past 20 GB. Trimming now and then keeps a search at its cache plus
+    the model (docs/BENCHMARKS.md, "Memory")."""
+    global _last_trim
     trim = _malloc_trim()
-    if trim is not None:
+    now = time.monotonic()
+    if trim is not None and now - _last_trim >= every_s:
         trim(0)
+        _last_trim = time.monotonic()
 
 
 @functools.cache
