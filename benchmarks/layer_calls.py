@@ -64,8 +64,10 @@ def main() -> None:
         now = sum(sum(1 for _ in layer_calls(g, [0] * size)) for g in groups) / args.groups
         before = sum(most_rows_first(g) for g in groups) / args.groups
         longest = sum(max(map(len, g)) for g in groups) / args.groups
-        print(f"  {size:3d} rows: {now:6.1f} lowest layer first, {before:6.1f} most rows first "
-              f"({before / now:.2f}x), longest chain {longest:.1f}")  # fmt: skip
+        rows = sum(sum(map(len, g)) for g in groups) / args.groups / now
+        print(f"  {size:3d} rows: {now:6.1f} lowest layer first ({rows:.1f} rows a call), "
+              f"{before:6.1f} most rows first ({before / now:.2f}x), longest chain "
+              f"{longest:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":
