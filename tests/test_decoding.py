@@ -4,6 +4,7 @@ decoding without a KV cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -26,9 +27,11 @@ pytestmark = pytest.mark.internals
 NEW_TOKENS = 8
 
 
-def decode(executor, chains, prompts, rows_per_step, cache=None) -> list[Generation]:
+def decode(
+    executor, chains, prompts, rows_per_step, cache=None, new_tokens=NEW_TOKENS
+) -> list[Generation]:
     generations = [
-        Generation(prompt, chain, NEW_TOKENS, keep_logits=True)
+        Generation(prompt, chain, new_tokens, keep_logits=True)
         for prompt, chain in zip(prompts, chains, strict=True)
     ]
     BatchedDecoding(executor, lambda _: False, cache, rows_per_step).run(generations)
@@ -109,6 +112,26 @@ def test_a_generation_stops_where_it_is_finished_and_at_its_length():
         *before, last = generation.tokens
         assert all(t % 2 for t in before)
         assert last % 2 == 0 or len(generation.tokens) == generation.max_new_tokens
+
+
+def test_prompts_of_any_lengths_prefill_in_one_pass_padded_to_whole_tiles_only():
+    """No prompt is padded to a longer one's length: each layer call lays the prompts end to
+    end, each left-padded to a multiple of 4 tokens, and one forward pass takes them all."""
+    executor = ChainExecutor(tiny_model("llama"))
+    n = executor.n_layers
+    lengths = [3, 17, 40, 61]
+    chains = [Chain.identity(n), Chain(tuple(range(n)) * 2), Chain((0,)), Chain.identity(n)]
+    decode(executor, chains[:1], [[3]], 1, new_tokens=1)  # the executor's first pass checks it
+    before = dataclasses.replace(executor.work)
+    decode(executor, chains, [list(range(3, 3 + k)) for k in lengths], 16, new_tokens=1)
+    work = executor.work - before
+    assert work.forward_calls == 1
+    tiled = [-(-k // 4) * 4 for k in lengths]
+    applied = sum(t * len(c) for t, c in zip(tiled, chains, strict=True))
+    assert work.token_layer_applications == applied
+    assert work.padding_token_layers == applied - sum(
+        k * len(c) for k, c in zip(lengths, chains, strict=True)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,18 @@ does not depend on its company, which ``benchmarks/batch_invariance.py`` measure
 
 - linear layers (projections, MLP, LM head) give a row the same bits in any call whose rows
   are a multiple of :data:`ROW_TILE` (the kernel works in tiles of 4 rows; a row of a partial
-  last tile takes another path in calls of under 12 rows), so a decoding call is filled up to
-  a multiple with copies of one of its rows;
+  last tile takes another path in calls of under 12 rows), so a call lays its rows' tokens end
+  to end in whole tiles (:class:`_Packed`): a prompt left-padded to a multiple of 4 tokens,
+  a decoding step's tokens side by side, the call filled up to a multiple with copies;
 - norms, rotary embeddings, activations and the softmax are row-invariant as they are;
 - attention is not invariant to how far a row's KV cache is padded (the reductions over keys
   change their order), so each row attends over its cache padded to its own length rounded up
   to :data:`KEY_BUCKET` keys, never to its company's: :func:`bucketed_attention`, registered
   with transformers' ``AttentionInterface`` and run with the family's own eager attention
-  (soft-capping and all), one call per group of rows of one bucket;
-- a prompt is left-padded to whole tiles of tokens, to its call's longest prompt: the padding
-  in front of a row changes with its company, but a row attends over its own KV cache, which
-  holds its real tokens only, so nothing of it reaches the row.
+  (soft-capping and all), a call per prompt or per decoding step's rows of one bucket.
+
+A row's padding depends on its own length only, so prompts of any lengths share a call and
+every step's prompts one forward pass.
 
 So a generation gives the same tokens decoded alone, beside other chains or other documents,
 resumed from a prefix cache or computed afresh. On CUDA the same two rules apply;
@@ -37,6 +38,7 @@ they generated the same tokens, their decoding steps.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import sys
 from collections import deque
@@ -64,8 +66,6 @@ ROW_TILE = 4
 KEY_BUCKET = 32
 #: The attention implementation this mode registers with transformers.
 ATTENTION = "cola_batch_invariant"
-#: Prompts are prefilled together while padding them to the longest adds at most this share.
-PADDING_SHARE = 0.125
 #: Generations decoded together by default.
 ROWS_PER_STEP = 32
 
@@ -123,8 +123,8 @@ class DecodeState:
 
 class BatchedDecoding:
     """Decodes generations greedily, up to ``rows_per_step`` at a time: the prompts prefilled
-    together (a forward pass per layer-type signature and group of similar lengths), then one
-    decoding step for all of them per forward pass (one per signature), a finished
+    together (a forward pass per layer-type signature), then one decoding step for all of them
+    per forward pass (one per signature), a finished
     generation's place taken by the next. ``finished(generation)`` says
     when one stops (its stop sequences, EOS, its length)."""
 
@@ -151,10 +151,9 @@ class BatchedDecoding:
             while waiting and len(active) + len(admitted) < self.rows_per_step:
                 admitted.append(waiting.popleft())
             for group in self._by_signature(admitted):
-                for part in _by_length(group):
-                    for generation in part:
-                        generation.key = _prompt_key(generation.prompt)
-                    self._forward(part, [g.prompt for g in part])
+                for generation in group:
+                    generation.key = _prompt_key(generation.prompt)
+                self._forward(group, [g.prompt for g in group])
             active += admitted
             for generation in [g for g in active if self._finished(g)]:
                 active.remove(generation)
@@ -179,9 +178,9 @@ class BatchedDecoding:
     @torch.no_grad()
     def _forward(self, generations: list[Generation], inputs: list[list[int]]) -> None:
         """One forward step of ``generations`` on their new ``inputs``, each under its chain;
-        appends each one's greedy next token. Prompts are left-padded to a multiple of
-        :data:`ROW_TILE` tokens (so a prompt's tokens fill whole tiles, alone or not);
-        decoding steps (one token each) get copies of the first row instead."""
+        appends each one's greedy next token. The batch is left-padded to the longest prompt
+        (the layer calls take each row's own tokens, :class:`_Packed`); a decoding step's batch
+        gets copies of its first row, so that the LM head sees whole tiles."""
         step = DecodeStep(self, generations, [len(tokens) for tokens in inputs])
         width, fill = step.rows.width, step.fill
         rows = [(g.length, tokens) for g, tokens in zip(generations, inputs, strict=True)]
@@ -247,29 +246,27 @@ class DecodeStep(RowsRun):
 
     def _call(self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs):
         module = self.executor.layers[layer]
-        # rows of one key bucket side by side: each bucket's attention reads slices, not copies
+        # rows of one key bucket side by side: decoding rows of a bucket share an attention call
         rows = sorted(rows, key=lambda r: self.buckets[r])
-        called = rows + rows[-1:] * (_filler(len(rows)) if self.rows.width == 1 else 0)
-        key_length = self.buckets[rows[-1]]
-        # a call's prompts are padded to its own longest, in whole tiles, not the step's
-        width = self.rows.width
-        longest = max(self.rows.lengths[r] for r in rows)
-        columns = slice(width - (_tiled(longest) if width > 1 else 1), width)
+        packed = _Packed(rows, self.rows.lengths, self.rows.width, self.buckets, hidden.device)
         view = _CacheView(
-            [self.generations[r] for r in called],
-            [positions[r] for r in called],
-            [self.rows.lengths[r] for r in called],
-            len(rows),
-            key_length,
+            [self.generations[r] for r in rows],
+            [positions[r] for r in rows],
+            [self.rows.lengths[r] for r in rows],
+            packed.spans,
+            self.buckets[rows[-1]],
         )
         mask = self._mask(self.executor.sliding_window(module), hidden)
-        arguments = {name: _take(value, called, columns, width) for name, value in kwargs.items()}
-        arguments["attention_mask"] = mask[called, :, columns, :key_length]
+        arguments = {name: packed.take(value) for name, value in kwargs.items()}
+        arguments["attention_mask"] = packed.take(mask[:, 0, :, : view.key_length])[:, None]
         arguments[self.decoding.cache_argument] = view
-        output = module(hidden[called, columns], *args, **arguments)
-        output = output[0] if isinstance(output, tuple) else output
-        hidden[rows, columns] = output[: len(rows)]
-        self._account(rows, positions, view, hidden, len(called) - len(rows), columns)
+        token = _PACKED.set(packed)
+        try:
+            output = module(packed.take(hidden), *args, **arguments)
+        finally:
+            _PACKED.reset(token)
+        packed.put(hidden, output[0] if isinstance(output, tuple) else output)
+        self._account(rows, positions, view, hidden, packed)
 
     def _mask(self, window: int | None, like: torch.Tensor) -> torch.Tensor:
         """Additive (rows, 1, width, keys) mask of the step's rows: a new token sees the tokens
@@ -289,16 +286,14 @@ class DecodeStep(RowsRun):
             self._masks[window] = additive[:, None].to(like.device)
         return self._masks[window]
 
-    def _account(
-        self, rows, positions, view: _CacheView, hidden, filled: int, columns: slice
-    ) -> None:
+    def _account(self, rows, positions, view: _CacheView, hidden, packed: _Packed) -> None:
         """Count the call's work (padding apart); store what each row's position did."""
         width, lengths, total = self.rows.width, self.rows.lengths, self.executor.work
-        decoding, called_width = width == 1, columns.stop - columns.start
+        decoding = width == 1
         real = sum(lengths[r] for r in rows)
         total.layer_applications += len(rows)
-        total.token_layer_applications += (len(rows) + filled) * called_width
-        total.padding_token_layers += (len(rows) + filled) * called_width - real
+        total.token_layer_applications += packed.size
+        total.padding_token_layers += packed.size - real
         total.decode_token_layers += real if decoding else 0
         for i, r in enumerate(rows):
             work = self.generations[r].work
@@ -312,33 +307,96 @@ class DecodeStep(RowsRun):
                 self.cache.put(self.generations[r].key, prefix, state)
 
 
+class _Packed:
+    """The tokens of one layer call, laid end to end in one sequence: each row's new tokens,
+    left-padded to whole tiles of :data:`ROW_TILE` (a prompt), or its one token (a decoding
+    step), then copies of the first token that fill the call to whole tiles. A row's tokens
+    thus take the same place within whole tiles however long its company's are, so nobody
+    pads to the longest prompt, and every step's prompts share one forward pass.
+
+    Per-token arguments (hidden states, positions, RoPE tables, the mask) are gathered into
+    this layout; :func:`bucketed_attention` reads :attr:`spans` to attend each row over its own
+    KV cache."""
+
+    def __init__(
+        self, rows: list[int], lengths: list[int], width: int, buckets: list[int], device
+    ) -> None:
+        self.width = width
+        sizes = [1 if width == 1 else _tiled(lengths[r]) for r in rows]
+        #: each row's (start, stop) in the call
+        self.spans: list[tuple[int, int]] = []
+        index_rows, index_columns = [], []
+        for r, size in zip(rows, sizes, strict=True):
+            start = len(index_rows)
+            self.spans.append((start, start + size))
+            index_rows += [r] * size
+            index_columns += range(width - size, width)
+        self.real = len(index_rows)
+        filler = -self.real % ROW_TILE
+        index_rows += index_rows[:1] * filler
+        index_columns += index_columns[:1] * filler
+        self.size = len(index_rows)
+        #: runs of rows that attend in one call: a decoding step's rows of one key bucket, or
+        #: a prompt alone, as (first, last row + 1, bucket)
+        self.attention_runs: list[tuple[int, int, int]] = []
+        for i, r in enumerate(rows):
+            run = self.attention_runs[-1] if self.attention_runs else None
+            if width == 1 and run is not None and run[2] == buckets[r]:
+                self.attention_runs[-1] = (run[0], i + 1, run[2])
+            else:
+                self.attention_runs.append((i, i + 1, buckets[r]))
+        self.rows = torch.tensor(index_rows, device=device)
+        self.columns = torch.tensor(index_columns, device=device)
+
+    def take(self, value):
+        """The packed layout of a per-token argument: (1, tokens, ...) for a (rows, width, ...)
+        one, (tokens,) for cache positions; anything else passes unchanged."""
+        if isinstance(value, tuple):
+            return tuple(self.take(item) for item in value)
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 1 and value.shape[0] == self.width:  # cache positions
+                return value[self.columns]
+            if value.dim() >= 2 and value.shape[1] == self.width:
+                rows = self.rows if value.shape[0] > 1 else torch.zeros_like(self.rows)
+                return value[rows, self.columns][None]
+        return value
+
+    def put(self, hidden: torch.Tensor, output: torch.Tensor) -> None:
+        """Write the call's (1, tokens, hidden) output back into each row of ``hidden``."""
+        real = slice(0, self.real)
+        hidden[self.rows[real], self.columns[real]] = output[0, real]
+
+
+#: The packing of the layer call in progress, for :func:`bucketed_attention`.
+_PACKED: contextvars.ContextVar[_Packed] = contextvars.ContextVar("cola_packed_call")
+
+
 class _CacheView:
     """What one layer call's attention sees as its KV cache: each row's own cache at its chain
-    position. ``update`` appends each of the first ``real`` rows' new tokens (the last
-    ``new[i]`` of the call's left-padded ones; the other rows are copies that fill the call)
-    and returns every row's cache padded to ``key_length`` keys (:func:`bucketed_attention`
-    cuts each row's back to its own bucket)."""
+    position. ``update`` appends each row's new tokens (the last ``new[i]`` of its span in the
+    packed call) and returns every row's cache padded to ``key_length`` keys
+    (:func:`bucketed_attention` cuts each row's back to its own bucket)."""
 
     def __init__(
         self,
         generations: list[Generation],
         positions: list[int],
         new: list[int],
-        real: int,
+        spans: list[tuple[int, int]],
         key_length: int,
     ) -> None:
-        self.generations, self.positions, self.new, self.real = generations, positions, new, real
+        self.generations, self.positions, self.new, self.spans = generations, positions, new, spans
         self.key_length = key_length
-        #: the (keys, values) of its new tokens each real row wrote
+        #: the (keys, values) of its new tokens each row wrote
         self.written: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *_args, **_kwargs):
-        rows = list(zip(self.generations, self.positions, self.new, strict=True))
-        for i, (generation, position, new) in enumerate(rows[: self.real]):
-            written = keys[i, :, keys.shape[2] - new :], values[i, :, keys.shape[2] - new :]
+        rows = list(zip(self.generations, self.positions, self.new, self.spans, strict=True))
+        for generation, position, new, (_, stop) in rows:
+            written = keys[0, :, stop - new : stop], values[0, :, stop - new : stop]
             generation.write(position, *written)
             self.written.append((written[0].clone(), written[1].clone()))
-        stored = [generation.cache[position] for generation, position, _ in rows]
+        stored = [generation.cache[position] for generation, position, _, _ in rows]
         return self._padded([k for k, _ in stored]), self._padded([v for _, v in stored])
 
     def _padded(self, caches: list[torch.Tensor]) -> torch.Tensor:
@@ -364,31 +422,34 @@ def bucketed_attention(
     dropout: float = 0.0,
     **kwargs,
 ):
-    """The family's own eager attention, each row over its keys up to its last visible one,
-    padded to a multiple of :data:`KEY_BUCKET`: one call per run of neighbouring rows of one
-    bucket (a slice, no copy; :meth:`DecodeStep._call` puts them side by side), so a row's
-    reductions over keys have the same length whatever else is in the call."""
+    """The family's own eager attention over a packed call (:class:`_Packed`): each row's
+    queries over its own keys, padded to its bucket (a multiple of :data:`KEY_BUCKET`), so a
+    row's reductions over keys have the same length whatever else is in the call; a decoding
+    step's rows of one bucket in one call, a prompt's in a call of its own. The filler's
+    outputs are zeros."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
-    visible = attention_mask[:, 0, -1, :] == 0
-    last = visible.shape[-1] - visible.flip(-1).int().argmax(-1)
-    buckets = -(-last // KEY_BUCKET) * KEY_BUCKET
-    buckets, counts = torch.unique_consecutive(buckets, return_counts=True)
-    parts, start = [], 0
-    for bucket, count in zip(buckets.tolist(), counts.tolist(), strict=True):
-        rows = slice(start, start + count)
+    packed = _PACKED.get()
+    parts = []
+    for first, last, bucket in packed.attention_runs:
+        (start, _), (_, stop) = packed.spans[first], packed.spans[last - 1]
+        queries, mask = query[0, :, start:stop], attention_mask[0, :, start:stop, :bucket]
+        if packed.width == 1:  # one query a row: the rows side by side as a batch
+            queries, mask = queries.transpose(0, 1)[:, :, None], mask.transpose(0, 1)[:, :, None]
         part, _ = eager(
             module,
-            query[rows],
-            key[rows, :, :bucket],
-            value[rows, :, :bucket],
-            attention_mask[rows, ..., :bucket],
+            queries.contiguous() if packed.width == 1 else queries[None].contiguous(),
+            key[first:last, :, :bucket],
+            value[first:last, :, :bucket],
+            mask if packed.width == 1 else mask[None],
             scaling=scaling,
             dropout=dropout,
             **kwargs,
         )
-        parts.append(part)
-        start += count
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
+        parts.append(part.reshape(1, stop - start, *part.shape[2:]))
+    filler = packed.size - packed.real
+    if filler:
+        parts.append(parts[0].new_zeros(1, filler, *parts[0].shape[2:]))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
 
 
 AttentionInterface.register(ATTENTION, bucketed_attention)
@@ -405,22 +466,6 @@ def _attention(config) -> Iterator[None]:
         config._attn_implementation = saved
 
 
-def _by_length(generations: list[Generation]) -> list[list[Generation]]:
-    """Generations in groups of similar prompt lengths, longest first: each group's padding to
-    its longest prompt (in whole tiles) stays within :data:`PADDING_SHARE` of its tokens."""
-    groups: list[list[Generation]] = []
-    for generation in sorted(generations, key=lambda g: -len(g.prompt)):
-        if groups:
-            group = groups[-1]
-            tokens = sum(len(g.prompt) for g in group) + len(generation.prompt)
-            padded = (len(group) + 1) * _tiled(len(group[0].prompt))
-            if padded - tokens <= PADDING_SHARE * tokens:
-                group.append(generation)
-                continue
-        groups.append([generation])
-    return groups
-
-
 def _tiled(tokens: int) -> int:
     """``tokens`` rounded up to whole tiles of :data:`ROW_TILE`."""
     return -(-tokens // ROW_TILE) * ROW_TILE
@@ -433,19 +478,6 @@ def _filler(rows: int) -> int:
 
 def _bucket(length: int) -> int:
     return -(-length // KEY_BUCKET) * KEY_BUCKET
-
-
-def _take(value, rows: list[int], columns: slice, width: int):
-    """A per-token argument of the model's batch (positions, RoPE tables) for the call's rows
-    and its ``columns`` of the step's ``width``."""
-    if isinstance(value, tuple):
-        return tuple(_take(item, rows, columns, width) for item in value)
-    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == width:
-        return value[columns]  # cache positions
-    if isinstance(value, torch.Tensor) and value.dim() >= 2:
-        value = value[rows]
-        return value[:, columns] if value.shape[1] == width else value
-    return value
 
 
 def _cache_argument(layer: nn.Module) -> str:
