@@ -124,9 +124,8 @@ class DecodeState:
 class BatchedDecoding:
     """Decodes generations greedily, up to ``rows_per_step`` at a time: the prompts prefilled
     together (a forward pass per layer-type signature), then one decoding step for all of them
-    per forward pass (one per signature), a finished
-    generation's place taken by the next. ``finished(generation)`` says
-    when one stops (its stop sequences, EOS, its length)."""
+    per forward pass (one per signature), a finished generation's place taken by the next.
+    ``finished(generation)`` says when one stops (its stop sequences, EOS, its length)."""
 
     def __init__(
         self,
