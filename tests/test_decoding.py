@@ -77,6 +77,17 @@ def test_a_chain_decodes_the_same_alone_beside_others_and_from_a_prefix_cache(mo
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_a_one_token_prompt_decodes_the_same_alone_and_beside_long_prompts(model_type):
+    """Alone, a prompt of one token runs as a decoding step does (one token a row); beside
+    longer prompts it fills a tile of its own, left-padded: the same bits either way."""
+    executor = ChainExecutor(tiny_model(model_type))
+    chains, prompts = mixed(executor, seed=2)
+    prompts[0] = prompts[0][:1]
+    alone = [decode(executor, [c], [p], 1)[0] for c, p in zip(chains, prompts, strict=True)]
+    assert same_bits(alone, decode(executor, chains, prompts, 16))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_batch_invariant_decoding_equals_uncached_greedy_decoding(model_type):
     """The same tokens as HF's greedy ``generate`` without a KV cache, under each chain
     (repeated layers included), logits equal to float rounding."""
