@@ -356,8 +356,9 @@ class _Packed:
             if value.dim() == 1 and value.shape[0] == self.width:  # cache positions
                 return value[self.columns]
             if value.dim() >= 2 and value.shape[1] == self.width:
-                rows = self.rows if value.shape[0] > 1 else torch.zeros_like(self.rows)
-                return value[rows, self.columns][None]
+                if value.shape[0] == 1:  # shared by every row
+                    return value[:, self.columns]
+                return value[self.rows, self.columns][None]
         return value
 
     def put(self, hidden: torch.Tensor, output: torch.Tensor) -> None:
@@ -434,12 +435,14 @@ def bucketed_attention(
         queries, mask = query[0, :, start:stop], attention_mask[0, :, start:stop, :bucket]
         if packed.width == 1:  # one query a row: the rows side by side as a batch
             queries, mask = queries.transpose(0, 1)[:, :, None], mask.transpose(0, 1)[:, :, None]
+        else:  # a prompt's queries, a batch of one
+            queries, mask = queries[None], mask[None]
         part, _ = eager(
             module,
-            queries.contiguous() if packed.width == 1 else queries[None].contiguous(),
+            queries.contiguous(),
             key[first:last, :, :bucket],
             value[first:last, :, :bucket],
-            mask if packed.width == 1 else mask[None],
+            mask,
             scaling=scaling,
             dropout=dropout,
             **kwargs,
