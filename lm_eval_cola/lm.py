@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import transformers
 import xxhash
 from lm_eval.api.instance import Instance
+from lm_eval.api.model import CacheHook
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
@@ -127,14 +128,110 @@ class _Dispatch:
 
 @dataclass
 class _MixedDecoding:
-    """Generation requests decoding together (``batch_invariant``): each prompt's chain and
-    documents, the prompts of the batch HFLM is generating, and the work of each document."""
+    """One wave of generation requests decoding together (``batch_invariant``): each prompt's
+    chain and documents, the prompts of the batch HFLM is generating, and the generations of
+    each batch HFLM asked for, with their documents. HFLM's ``generate_until`` runs twice: it
+    encodes the prompts and asks for generations (``replay`` off: they are made, not decoded),
+    and, once they are decoded, asks again and is handed their tokens (``replay`` on)."""
 
     chains: dict[str, Chain]
     documents: dict[str, list[Hashable]]
-    cache: PrefixCache | None
-    result: RunResult
     batch: tuple[str, ...] = ()
+    batches: list[tuple[list[Generation], list[Hashable]]] = dataclasses.field(default_factory=list)
+    replay: bool = False
+
+
+@dataclass(eq=False)
+class Submission:
+    """Generation requests handed to a :class:`GenerationStream` together (a document's, under
+    its chain): their waves, and how many of their generations are still decoding."""
+
+    requests: Sequence[Instance]
+    documents: Sequence[Hashable] | None
+    waves: list[tuple[list[int], _MixedDecoding]] = dataclasses.field(default_factory=list)
+    pending: int = 0
+
+
+class GenerationStream:
+    """Generation requests of every chain decoding together as they come (the batch-invariant
+    mode): requests submitted while others decode are prefilled in the others' decoding steps
+    (:class:`BatchedDecoding`), so a search can start a document's next chain as soon as its
+    last one is decoded, without waiting for the other documents'. HFLM's own
+    ``generate_until`` encodes the prompts and turns the tokens into answers, so an answer is
+    the one ``lm_eval`` gives."""
+
+    def __init__(self, lm: ColaLM, cache: PrefixCache | None = None) -> None:
+        self.lm = lm
+        self.decoding = BatchedDecoding(lm.executor, lm._finished, cache, lm._rows_per_step())
+        self._submissions: dict[Generation, Submission] = {}
+        self._empty: list[Submission] = []
+
+    def submit(
+        self,
+        requests: Sequence[Instance],
+        chains: Sequence[Chain | None],
+        documents: Sequence[Hashable] | None = None,
+    ) -> Submission:
+        """Queue ``requests`` (request ``i`` under ``chains[i]``; ``documents`` names each one's
+        document, for the work counts); a later :meth:`step` reports them decoded."""
+        refuse_sampling(requests)
+        identity = Chain.identity(self.lm.executor.n_layers)
+        submission = Submission(requests, documents)
+        for wave in _waves(requests, chains):
+            decoding = _MixedDecoding({}, {})
+            for index in wave:
+                context = requests[index].args[0]
+                decoding.chains[context] = chains[index] or identity
+                owner = documents[index] if documents is not None else None
+                decoding.documents.setdefault(context, []).append(owner)
+            with (
+                _dispatching(decoding=decoding, batch_size=len(wave), world_size=1),
+                self.lm.quiet_cache(),
+            ):
+                HFLM.generate_until(self.lm, [requests[i] for i in wave], disable_tqdm=True)
+            submission.waves.append((wave, decoding))
+            for generations, _ in decoding.batches:
+                self.decoding.submit(generations)
+                self._submissions |= dict.fromkeys(generations, submission)
+                submission.pending += len(generations)
+        if not submission.pending:
+            self._empty.append(submission)
+        return submission
+
+    @property
+    def busy(self) -> bool:
+        """Whether any submission is still decoding."""
+        return bool(self.decoding.unfinished or self._empty)
+
+    def step(self) -> list[Submission]:
+        """One forward step (:meth:`BatchedDecoding.step`); returns the submissions it
+        finished."""
+        finished, self._empty = self._empty, []
+        for generation in self.decoding.step() if self.decoding.unfinished else ():
+            submission = self._submissions.pop(generation)
+            submission.pending -= 1
+            if not submission.pending:
+                finished.append(submission)
+        return finished
+
+    def result(self, submission: Submission, disable_tqdm: bool = True) -> RunResult:
+        """A decoded submission's answers, and its documents' work and decoding steps."""
+        documents = submission.documents
+        result = RunResult([None] * len(submission.requests), {d: Work() for d in documents or ()})
+        for wave, decoding in submission.waves:
+            for generations, owners in decoding.batches:
+                for generation, owner in zip(generations, owners, strict=True):
+                    if owner is not None:
+                        result.work[owner] = result.work[owner] + generation.work
+                        result.decode_steps.setdefault(owner, []).extend(generation.step_keys)
+            replay = dataclasses.replace(decoding, batches=list(decoding.batches), replay=True)
+            with _dispatching(decoding=replay, batch_size=len(wave), world_size=1):
+                found = HFLM.generate_until(
+                    self.lm, [submission.requests[i] for i in wave], disable_tqdm
+                )
+            for index, output in zip(wave, found, strict=True):
+                result.outputs[index] = output
+        return result
 
 
 #: The dispatch in force (a frozen value: safe as the default)
@@ -161,6 +258,8 @@ class ChainLM(Protocol):
 
     #: :meth:`ColaLM.run_requests`
     run_requests: Callable[..., RunResult]
+
+    def generation_stream(self, cache: PrefixCache | None = None) -> GenerationStream: ...
 
     def packed_row(self, pairs: list[tuple[str, str]]) -> PackedRow: ...
 
@@ -492,24 +591,31 @@ class ColaLM(HFLM):
         options: RunOptions,
         disable_tqdm: bool,
     ) -> RunResult:
-        """Generation requests of every chain through one call of HFLM's ``generate_until``
-        per wave (a wave holds each prompt under one chain), its decoding done by
-        :class:`BatchedDecoding` (:meth:`_model_generate`)."""
-        refuse_sampling(requests)
-        identity = Chain.identity(self.executor.n_layers)
-        result = RunResult([None] * len(requests), {doc: Work() for doc in documents or ()})
-        for wave in _waves(requests, chains):
-            decoding = _MixedDecoding({}, {}, options.prefix_cache, result)
-            for index in wave:
-                context = requests[index].args[0]
-                decoding.chains[context] = chains[index] or identity
-                owner = documents[index] if documents is not None else None
-                decoding.documents.setdefault(context, []).append(owner)
-            with _dispatching(decoding=decoding, batch_size=len(wave), world_size=1):
-                found = super().generate_until([requests[i] for i in wave], disable_tqdm)
-            for index, output in zip(wave, found, strict=True):
-                result.outputs[index] = output
-        return result
+        """Generation requests of every chain decoded together (:class:`GenerationStream`)."""
+        stream = self.generation_stream(options.prefix_cache)
+        submission = stream.submit(requests, chains, documents)
+        generations = stream.decoding.unfinished
+        with tqdm(
+            total=generations, desc="Decoding", disable=self.rank != 0 or generations < 64
+        ) as bar:
+            while stream.busy:
+                stream.step()
+                bar.update(generations - stream.decoding.unfinished - bar.n)
+        return stream.result(submission, disable_tqdm)
+
+    def generation_stream(self, cache: PrefixCache | None = None) -> GenerationStream:
+        """Generation requests decoding together as they come (:class:`GenerationStream`)."""
+        return GenerationStream(self, cache)
+
+    @contextlib.contextmanager
+    def quiet_cache(self) -> Iterator[None]:
+        """Within the block, lm-eval's request cache hears nothing (HFLM's first pass of a
+        :class:`GenerationStream` answers every request with nothing yet)."""
+        saved, self.cache_hook = self.cache_hook, CacheHook(None)
+        try:
+            yield
+        finally:
+            self.cache_hook = saved
 
     def tok_batch_encode(self, strings: list[str], *args, **kwargs):
         """HFLM's; generation requests decoding together note which prompts the batch holds
@@ -523,45 +629,42 @@ class ColaLM(HFLM):
         self, decoding: _MixedDecoding, context: torch.Tensor, mask: torch.Tensor | None,
         max_length: int, stop: list[str],
     ) -> torch.Tensor:  # fmt: skip
-        """HFLM's batch of prompts (left-padded), each decoded under its own chain; returned
-        as ``generate`` returns it: prompts, then the tokens, padded."""
+        """HFLM's batch of prompts (left-padded), each to decode under its own chain: on the
+        first pass, its generations are made (and the prompts returned, nothing generated
+        yet); on the replay, their tokens returned as ``generate`` returns them: prompts,
+        then the tokens, padded."""
+        if decoding.replay:
+            generations, _ = decoding.batches.pop(0)
+            return self._generated(context, generations)
         width = context.shape[1]
         generations, owners = [], []
         for row, text in enumerate(decoding.batch):
             prompt = context[row] if mask is None else context[row][mask[row].bool()]
             generations.append(
-                Generation(prompt.tolist(), decoding.chains[text], max_length - width)
+                Generation(prompt.tolist(), decoding.chains[text], max_length - width, stop=stop)
             )
             owners.append(decoding.documents[text].pop(0))
-        with tqdm(
-            total=len(generations), desc="Decoding", disable=self.rank != 0 or len(generations) < 64
-        ) as bar:
-            BatchedDecoding(
-                self.executor, self._stops(stop), decoding.cache, self._rows_per_step()
-            ).run(generations, lambda _: bar.update())
+        decoding.batches.append((generations, owners))
+        return context
+
+    def _generated(self, context: torch.Tensor, generations: list[Generation]) -> torch.Tensor:
+        width = context.shape[1]
         longest = max(len(g.tokens) for g in generations)
         output = torch.full((len(generations), width + longest), self.tokenizer.pad_token_id)
         output[:, :width] = context
-        for row, (generation, owner) in enumerate(zip(generations, owners, strict=True)):
+        for row, generation in enumerate(generations):
             output[row, width : width + len(generation.tokens)] = torch.tensor(generation.tokens)
-            if owner is not None:
-                decoding.result.work[owner] = decoding.result.work[owner] + generation.work
-                decoding.result.decode_steps.setdefault(owner, []).extend(generation.step_keys)
         return output
 
-    def _stops(self, stop: list[str]) -> Callable[[Generation], bool]:
+    def _finished(self, generation: Generation) -> bool:
         """Whether a generation is done: its last token is an EOS of the model's generation
-        config, or its text holds a stop sequence (as lm-eval's stopping criteria read it)."""
+        config, or its text holds one of its stop sequences (as lm-eval's stopping criteria
+        read it)."""
         eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-        def finished(generation: Generation) -> bool:
-            if generation.tokens[-1] in eos:
-                return True
-            text = self.tok_decode(generation.tokens, skip_special_tokens=False)
-            return any(sequence in text for sequence in stop)
-
-        return finished
+        if generation.tokens[-1] in (eos if isinstance(eos, list) else [eos]):
+            return True
+        text = self.tok_decode(generation.tokens, skip_special_tokens=False)
+        return any(sequence in text for sequence in generation.stop)
 
     def _rows_per_step(self) -> int:
         """Generations decoded together: the batch size when it is a number above the default."""

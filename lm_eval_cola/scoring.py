@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import PrefixCache, Work, return_freed_memory
-from lm_eval_cola.lm import ChainLM, RunOptions
+from lm_eval_cola.lm import ChainLM, RunOptions, RunResult
 from lm_eval_cola.sampling import sample
 from lm_eval_cola.targets import judged_by
 from lm_eval_cola.tasks import Document, TaskSpec, check_task, filters_of
@@ -155,32 +155,20 @@ class Objective:
         if missing:
             self.score_many([Proposal(d, self.identity) for d in missing.values()])
 
+    def stream(self) -> ScoringStream:
+        """Proposals scored as they come (:class:`ScoringStream`)."""
+        return ScoringStream(self)
+
     def _respond(
         self, proposals: Sequence[Proposal]
     ) -> tuple[dict[str, Work], dict[str, list[str]]]:
         """Run the proposals' requests, one call per request type; fills their responses.
         Returns each document's work and the keys of its generations' decoding steps."""
-        by_type: dict[str, tuple[list[Instance], list[Chain], list[str]]] = {}
-        for proposal in proposals:
-            for instance in proposal.document.instances:
-                instance.resps, instance.filtered_resps = [], {}
-                requests, chains, documents = by_type.setdefault(
-                    instance.request_type, ([], [], [])
-                )
-                for _ in range(instance.repeats):
-                    requests.append(instance)
-                    chains.append(proposal.chain)
-                    documents.append(proposal.document.doc_hash)
         work = {p.document.doc_hash: Work() for p in proposals}
         steps: dict[str, list[str]] = {p.document.doc_hash: [] for p in proposals}
-        for request_type, (requests, chains, documents) in by_type.items():
+        for request_type, (requests, chains, documents) in _requests(proposals).items():
             result = self.lm.run_requests(request_type, requests, chains, self.options, documents)
-            for instance, output in zip(requests, result.outputs, strict=True):
-                instance.resps.append(output)
-            for document, spent in result.work.items():
-                work[document] = work[document] + spent
-            for document, keys in result.decode_steps.items():
-                steps[document] += keys
+            _fill(requests, result, work, steps)
         return work, steps
 
     def sampled(self, document: Document, k: int, temperature: float, seed: int) -> list[Trial]:
@@ -239,6 +227,93 @@ class Objective:
         if types == {"generate_until"} and len(document.instances) == 1:
             return len(self.lm.tok_encode(document.instances[0].args[0]))
         return None
+
+
+class ScoringStream:
+    """Proposals scored as they come, so that a search need not wait for the slowest of its
+    documents: a generated-answer task in the batch-invariant mode decodes every proposal in
+    flight together (:class:`~lm_eval_cola.lm.GenerationStream`), a proposal joining while
+    others decode, and :meth:`finished` hands back each as soon as its generation ends. Any
+    other task scores what was submitted in one pass (:meth:`Objective.score_many`). Each
+    proposal's trial is the one :meth:`Objective.score` gives, bit for bit."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        options = objective.options
+        streams = options.batch_invariant and objective.output_type == "generate_until"
+        self.generations = objective.lm.generation_stream(options.prefix_cache) if streams else None
+        #: what was submitted and not yet finished, with each one's tag and seconds so far
+        self.pending: dict[Any, tuple[Proposal, Any, float]] = {}
+
+    def submit(self, proposal: Proposal, tag: Any = None) -> None:
+        """Score ``proposal``; :meth:`finished` hands its trial back with ``tag``."""
+        document = proposal.document.doc_hash
+        if any(p.document.doc_hash == document for p, _, _ in self.pending.values()):
+            raise ValueError("one proposal per document at a time: they share its requests")
+        if not self.objective.binary and proposal.chain != self.objective.identity:
+            self.objective._score_references([proposal.document])
+        key = object()
+        if self.generations is not None:
+            ((_, requests),) = _requests([proposal]).items()
+            key = self.generations.submit(*requests)
+        self.pending[key] = (proposal, tag, 0.0)
+
+    def finished(self) -> list[tuple[Any, Trial]]:
+        """Score until at least one proposal is done (all of them, outside the stream's
+        mode); returns each done one's tag and trial."""
+        if not self.pending:
+            return []
+        if self.generations is None:
+            pending, self.pending = list(self.pending.values()), {}
+            trials = self.objective.score_many([proposal for proposal, _, _ in pending])
+            return [(tag, trial) for (_, tag, _), trial in zip(pending, trials, strict=True)]
+        done = []
+        while not done:
+            start = time.perf_counter()
+            done = self.generations.step()
+            share = (time.perf_counter() - start) / len(self.pending)
+            self.pending = {k: (p, tag, t + share) for k, (p, tag, t) in self.pending.items()}
+        return_freed_memory()
+        return [self._trial(submission) for submission in done]
+
+    def _trial(self, submission) -> tuple[Any, Trial]:
+        proposal, tag, seconds = self.pending.pop(submission)
+        document = proposal.document.doc_hash
+        work, steps = {document: Work()}, {document: []}
+        _fill(submission.requests, self.generations.result(submission), work, steps)
+        return tag, self.objective._trial(proposal, work[document], steps[document], seconds)
+
+
+def _requests(
+    proposals: Sequence[Proposal],
+) -> dict[str, tuple[list[Instance], list[Chain], list[str]]]:
+    """The proposals' requests by type, each with its chain and document (a request repeated
+    as lm-eval repeats it), their responses emptied."""
+    by_type: dict[str, tuple[list[Instance], list[Chain], list[str]]] = {}
+    for proposal in proposals:
+        for instance in proposal.document.instances:
+            instance.resps, instance.filtered_resps = [], {}
+            requests, chains, documents = by_type.setdefault(instance.request_type, ([], [], []))
+            for _ in range(instance.repeats):
+                requests.append(instance)
+                chains.append(proposal.chain)
+                documents.append(proposal.document.doc_hash)
+    return by_type
+
+
+def _fill(
+    requests: Sequence[Instance],
+    result: RunResult,
+    work: dict[str, Work],
+    steps: dict[str, list[str]],
+) -> None:
+    """The requests' responses, and their documents' work and decoding steps, from a run."""
+    for instance, output in zip(requests, result.outputs, strict=True):
+        instance.resps.append(output)
+    for document, spent in result.work.items():
+        work[document] = work[document] + spent
+    for document, keys in result.decode_steps.items():
+        steps[document] += keys
 
 
 def _passes(proposals: Sequence[Proposal], at_once: int) -> list[list[int]]:

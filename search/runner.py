@@ -1,7 +1,9 @@
 """A search run: every document of a task searched with one method, recorded in the store.
 
-Up to ``parallel_docs`` documents are searched at once: each step, every active document's
-searcher proposes a chain and all proposals run in one forward pass (:mod:`objective`). Each
+Up to ``parallel_docs`` documents are searched at once: each document's searcher proposes a
+chain, and the proposals in flight are scored together
+(:class:`~lm_eval_cola.scoring.ScoringStream`: a forward pass for all of them, or, for
+generated answers, decoding steps shared as they come). Each
 document is written to the store (all its evaluations and its done mark, in one transaction)
 as soon as its search ends, and another takes its place. The run is named after everything
 that defines it, so the same command finds its run again after a crash and goes on with the
@@ -269,27 +271,35 @@ class SearchRun:
         self, documents: list[Document], scored: Callable[[int], None] = lambda n: None
     ) -> Iterator[tuple[Document, list[Trial]]]:
         """Search the documents, ``parallel_docs`` at a time; yields each as it finishes with
-        all the chains its method evaluated (the first is the full model). ``scored`` hears
-        of every pass over the model, with its number of evaluations."""
-        waiting, active = iter(documents), []
+        all the chains its method evaluated (the first is the full model). A document asks for
+        its next chain as soon as its last one is scored
+        (:class:`~lm_eval_cola.scoring.ScoringStream`: at once for a generated answer, else
+        when every document's is), and another document takes its place as soon as its search
+        ends. ``scored`` hears of every chain scored."""
+        waiting, stream = iter(documents), self.objective.stream()
+        ready: list[_Active] = []
         while True:
-            while len(active) < self.parallel_docs and (document := next(waiting, None)):
-                active.append(_Active(document, DocumentSearch(self._searcher(document))))
-            if not active:
-                return
-            asked = [(search, search.search.next_chain()) for search in active]
-            for search, chain in asked:
+            while ready or len(stream.pending) < self.parallel_docs:
+                if len(stream.pending) + len(ready) < self.parallel_docs:
+                    document = next(waiting, None)
+                    if document is not None:
+                        ready.append(_Active(document, DocumentSearch(self._searcher(document))))
+                if not ready:
+                    break
+                search = ready.pop(0)
+                chain = search.search.next_chain()
                 if chain is None:
-                    active.remove(search)
                     self._archive(search)
                     yield search.document, list(search.search.trials.values())
-            asked = [(search, chain) for search, chain in asked if chain is not None]
-            if asked:
-                proposals = [Proposal(s.document, chain) for s, chain in asked]
-                trials = self.objective.score_many(proposals)
-                for (search, _), trial in zip(asked, trials, strict=True):
-                    search.search.record(trial)
-                scored(len(trials))
+                else:
+                    stream.submit(Proposal(search.document, chain), search)
+            if not stream.pending:
+                return
+            finished = stream.finished()
+            for search, trial in finished:
+                search.search.record(trial)
+                ready.append(search)
+            scored(len(finished))
 
     def _searcher(self, document: Document):
         seed = _document_seed(self.settings.seed, document.doc_hash)

@@ -16,6 +16,7 @@ from lm_eval_cola.executor import ChainExecutor, PrefixCache
 from lm_eval_cola.executor.decoding import BatchedDecoding, Generation
 from lm_eval_cola.lm import ColaLM, RunOptions, refuse_sampling
 from lm_eval_cola.model_args import ModelArgsError
+from lm_eval_cola.scoring import Objective, Proposal
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store.schema import Evaluation
 from lm_eval_cola.store.store import Store
@@ -78,13 +79,46 @@ def test_a_chain_decodes_the_same_alone_beside_others_and_from_a_prefix_cache(mo
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_a_one_token_prompt_decodes_the_same_alone_and_beside_long_prompts(model_type):
-    """Alone, a prompt of one token runs as a decoding step does (one token a row); beside
-    longer prompts it fills a tile of its own, left-padded: the same bits either way."""
+    """A prompt of one token runs as a decoding step does (one token a row), alone or beside
+    longer prompts: the same bits either way."""
     executor = ChainExecutor(tiny_model(model_type))
     chains, prompts = mixed(executor, seed=2)
     prompts[0] = prompts[0][:1]
     alone = [decode(executor, [c], [p], 1)[0] for c, p in zip(chains, prompts, strict=True)]
     assert same_bits(alone, decode(executor, chains, prompts, 16))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_generation_submitted_while_others_decode_prefills_in_their_steps(model_type, cached):
+    """Generations of several lengths, one submitted at every step: each prompt is prefilled
+    in the forward pass that takes the others' decoding steps (one pass a step), and every
+    generation gets the bits it gets alone."""
+    executor = ChainExecutor(tiny_model(model_type))
+    chains, prompts = mixed(executor, seed=3)
+    lengths = [2 + i % 5 for i in range(len(chains))]
+    alone = [
+        decode(executor, [c], [p], 1, new_tokens=k)[0]
+        for c, p, k in zip(chains, prompts, lengths, strict=True)
+    ]
+    cache = PrefixCache(256) if cached else None
+    decoding = BatchedDecoding(executor, lambda _: False, cache, 4)
+    generations = [
+        Generation(p, c, k, keep_logits=True)
+        for c, p, k in zip(chains, prompts, lengths, strict=True)
+    ]
+    before, steps, finished = executor.work.forward_calls, 0, []
+    for generation in generations:
+        decoding.submit([generation])
+        finished += decoding.step()
+        steps += 1
+    while decoding.unfinished:
+        finished += decoding.step()
+        steps += 1
+    assert executor.work.forward_calls - before == steps
+    assert steps < len(generations) + max(lengths)  # prompts rode in decoding steps
+    assert sorted(map(id, finished)) == sorted(map(id, generations))
+    assert same_bits(alone, generations)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -194,6 +228,35 @@ def test_a_search_gives_the_same_answers_one_or_many_documents_at_a_time(lm, tas
     expected = answers(tmp_path / "one.db", one)
     assert len(expected) > 12
     assert answers(tmp_path / "many.db", many) == expected == answers(tmp_path / "bare.db", bare)
+
+
+def test_a_scoring_stream_scores_a_document_s_next_chain_while_others_decode(lm, task_dir):
+    """A document's next chain joins while the others' generations decode, and every trial is
+    the one the chain scores alone (answer, metrics, decoding steps)."""
+    objective = Objective(lm, task(task_dir, "cola_gen"), prefix_cache_mb=64, batch_invariant=True)
+    documents = task_documents(task(task_dir, "cola_gen"), None)
+    rng = random.Random(0)
+    queue = {
+        d.doc_hash: [Chain(tuple(rng.randrange(4) for _ in range(rng.randrange(1, 9))))
+                     for _ in range(6)]
+        for d in documents
+    }  # fmt: skip
+    stream = objective.stream()
+    for document in documents:
+        stream.submit(Proposal(document, queue[document.doc_hash].pop()), document)
+    trials, joined_in_flight = [], 0
+    while stream.pending:
+        for document, trial in stream.finished():
+            trials.append((document, trial))
+            if queue[document.doc_hash]:
+                joined_in_flight += bool(stream.pending)
+                stream.submit(Proposal(document, queue[document.doc_hash].pop()), document)
+    assert len(trials) == 6 * len(documents) and joined_in_flight > 0
+    for document, trial in trials:
+        alone = objective.score(document, trial.chain)
+        assert (trial.response, trial.metrics, trial.decode_steps) == (
+            alone.response, alone.metrics, alone.decode_steps,
+        )  # fmt: skip
 
 
 def test_a_run_records_its_decoding_and_grows_only_in_it(lm, task_dir, tmp_path):

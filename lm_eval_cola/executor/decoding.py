@@ -10,17 +10,20 @@ does not depend on its company, which ``benchmarks/batch_invariance.py`` measure
 - linear layers (projections, MLP, LM head) give a row the same bits in any call whose rows
   are a multiple of :data:`ROW_TILE` (the kernel works in tiles of 4 rows; a row of a partial
   last tile takes another path in calls of under 12 rows), so a call lays its rows' tokens end
-  to end in whole tiles (:class:`_Packed`): a prompt left-padded to a multiple of 4 tokens,
-  a decoding step's tokens side by side, the call filled up to a multiple with copies;
+  to end in whole tiles (:class:`_Packed`): decoding steps' tokens side by side, a prompt
+  left-padded to a multiple of 4 tokens, the call filled up to a multiple with copies (and
+  the LM head's call of each row's last position, too);
 - norms, rotary embeddings, activations and the softmax are row-invariant as they are;
 - attention is not invariant to how far a row's KV cache is padded (the reductions over keys
   change their order), so each row attends over its cache padded to its own length rounded up
   to :data:`KEY_BUCKET` keys, never to its company's: :func:`bucketed_attention`, registered
   with transformers' ``AttentionInterface`` and run with the family's own eager attention
-  (soft-capping and all), a call per prompt or per decoding step's rows of one bucket.
+  (soft-capping and all), a call per prompt or per one-token rows of one bucket.
 
-A row's padding depends on its own length only, so prompts of any lengths share a call and
-every step's prompts one forward pass.
+A row's padding depends on its own length only, so prompts of any lengths share a call, and
+so do prompts and decoding steps: a generation that starts while others decode is prefilled
+in their decoding step's forward pass (:meth:`BatchedDecoding.step`), which a search uses to
+start each document's next chain as soon as its last one has finished.
 
 So a generation gives the same tokens decoded alone, beside other chains or other documents,
 resumed from a prefix cache or computed afresh. On CUDA the same two rules apply;
@@ -77,6 +80,8 @@ class Generation:
     prompt: list[int]
     chain: Chain
     max_new_tokens: int
+    #: the texts that end it once its decoded tokens hold one (read by ``finished``)
+    stop: Sequence[str] = ()
     #: the tokens generated so far
     tokens: list[int] = field(default_factory=list)
     #: keep each step's logits in :attr:`logits` (for checks: a vocabulary's worth a token)
@@ -122,10 +127,12 @@ class DecodeState:
 
 
 class BatchedDecoding:
-    """Decodes generations greedily, up to ``rows_per_step`` at a time: the prompts prefilled
-    together (a forward pass per layer-type signature), then one decoding step for all of them
-    per forward pass (one per signature), a finished generation's place taken by the next.
-    ``finished(generation)`` says when one stops (its stop sequences, EOS, its length)."""
+    """Decodes generations greedily, up to ``rows_per_step`` at a time, as they come: each
+    :meth:`step` is one forward pass (per layer-type signature) that takes every active
+    generation's next decoding step and the prompts of those admitted now, side by side, so a
+    generation submitted while others decode is prefilled within their steps, not in a pass
+    of its own. ``finished(generation)`` says when one stops (its stop sequences, EOS, its
+    length)."""
 
     def __init__(
         self,
@@ -137,33 +144,51 @@ class BatchedDecoding:
         self.executor, self.finished, self.cache = executor, finished, cache
         self.rows_per_step = max(rows_per_step, 1)
         self.cache_argument = _cache_argument(executor.layers[0])
+        self.waiting: deque[Generation] = deque()
+        self.active: list[Generation] = []
+
+    def submit(self, generations: Sequence[Generation]) -> None:
+        """Queue generations; a later :meth:`step` admits them as rows free up."""
+        for generation in generations:
+            generation.chain.check_range(self.executor.n_layers)
+        self.waiting.extend(generations)
+
+    @property
+    def unfinished(self) -> int:
+        """Generations waiting or under way."""
+        return len(self.waiting) + len(self.active)
+
+    def step(self) -> list[Generation]:
+        """One forward step: the active generations' next tokens, and the prompts of as many
+        waiting ones as there is room for; returns those that finished (their KV caches
+        freed)."""
+        admitted = []
+        while self.waiting and len(self.active) + len(admitted) < self.rows_per_step:
+            admitted.append(self.waiting.popleft())
+        for generation in self.active:
+            generation.key = _step_key(generation.key, generation.tokens[-1])
+            generation.step_keys.append(generation.key)
+        for generation in admitted:
+            generation.key = _prompt_key(generation.prompt)
+        inputs = {g: [g.tokens[-1]] for g in self.active} | {g: g.prompt for g in admitted}
+        for group in self._by_signature(self.active + admitted):
+            self._forward(group, [inputs[g] for g in group])
+        self.active += admitted
+        finished = [g for g in self.active if self._finished(g)]
+        for generation in finished:
+            self.active.remove(generation)
+            generation.cache.clear()
+        return finished
 
     def run(
         self, generations: Sequence[Generation], done: Callable[[Generation], None] | None = None
     ) -> None:
         """Decode every generation; ``done`` hears of each as it finishes."""
-        for generation in generations:
-            generation.chain.check_range(self.executor.n_layers)
-        waiting, active = deque(generations), []
-        while waiting or active:
-            admitted = []
-            while waiting and len(active) + len(admitted) < self.rows_per_step:
-                admitted.append(waiting.popleft())
-            for group in self._by_signature(admitted):
-                for generation in group:
-                    generation.key = _prompt_key(generation.prompt)
-                self._forward(group, [g.prompt for g in group])
-            active += admitted
-            for generation in [g for g in active if self._finished(g)]:
-                active.remove(generation)
-                generation.cache.clear()
+        self.submit(generations)
+        while self.unfinished:
+            for generation in self.step():
                 if done is not None:
                     done(generation)
-            for group in self._by_signature(active):
-                for generation in group:
-                    generation.key = _step_key(generation.key, generation.tokens[-1])
-                    generation.step_keys.append(generation.key)
-                self._forward(group, [[g.tokens[-1]] for g in group])
 
     def _finished(self, generation: Generation) -> bool:
         return len(generation.tokens) >= generation.max_new_tokens or self.finished(generation)
@@ -178,8 +203,9 @@ class BatchedDecoding:
     def _forward(self, generations: list[Generation], inputs: list[list[int]]) -> None:
         """One forward step of ``generations`` on their new ``inputs``, each under its chain;
         appends each one's greedy next token. The batch is left-padded to the longest prompt
-        (the layer calls take each row's own tokens, :class:`_Packed`); a decoding step's batch
-        gets copies of its first row, so that the LM head sees whole tiles."""
+        (the layer calls take each row's own tokens, :class:`_Packed`) and gets copies of its
+        first row, so that the LM head, which reads each row's last position only, sees whole
+        tiles."""
         step = DecodeStep(self, generations, [len(tokens) for tokens in inputs])
         width, fill = step.rows.width, step.fill
         rows = [(g.length, tokens) for g, tokens in zip(generations, inputs, strict=True)]
@@ -190,8 +216,7 @@ class BatchedDecoding:
             [[max(start + t - width + len(tokens), start) for t in range(width)]
              for start, tokens in rows]
         )  # fmt: skip
-        # the LM head, too, sees whole tiles: a prompt's last ROW_TILE positions
-        keep = {"logits_to_keep": min(width, ROW_TILE)} if self.executor.keeps_logits else {}
+        keep = {"logits_to_keep": 1} if self.executor.keeps_logits else {}
         with self.executor.apply_decoding(step), _attention(self.executor.config):
             logits = self.executor.model(
                 input_ids=ids.to(device), position_ids=positions.to(device), use_cache=False,
@@ -226,8 +251,8 @@ class DecodeStep(RowsRun):
         super().__init__(executor, tokens, [g.chain for g in generations], None, True)
         self.decoding, self.generations = decoding, generations
         self.cache = decoding.cache
-        #: copies of the first row that fill a decoding step's calls to whole tiles
-        self.fill = _filler(len(generations)) if width == 1 else 0
+        #: copies of the first row that fill the LM head's call to whole tiles
+        self.fill = _filler(len(generations))
         #: each row's keys padded to a whole bucket; a call's, to its longest row's
         self.buckets = [_bucket(g.length + n) for g, n in zip(generations, new, strict=True)]
         self.key_length = max(self.buckets)
@@ -245,15 +270,17 @@ class DecodeStep(RowsRun):
 
     def _call(self, layer: int, rows: list[int], positions: list[int], hidden, args, kwargs):
         module = self.executor.layers[layer]
-        # rows of one key bucket side by side: decoding rows of a bucket share an attention call
-        rows = sorted(rows, key=lambda r: self.buckets[r])
+        # decoding rows first, those of one key bucket side by side (they share an attention
+        # call), then the prompts
+        lengths = self.rows.lengths
+        rows = sorted(rows, key=lambda r: (lengths[r] > 1, self.buckets[r]))
         packed = _Packed(rows, self.rows.lengths, self.rows.width, self.buckets, hidden.device)
         view = _CacheView(
             [self.generations[r] for r in rows],
             [positions[r] for r in rows],
             [self.rows.lengths[r] for r in rows],
             packed.spans,
-            self.buckets[rows[-1]],
+            max(self.buckets[r] for r in rows),
         )
         mask = self._mask(self.executor.sliding_window(module), hidden)
         arguments = {name: packed.take(value) for name, value in kwargs.items()}
@@ -288,17 +315,17 @@ class DecodeStep(RowsRun):
     def _account(self, rows, positions, view: _CacheView, hidden, packed: _Packed) -> None:
         """Count the call's work (padding apart); store what each row's position did."""
         width, lengths, total = self.rows.width, self.rows.lengths, self.executor.work
-        decoding = width == 1
         real = sum(lengths[r] for r in rows)
         total.layer_applications += len(rows)
         total.token_layer_applications += packed.size
         total.padding_token_layers += packed.size - real
-        total.decode_token_layers += real if decoding else 0
         for i, r in enumerate(rows):
             work = self.generations[r].work
             work.layer_applications += 1
             work.token_layer_applications += lengths[r]
-            work.decode_token_layers += lengths[r] if decoding else 0
+            if self.generations[r].tokens:  # a decoding step, not a prompt
+                work.decode_token_layers += lengths[r]
+                total.decode_token_layers += lengths[r]
             if self.cache is not None:
                 prefix = self.chains[r].layers[: positions[r] + 1]
                 output = hidden[r, width - lengths[r] :].clone()
@@ -308,10 +335,10 @@ class DecodeStep(RowsRun):
 
 class _Packed:
     """The tokens of one layer call, laid end to end in one sequence: each row's new tokens,
-    left-padded to whole tiles of :data:`ROW_TILE` (a prompt), or its one token (a decoding
-    step), then copies of the first token that fill the call to whole tiles. A row's tokens
-    thus take the same place within whole tiles however long its company's are, so nobody
-    pads to the longest prompt, and every step's prompts share one forward pass.
+    its one token (a decoding step, or a prompt of one token) or left-padded to whole tiles of
+    :data:`ROW_TILE` (a longer prompt), then copies of the first token that fill the call to
+    whole tiles. A row's bits thus do not depend on its company's lengths, so nobody pads to
+    the longest prompt, and a step's prompts and decoding steps share one forward pass.
 
     Per-token arguments (hidden states, positions, RoPE tables, the mask) are gathered into
     this layout; :func:`bucketed_attention` reads :attr:`spans` to attend each row over its own
@@ -321,7 +348,7 @@ class _Packed:
         self, rows: list[int], lengths: list[int], width: int, buckets: list[int], device
     ) -> None:
         self.width = width
-        sizes = [1 if width == 1 else _tiled(lengths[r]) for r in rows]
+        sizes = [1 if lengths[r] == 1 else _tiled(lengths[r]) for r in rows]
         #: each row's (start, stop) in the call
         self.spans: list[tuple[int, int]] = []
         index_rows, index_columns = [], []
@@ -335,12 +362,13 @@ class _Packed:
         index_rows += index_rows[:1] * filler
         index_columns += index_columns[:1] * filler
         self.size = len(index_rows)
-        #: runs of rows that attend in one call: a decoding step's rows of one key bucket, or
-        #: a prompt alone, as (first, last row + 1, bucket)
+        #: runs of rows that attend in one call: the one-token rows of one key bucket, or a
+        #: prompt alone, as (first, last row + 1, bucket)
         self.attention_runs: list[tuple[int, int, int]] = []
         for i, r in enumerate(rows):
             run = self.attention_runs[-1] if self.attention_runs else None
-            if width == 1 and run is not None and run[2] == buckets[r]:
+            alike = run is not None and run[2] == buckets[r] and sizes[run[0]] == 1
+            if sizes[i] == 1 and alike:
                 self.attention_runs[-1] = (run[0], i + 1, run[2])
             else:
                 self.attention_runs.append((i, i + 1, buckets[r]))
@@ -433,7 +461,7 @@ def bucketed_attention(
     for first, last, bucket in packed.attention_runs:
         (start, _), (_, stop) = packed.spans[first], packed.spans[last - 1]
         queries, mask = query[0, :, start:stop], attention_mask[0, :, start:stop, :bucket]
-        if packed.width == 1:  # one query a row: the rows side by side as a batch
+        if stop - start == last - first:  # one query a row: the rows side by side as a batch
             queries, mask = queries.transpose(0, 1)[:, :, None], mask.transpose(0, 1)[:, :, None]
         else:  # a prompt's queries, a batch of one
             queries, mask = queries[None], mask[None]
