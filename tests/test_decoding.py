@@ -16,7 +16,7 @@ from lm_eval_cola.executor import ChainExecutor, PrefixCache
 from lm_eval_cola.executor.decoding import BatchedDecoding, Generation
 from lm_eval_cola.lm import ColaLM, RunOptions, refuse_sampling
 from lm_eval_cola.model_args import ModelArgsError
-from lm_eval_cola.scoring import Objective, Proposal
+from lm_eval_cola.scoring import Objective, Proposal, ScoringStream
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.store.schema import Evaluation
 from lm_eval_cola.store.store import Store
@@ -257,6 +257,35 @@ def test_a_scoring_stream_scores_a_document_s_next_chain_while_others_decode(lm,
         assert (trial.response, trial.metrics, trial.decode_steps) == (
             alone.response, alone.metrics, alone.decode_steps,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "decoding", "streams"),
+    [("cola_gen", "batch_invariant", True), ("cola_gen", "hf", False), ("cola_mc", None, False)],
+)
+def test_a_search_moves_a_document_on_while_the_others_decode(
+    lm, task_dir, tmp_path, monkeypatch, name, decoding, streams
+):
+    """A search submits a document's next chain while other documents' proposals are still
+    decoding (batch-invariant generation); scoring that does not stream takes its documents'
+    steps together, so nothing is in flight when a document moves on."""
+    left, in_flight = [0], []  # proposals still in flight when the stream last handed some back
+    submit, finished = ScoringStream.submit, ScoringStream.finished
+
+    def noting_submit(stream, proposal, tag=None):
+        in_flight.append(left[0])
+        submit(stream, proposal, tag)
+
+    def noting_finished(stream):
+        done = finished(stream)
+        left[0] = len(stream.pending)
+        return done
+
+    monkeypatch.setattr(ScoringStream, "submit", noting_submit)
+    monkeypatch.setattr(ScoringStream, "finished", noting_finished)
+    search(lm, task_dir, tmp_path / "cola.db", name=name, budget=8, decoding=decoding,
+           how={"parallel_docs": 3})  # fmt: skip
+    assert len(in_flight) > 3 and (max(in_flight) > 0) == streams
 
 
 def test_a_run_records_its_decoding_and_grows_only_in_it(lm, task_dir, tmp_path):
