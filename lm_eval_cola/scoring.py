@@ -113,9 +113,7 @@ class Objective:
     def score_many(self, proposals: Sequence[Proposal]) -> list[Trial]:
         """Score every proposal (on distinct documents) in one pass over the model; on a
         graded metric, the full model first where a document has no reference yet."""
-        documents = [p.document.doc_hash for p in proposals]
-        if len(set(documents)) < len(documents):
-            raise ValueError("one proposal per document at a time: they share its requests")
+        _check_distinct_documents(proposals)
         if not self.binary:
             self._score_references([p.document for p in proposals if p.chain != self.identity])
         start = time.perf_counter()
@@ -247,9 +245,7 @@ class ScoringStream:
 
     def submit(self, proposal: Proposal, tag: Any = None) -> None:
         """Score ``proposal``; :meth:`finished` hands its trial back with ``tag``."""
-        document = proposal.document.doc_hash
-        if any(p.document.doc_hash == document for p, _, _ in self.pending.values()):
-            raise ValueError("one proposal per document at a time: they share its requests")
+        _check_distinct_documents([p for p, _, _ in self.pending.values()] + [proposal])
         if not self.objective.binary and proposal.chain != self.objective.identity:
             self.objective._score_references([proposal.document])
         key = object()
@@ -282,6 +278,13 @@ class ScoringStream:
         work, steps = {document: Work()}, {document: []}
         _fill(submission.requests, self.generations.result(submission), work, steps)
         return tag, self.objective._trial(proposal, work[document], steps[document], seconds)
+
+
+def _check_distinct_documents(proposals: Sequence[Proposal]) -> None:
+    """Proposals scored at once are on distinct documents: they share a document's requests."""
+    documents = [p.document.doc_hash for p in proposals]
+    if len(set(documents)) < len(documents):
+        raise ValueError("one proposal per document at a time: they share its requests")
 
 
 def _requests(

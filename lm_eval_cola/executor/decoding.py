@@ -207,9 +207,9 @@ class BatchedDecoding:
         first row, so that the LM head, which reads each row's last position only, sees whole
         tiles."""
         step = DecodeStep(self, generations, [len(tokens) for tokens in inputs])
-        width, fill = step.rows.width, step.fill
+        width = step.rows.width
         rows = [(g.length, tokens) for g, tokens in zip(generations, inputs, strict=True)]
-        rows += rows[:1] * fill
+        rows += rows[:1] * _filler(len(rows))
         device = self.executor.model.device
         ids = torch.tensor([[tokens[0]] * (width - len(tokens)) + tokens for _, tokens in rows])
         positions = torch.tensor(
@@ -251,8 +251,6 @@ class DecodeStep(RowsRun):
         super().__init__(executor, tokens, [g.chain for g in generations], None, True)
         self.decoding, self.generations = decoding, generations
         self.cache = decoding.cache
-        #: copies of the first row that fill the LM head's call to whole tiles
-        self.fill = _filler(len(generations))
         #: each row's keys padded to a whole bucket; a call's, to its longest row's
         self.buckets = [_bucket(g.length + n) for g, n in zip(generations, new, strict=True)]
         self.key_length = max(self.buckets)
@@ -274,11 +272,11 @@ class DecodeStep(RowsRun):
         # call), then the prompts
         lengths = self.rows.lengths
         rows = sorted(rows, key=lambda r: (lengths[r] > 1, self.buckets[r]))
-        packed = _Packed(rows, self.rows.lengths, self.rows.width, self.buckets, hidden.device)
+        packed = _Packed(rows, lengths, self.rows.width, self.buckets, hidden.device)
         view = _CacheView(
             [self.generations[r] for r in rows],
             [positions[r] for r in rows],
-            [self.rows.lengths[r] for r in rows],
+            [lengths[r] for r in rows],
             packed.spans,
             max(self.buckets[r] for r in rows),
         )
@@ -452,8 +450,8 @@ def bucketed_attention(
 ):
     """The family's own eager attention over a packed call (:class:`_Packed`): each row's
     queries over its own keys, padded to its bucket (a multiple of :data:`KEY_BUCKET`), so a
-    row's reductions over keys have the same length whatever else is in the call; a decoding
-    step's rows of one bucket in one call, a prompt's in a call of its own. The filler's
+    row's reductions over keys have the same length whatever else is in the call; the
+    one-token rows of one bucket in one call, a prompt's in a call of its own. The filler's
     outputs are zeros."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
     packed = _PACKED.get()
