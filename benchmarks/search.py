@@ -4,7 +4,9 @@
    document at a time, nothing reused (the path ``--model cola chain=...`` takes);
 2. new: each document's requests packed into one row (shared context once) and every chain
    prefix computed once per document (prefix cache), one document at a time;
-3. new with ``--parallel_docs`` documents per forward pass.
+3. new with ``--parallel_docs`` documents per forward pass;
+4. with ``--workers N`` (N > 1), the same in N processes of one thread each, every process
+   with ``--parallel_docs`` of its own (search/workers.py), against the same checks.
 
 On a generation task all three decode batch-invariantly (the search's default: every path
 stores the same tokens), and a fourth run, **hf decoding**, searches as the release before
@@ -63,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--parallel_docs", type=int, default=16)
     parser.add_argument("--prefix_cache_mb", type=float, default=4096)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="also search in this many processes (CPU)"
+    )
     parser.add_argument(
         "--skip_naive", action="store_true", help="only the new path (no ratios to naive)"
     )
@@ -142,6 +147,12 @@ def main() -> int:
             lm, task, args, folder, f"new, {args.parallel_docs} documents at a time",
             prefix_cache_mb=cache, parallel_docs=args.parallel_docs,
         )  # fmt: skip
+        if args.workers > 1:
+            runs["workers"] = measured_search(
+                lm, task, args, folder,
+                f"new, {args.workers} workers of {args.parallel_docs} documents at a time",
+                prefix_cache_mb=cache, parallel_docs=args.parallel_docs, workers=args.workers,
+            )  # fmt: skip
         if task.get_config("output_type") == "generate_until" and not args.skip_naive:
             runs["hf"] = measured_search(
                 lm, task, args, folder, "hf decoding", decoding="hf",
@@ -149,8 +160,11 @@ def main() -> int:
             )  # fmt: skip
         floor = runs["new"].limit * seconds_per_token_layer(lm)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    worker_peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
     new, parallel = runs["new"], runs["parallel"]
     checks = {"parallel documents search exactly as one at a time": same_searches(new, parallel)}
+    if "workers" in runs:
+        checks["workers search exactly as one at a time"] = same_searches(new, runs["workers"])
     print(f"\nMCTS, {args.budget} simulations, {args.limit} {args.task} documents, {args.device}")
     print(f"  evaluations: {new.evaluations:,}; physical limit: {new.limit:,} token-layers")
     if "naive" in runs:
@@ -162,6 +176,9 @@ def main() -> int:
         print(f"  wall time     new / naive                {new.seconds / naive.seconds:.3f}"
               "  (target <= 0.3)")  # fmt: skip
         print(f"  wall time     parallel / naive           {parallel.seconds / naive.seconds:.3f}")
+        if "workers" in runs:
+            print(f"  wall time     {args.workers} workers / naive          "
+                  f"{runs['workers'].seconds / naive.seconds:.3f}")  # fmt: skip
     print(f"  token-layers  new / limit                {_tokens(new) / new.limit:.3f}"
           "  (target <= 1.15)")  # fmt: skip
     print(
@@ -171,6 +188,7 @@ def main() -> int:
     print(
         f"  compute floor (the limit at the model's prefill rate)  {floor:.1f} s: "
         f"parallel / floor {parallel.seconds / floor:.2f}"
+        + (f", workers / floor {runs['workers'].seconds / floor:.2f}" if "workers" in runs else "")
         + (f", floor / naive {floor / runs['naive'].seconds:.3f}" if "naive" in runs else "")
     )
     calls = [r.work.forward_calls * 100 / r.evaluations for r in (new, parallel)]
@@ -185,11 +203,15 @@ def main() -> int:
         before = runs["hf"]
         speedup = before.seconds / parallel.seconds
         print(f"  documents per minute  parallel / hf decoding  {speedup:.2f}  (target >= 3)")
+        if "workers" in runs:
+            print(f"  documents per minute  {args.workers} workers / hf decoding "
+                  f"{before.seconds / runs['workers'].seconds:.2f}")  # fmt: skip
         found = {row[:3] + row[4:] for row in before.rows}
         agree = sum(row[:3] + row[4:] in found for row in new.rows)
         print(f"  hf decoding: {before.seconds:.1f} s; evaluations it shares with the new path "
               f"(chain, correctness, answer): {agree}/{len(new.rows)}")  # fmt: skip
-    print(f"  peak memory                              {peak_gb:.2f} GB")
+    print(f"  peak memory                              {peak_gb:.2f} GB"
+          + (f" (a worker: {worker_peak_gb:.2f} GB)" if "workers" in runs else ""))  # fmt: skip
     for check, passed in checks.items():
         print(f"  {'PASS' if passed else 'FAIL'}: {check}")
     return 0 if all(checks.values()) else 1

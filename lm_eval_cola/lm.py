@@ -811,11 +811,16 @@ class ColaLM(HFLM):
             )  # fmt: skip
 
 
+def default_device() -> str:
+    """Where a model goes when no ``--device`` is given: CUDA when there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load(model_args: str = "", device: str | None = None) -> ColaLM:
     """A ``cola`` model for the project's own commands (search, predict): ``model_args`` as in
     ``--model_args``, on ``device`` (default: CUDA when there is one, else the CPU), with the
     batch size of one document that the search objective sets itself."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     try:  # the model args are checked in ColaLM.__init__ before the weights load
         return ColaLM.create_from_arg_obj(parse(model_args), {"device": device, "batch_size": 1})
     except OSError as err:  # weights or tokenizer files that cannot be read

@@ -24,6 +24,7 @@ EPILOG = """examples:
   cola search --tasks arc_easy --method mcts --budget 200 --store cola.db --shard 0/4
   cola search --tasks arc_easy --split train --limit 500 --budget 50 --store cola.db
   cola search --tasks arc_easy_gen --limit 500 --budget 200 --store cola.db
+  cola search --tasks arc_easy_gen --limit 500 --budget 200 --workers 2 --store cola.db
   cola search --tasks arc_easy_gen --limit 500 --decoding hf --store old.db   (a run searched
       with HF's generate, before batch-invariant decoding: resume it in its own mode)
   cola search --tasks arc_easy --limit 100 --budget 50 --target decoy --store cola.db
@@ -79,6 +80,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--decoding hf: documents whose chains are equal) (default: 16)",
     )
     search.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="CPU only: processes on this machine, each searching every n-th document with "
+        "--parallel_docs of its own and its share of the threads; a generated-answer search's "
+        "per-call Python work then runs on every core, with the same results (default: 1)",
+    )
+    search.add_argument(
         "--prefix_cache_mb",
         type=float,
         default=4096,
@@ -94,7 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lm_eval_cola.lm import default_device
     from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_of
+    from lm_eval_cola.search.workers import check_workers
     from lm_eval_cola.store.engine import check_usable
     from lm_eval_cola.targets import check_decoys
     from lm_eval_cola.tasks import load_specs, task_documents
@@ -112,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
+        check_workers(args.workers, args.device or default_device())
         shard = shard_of(args.shard)
         check_model_args(args)
         specs = _task_specs(args)
@@ -127,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
     for spec in specs:
         task, how = tasks[spec.name], dataclasses.replace(settings, task=spec)
         search = SearchRun(
-            lm, task, store, how, args.prefix_cache_mb, args.run_name, args.parallel_docs
-        )
+            lm, task, store, how, args.prefix_cache_mb, args.run_name, args.parallel_docs,
+            args.workers,
+        )  # fmt: skip
         run_id = search.run(shard)
         print(f"{task.config.task}: run {run_id} in {store}: searched {search.tally}")
         print(f"  see: cola db stats --store {args.store} --run {run_id}")

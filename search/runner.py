@@ -9,7 +9,8 @@ as soon as its search ends, and another takes its place. The run is named after 
 that defines it, so the same command finds its run again after a crash and goes on with the
 documents not yet done; per-document seeds make the resumed run equal an uninterrupted one,
 whatever ``parallel_docs``. Shards (``--shard i/n``, or the ranks of ``torchrun``) split the
-documents of one run.
+documents of one run across machines or GPUs, workers (``--workers``, search/workers.py) across
+a CPU's cores.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from lm_eval_cola.fingerprint import reregister_hint
 from lm_eval_cola.scoring import Objective, Proposal, Trial
 from lm_eval_cola.search.base import DocumentSearch, searcher_class
 from lm_eval_cola.search.space import ChainSpace
+from lm_eval_cola.search.workers import check_workers, search_in_workers
 from lm_eval_cola.store.store import (
     DocumentInfo,
     EvaluationInfo,
@@ -184,9 +186,11 @@ class SearchRun:
         prefix_cache_mb: float = 0.0,
         run_name: str | None = None,
         parallel_docs: int = 1,
+        workers: int = 1,
     ) -> None:
         if parallel_docs < 1:
             raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
+        check_workers(workers, lm.executor.model.device.type)
         self.lm, self.task, self.store, self.settings = lm, task, store, settings
         self.spec = settings.task or TaskSpec(task.config.task)
         if self.spec.name != task.config.task:
@@ -201,7 +205,7 @@ class SearchRun:
         if settings.target == "decoy":
             check_decoys(task, self.documents)
         self.run_name = run_name or self.default_name()
-        self.parallel_docs = parallel_docs
+        self.parallel_docs, self.workers = parallel_docs, workers
 
     def default_name(self) -> str:
         return default_run_name(
@@ -230,14 +234,21 @@ class SearchRun:
         if self.parallel_docs > 1:  # documents searched together pad each other less
             mine.sort(key=lambda document: -(self.objective.row_tokens(document) or 0))
         logger.info(
-            "Run %d (%s): %d documents for shard %d/%d, %d already done, %d at a time",
+            "Run %d (%s): %d documents for shard %d/%d, %d already done, %d at a time in %d "
+            "process(es)",
             run_id, self.run_name, len(mine), index, count, skipped, self.parallel_docs,
+            self.workers,
         )  # fmt: skip
         self.tally = tally = Tally()
         progress = SearchProgress(
             len(mine), self.settings.budget, f"{self.task.config.task} ({self.settings.method})"
         )
-        for document, trials in self.searches(mine, progress.scored):
+        workers = min(self.workers, len(mine))
+        if workers > 1:
+            found = search_in_workers(self, mine, workers, progress.scored)
+        else:
+            found = self.searches(mine, progress.scored)
+        for document, trials in found:
             evaluations = [_evaluation_info(t) for t in trials]
             seconds = sum(t.seconds for t in trials)
             limit = self._token_layer_limit(document, trials)
