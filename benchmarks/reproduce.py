@@ -109,6 +109,7 @@ def parse_args() -> argparse.Namespace:
     add("--hours", type=float, help="start no round after this many hours (default: no limit)")
     add("--parallel_docs", type=int, default=16, help="documents searched per forward pass")
     add("--prefix_cache_mb", type=float, default=1024)
+    add("--workers", type=int, default=1, help="CPU processes per search (cola search --workers)")
     add("--decoding", choices=DECODINGS, default="batch_invariant",
         help="how generation tasks decode (cola search --decoding); a store's runs grow only in "
         "their own mode: hf for those searched before batch-invariant decoding")  # fmt: skip
@@ -152,7 +153,7 @@ class Reproduction:
         task = spec.load(self.args.include_path)
         run = SearchRun(
             self.lm, task, self.store, settings, self.args.prefix_cache_mb,
-            parallel_docs=parallel_docs,
+            parallel_docs=parallel_docs, workers=self.args.workers,
         )  # fmt: skip
         self._refuse_the_other_decoding(run)
         return run
@@ -190,7 +191,7 @@ class Reproduction:
             )  # fmt: skip
             SearchRun(
                 self.lm, task, self.store, settings, self.args.prefix_cache_mb,
-                parallel_docs=options.get("parallel_docs", 1),
+                parallel_docs=options.get("parallel_docs", 1), workers=self.args.workers,
             ).run()  # fmt: skip
 
     def seconds(self, run_id: int) -> float:

@@ -84,8 +84,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         help="CPU only: processes on this machine, each searching every n-th document with "
-        "--parallel_docs of its own and its share of the threads; a generated-answer search's "
-        "per-call Python work then runs on every core, with the same results (default: 1)",
+        "--parallel_docs and --prefix_cache_mb of its own and its share of the threads; a "
+        "generated-answer search's per-call Python work then runs on every core, with the same "
+        "results (default: 1)",
     )
     search.add_argument(
         "--prefix_cache_mb",

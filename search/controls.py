@@ -165,6 +165,9 @@ def _add_shard(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shard", help="i/n: every n-th document from the i-th, e.g. two processes at 0/2 and 1/2"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="CPU processes on this machine (as cola search)"
+    )
 
 
 def run_random(args: argparse.Namespace) -> int:
@@ -215,11 +218,14 @@ def run_menu(args: argparse.Namespace) -> int:
 
 def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
     """Build the control run of the gold run ``args.run`` with ``method`` and run it."""
+    from lm_eval_cola.lm import default_device
     from lm_eval_cola.search.runner import SearchRun, shard_of
+    from lm_eval_cola.search.workers import check_workers
     from lm_eval_cola.store.store import Store
 
     try:
         shard = shard_of(args.shard)
+        check_workers(args.workers, args.device or default_device())
         check_model_args(args)
         with Store(args.store, read_only=True) as store:
             gold, task, settings = plan_control(
@@ -230,8 +236,9 @@ def _run_control(args: argparse.Namespace, method: str, options_for) -> int:
         return report(f"cola controls {args.controls_command}", err)
     with Store(args.store) as store:
         search = SearchRun(
-            lm, task, store, settings, args.prefix_cache_mb, parallel_docs=args.parallel_docs
-        )
+            lm, task, store, settings, args.prefix_cache_mb, parallel_docs=args.parallel_docs,
+            workers=args.workers,
+        )  # fmt: skip
         run_id = search.run(shard)
     print(f"{gold.task}: {method} control run {run_id} of run {gold.id}: {search.tally}")
     print(f"  see: cola db controls --store {args.store} --run {gold.id}")

@@ -517,6 +517,7 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
         (["--tasks", "arc_easy", "--budget", "0"], "at least 1 evaluation"),
         (["--tasks", "arc_easy", "--shard", "2/2"], "--shard 2/2"),
         (["--tasks", "arc_easy", "--method_args", "colour=red"], "colour"),
+        (["--tasks", "arc_easy", "--workers", "2", "--device", "cuda"], "on a GPU"),
     ]:
         done = subprocess.run([*base, *args], capture_output=True, text=True, env=env)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]

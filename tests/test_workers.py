@@ -3,10 +3,12 @@ counted, failures reported without losing what finished, and refused where it ca
 
 from __future__ import annotations
 
+import optuna
 import pytest
 
 from lm_eval_cola.search.runner import SearchRun
 from lm_eval_cola.search.workers import check_workers
+from lm_eval_cola.store.store import Store
 from tests.test_search import TASKS, scored, search
 
 
@@ -60,3 +62,14 @@ def test_a_failing_worker_stops_the_run_and_the_run_resumes(lm, task_dir, tmp_pa
 def test_workers_are_refused_where_they_cannot_run(workers, device, problem):
     with pytest.raises(ValueError, match=problem):
         check_workers(workers, device)
+
+
+def test_workers_archive_every_document_s_optuna_study(lm, task_dir, tmp_path):
+    """An Optuna method's studies reach the store's database from the workers too."""
+    path = tmp_path / "cola.db"
+    search(lm, task_dir, path, method="tpe", budget=6, limit=3, how={"workers": 2})
+    url = Store(str(path), read_only=True).url_for_studies()
+    names = optuna.get_all_study_names(storage=url)
+    assert len(names) == 3 and all(name.startswith("cola_mc-tpe-") for name in names)
+    for name in names:
+        assert len(optuna.load_study(study_name=name, storage=url).trials) >= 6
