@@ -83,8 +83,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--workers",
         type=int,
         default=1,
-        help="CPU only: processes on this machine, each searching every n-th document with "
-        "--parallel_docs and --prefix_cache_mb of its own and its share of the threads; a "
+        help="CPU only: processes of one thread on this machine (one a core), each searching "
+        "every n-th document with --parallel_docs and --prefix_cache_mb of its own; a "
         "generated-answer search's per-call Python work then runs on every core, with the same "
         "results (default: 1)",
     )

@@ -6,9 +6,11 @@ the KV cache) runs on one core while the others wait. Processes of one thread ea
 core busy (docs/BENCHMARKS.md, "Workers"). Each worker is forked from the searching process,
 so it shares the loaded weights, and searches every n-th document with ``parallel_docs`` of its
 own, as a ``torchrun`` rank does; it sends each finished document back, and only this process
-writes to the store. A document's chains and answers do not depend on its worker, its company
-or the thread count (batch-invariant decoding), so a run searched by workers equals one
-searched in one process and resumes in either.
+writes to the store. A worker runs one thread: OpenMP's thread pool does not survive a fork (a
+forked process that asks for two threads hangs in its first parallel region), so one worker a
+core is the way to use them all. A document's chains and answers do not depend on its worker,
+its company or the thread count (batch-invariant decoding), so a run searched by workers equals
+one searched in one process and resumes in either.
 """
 
 from __future__ import annotations
@@ -49,16 +51,13 @@ def search_in_workers(
     workers: int,
     scored: Callable[[int], None] = lambda n: None,
 ) -> Iterator[tuple[Document, list[Trial]]]:
-    """:meth:`SearchRun.searches` over ``documents`` in ``workers`` forked processes, each on
-    every ``workers``-th document with this process's threads shared out; yields each
-    document as a worker finishes it, and adds the workers' compute to the executor's count."""
+    """:meth:`SearchRun.searches` over ``documents`` in ``workers`` forked processes of one
+    thread, each on every ``workers``-th document; yields each document as a worker finishes
+    it, and adds the workers' compute to the executor's count."""
     context = multiprocessing.get_context("fork")
     messages = context.Queue()
-    threads = max(1, torch.get_num_threads() // workers)
     processes = [
-        context.Process(
-            target=_work, args=(run, w, documents[w::workers], threads, messages), daemon=True
-        )
+        context.Process(target=_work, args=(run, w, documents[w::workers], messages), daemon=True)
         for w in range(workers)
     ]
     for process in processes:
@@ -102,10 +101,10 @@ def _check_alive(processes) -> None:
             )
 
 
-def _work(run: SearchRun, worker: int, documents: list[Document], threads: int, messages) -> None:
+def _work(run: SearchRun, worker: int, documents: list[Document], messages) -> None:
     """Worker ``worker``: search its documents, send each one's trials as it finishes, then
     the compute it spent."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         run.lm.executor.work = Work()  # this worker's count, added to the parent's at the end
         positions = {id(document): i for i, document in enumerate(documents)}
