@@ -5,8 +5,9 @@
 2. new: each document's requests packed into one row (shared context once) and every chain
    prefix computed once per document (prefix cache), one document at a time;
 3. new with ``--parallel_docs`` documents per forward pass;
-4. with ``--workers N`` (N > 1), the same in N processes of one thread each, every process
-   with ``--parallel_docs`` of its own (search/workers.py), against the same checks.
+4. on a CPU of several cores, the same in ``--workers`` processes of one thread each (one a
+   core by default), every process with ``--parallel_docs`` of its own (search/workers.py),
+   against the same checks.
 
 On a generation task all three decode batch-invariantly (the search's default: every path
 stores the same tokens), and a fourth run, **hf decoding**, searches as the release before
@@ -66,7 +67,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefix_cache_mb", type=float, default=4096)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--workers", type=int, default=1, help="also search in this many processes (CPU)"
+        "--workers",
+        type=int,
+        help="also search in this many processes of one thread (default on a CPU: one a core; "
+        "1: not at all)",
     )
     parser.add_argument(
         "--skip_naive", action="store_true", help="only the new path (no ratios to naive)"
@@ -135,6 +139,8 @@ def same_searches(a: Measured, b: Measured) -> bool:
 
 def main() -> int:
     args = parse_args()
+    if args.workers is None:
+        args.workers = len(os.sched_getaffinity(0)) if args.device == "cpu" else 1
     lm = load(args.model_args, args.device)
     task = load_tasks(args.task)[args.task]
     runs: dict[str, Measured] = {}
