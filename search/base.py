@@ -46,6 +46,12 @@ class Searcher(ABC):
         """Keep the method's own record of the finished document (an Optuna study) at
         ``storage`` under ``name``; methods that keep none have nothing to do."""
 
+    @classmethod
+    def prepare_archive(cls, storage: str) -> None:
+        """Make ``storage`` ready for :meth:`archive` before the search starts, so that
+        processes archiving into it at once (workers, shards) find it ready; methods that
+        keep no record have nothing to do."""
+
 
 _OPTUNA = "lm_eval_cola.search.optuna_searchers"
 #: Every search method by name (``cola search --method``).

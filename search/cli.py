@@ -64,7 +64,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(the option after the gold one; a number plus one), to measure how much of the oracle "
         "a lottery over answers gives (default: gold)",
     )
-    search.add_argument(
+    _add_speed(parser.add_argument_group("decoding and speed"))
+    where = parser.add_argument_group("where results go")
+    where.add_argument("--store", default="cola.db", help="SQLite path or SQLAlchemy URL")
+    where.add_argument("--run_name", help="default: task, method and a hash of all settings")
+    where.add_argument("--shard", help="i/n: search every n-th document from the i-th")
+    parser.set_defaults(func=run)
+
+
+def _add_speed(group: argparse._ArgumentGroup) -> None:
+    """How the search computes: decoding mode, documents at once, processes, prefix cache."""
+    group.add_argument(
         "--decoding",
         choices=("batch_invariant", "hf"),
         help="generation tasks: batch_invariant decodes the chains of all documents in flight "
@@ -72,14 +82,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "decodes a chain at a time with HF's generate, as runs searched before this option did "
         "(resume those with --decoding hf)",
     )
-    search.add_argument(
+    group.add_argument(
         "--parallel_docs",
         type=int,
         default=16,
         help="documents searched at once, their chains in one forward pass (generation with "
         "--decoding hf: documents whose chains are equal) (default: 16)",
     )
-    search.add_argument(
+    group.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -88,7 +98,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "generated-answer search's per-call Python work then runs on every core, with the same "
         "results (default: 1)",
     )
-    search.add_argument(
+    group.add_argument(
         "--prefix_cache_mb",
         type=float,
         default=4096,
@@ -96,11 +106,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "also the prompt's KV cache), reused across a search's chains; 0 turns it off "
         "(default: 4096)",
     )
-    where = parser.add_argument_group("where results go")
-    where.add_argument("--store", default="cola.db", help="SQLite path or SQLAlchemy URL")
-    where.add_argument("--run_name", help="default: task, method and a hash of all settings")
-    where.add_argument("--shard", help="i/n: search every n-th document from the i-th")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

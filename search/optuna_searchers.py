@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import optuna
+from sqlalchemy.exc import DBAPIError
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.scoring import Trial
@@ -83,6 +84,18 @@ class OptunaSearcher(Searcher):
 
     def values(self, trial: Trial) -> float | list[float]:
         return trial.score - self.length_weight * trial.length / self.space.n_layers
+
+    @classmethod
+    def prepare_archive(cls, storage: str) -> None:
+        """Create Optuna's tables in ``storage`` now: two processes creating them at once
+        collide on Optuna's version row, so the one that loses looks again and finds them."""
+        for attempt in range(2):
+            try:
+                optuna.storages.RDBStorage(storage).engine.dispose()
+                return
+            except DBAPIError:
+                if attempt:
+                    raise
 
     def archive(self, storage: str, name: str) -> None:
         """Copy the finished study to ``storage`` as ``name``, in one go: a study in an RDB

@@ -243,6 +243,7 @@ class SearchRun:
         progress = SearchProgress(
             len(mine), self.settings.budget, f"{self.task.config.task} ({self.settings.method})"
         )
+        searcher_class(self.settings.method).prepare_archive(self.store.url_for_studies())
         workers = min(self.workers, len(mine))
         if workers > 1:
             found = search_in_workers(self, mine, workers, progress.scored)
