@@ -63,7 +63,7 @@ def search_in_workers(
     for process in processes:
         process.start()
     try:
-        yield from _collect(run, documents, workers, processes, messages, scored)
+        yield from _collect(run, documents, processes, messages, scored)
     finally:
         for process in processes:
             if process.is_alive():
@@ -71,10 +71,11 @@ def search_in_workers(
             process.join()
 
 
-def _collect(run, documents, workers, processes, messages, scored):
+def _collect(run, documents, processes, messages, scored):
     """Hand on what the workers send until each has sent its compute (its last message)."""
+    by_hash = {document.doc_hash: document for document in documents}
     finished = 0
-    while finished < workers:
+    while finished < len(processes):
         try:
             kind, worker, payload = messages.get(timeout=POLL_S)
         except queue.Empty:
@@ -83,8 +84,8 @@ def _collect(run, documents, workers, processes, messages, scored):
         if kind == "scored":
             scored(payload)
         elif kind == "document":
-            index, trials = payload
-            yield documents[index * workers + worker], trials
+            doc_hash, trials = payload
+            yield by_hash[doc_hash], trials
         elif kind == "work":
             run.lm.executor.work += payload
             finished += 1
@@ -107,10 +108,9 @@ def _work(run: SearchRun, worker: int, documents: list[Document], messages) -> N
     torch.set_num_threads(1)
     try:
         run.lm.executor.work = Work()  # this worker's count, added to the parent's at the end
-        positions = {id(document): i for i, document in enumerate(documents)}
         found = run.searches(documents, lambda n: messages.put(("scored", worker, n)))
         for document, trials in found:
-            messages.put(("document", worker, (positions[id(document)], trials)))
+            messages.put(("document", worker, (document.doc_hash, trials)))
         messages.put(("work", worker, run.lm.executor.work))
     except BaseException:  # the parent reports it (a KeyboardInterrupt too)
         messages.put(("failed", worker, traceback.format_exc()))
