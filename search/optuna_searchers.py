@@ -23,6 +23,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.scoring import Trial
 from lm_eval_cola.search.base import Searcher, register_searcher
 from lm_eval_cola.search.space import Action, ChainSpace
+from lm_eval_cola.store.engine import BUSY_TIMEOUT_S
 
 OPS = {"both": (None, "skip", "repeat"), "skip": (None, "skip"), "repeat": (None, "repeat")}
 
@@ -91,7 +92,7 @@ class OptunaSearcher(Searcher):
         collide on Optuna's version row, so the one that loses looks again and finds them."""
         for attempt in range(2):
             try:
-                optuna.storages.RDBStorage(storage).engine.dispose()
+                _rdb_storage(storage).engine.dispose()
                 return
             except DBAPIError:
                 if attempt:
@@ -101,14 +102,27 @@ class OptunaSearcher(Searcher):
         """Copy the finished study to ``storage`` as ``name``, in one go: a study in an RDB
         storage costs a transaction per parameter while it runs (tens of seconds a document
         on SQLite)."""
-        if name in optuna.get_all_study_names(storage=storage):
-            optuna.delete_study(study_name=name, storage=storage)  # from a killed attempt
-        optuna.copy_study(
-            from_study_name=self.study.study_name,
-            from_storage=self.study._storage,
-            to_storage=storage,
-            to_study_name=name,
-        )
+        archive = _rdb_storage(storage)
+        try:
+            if name in optuna.get_all_study_names(storage=archive):
+                optuna.delete_study(study_name=name, storage=archive)  # from a killed attempt
+            optuna.copy_study(
+                from_study_name=self.study.study_name,
+                from_storage=self.study._storage,
+                to_storage=archive,
+                to_study_name=name,
+            )
+        finally:
+            archive.engine.dispose()
+
+
+def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage at ``url``, waiting for the store's other writers as the store does:
+    Optuna's own SQLite engine gives up after 5 s, which a worker archiving while the searching
+    process writes a document can reach on a busy machine."""
+    sqlite = url.startswith("sqlite")
+    kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S}} if sqlite else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
 @register_searcher

@@ -8,8 +8,10 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -151,6 +153,24 @@ def test_pareto_front():
     chains = ["0-11", "0-4.6-11", "0-3.6-11", "1-11", "0-8"]
     front = pareto_front([synthetic(Chain.parse(c)) for c in chains])
     assert [(str(t.chain), t.score) for t in front] == [("0-3.6-11", 1.0), ("0-8", 0.0)]
+
+
+def test_an_optuna_study_waits_to_be_archived_while_another_process_writes(tmp_path):
+    """The archive waits for a writer of the store's database as the store's own writers do
+    (Optuna's SQLite engine alone gives up after 5 s): a worker archives its study while the
+    searching process writes a document."""
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    searcher = searcher_class("tpe")(ChainSpace(12), 6, seed=0)
+    trials = run_search(searcher, synthetic)
+    searcher.prepare_archive(url)
+    writer = sqlite3.connect(tmp_path / "store.db", isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # holds the write lock for 6 s
+    threading.Timer(6, writer.execute, ["COMMIT"]).start()
+    searcher.archive(url, "document-0")
+    archived = optuna.load_study(study_name="document-0", storage=url).trials
+    assert [t.params for t in archived] == [t.params for t in searcher.study.trials]
+    assert len(archived) == len(trials) == 6
+    writer.close()
 
 
 def test_unknown_method_and_bad_budget_fail_before_compute():
