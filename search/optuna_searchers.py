@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import optuna
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from lm_eval_cola.chain import Chain
@@ -120,7 +121,7 @@ def _rdb_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's storage at ``url``, waiting for the store's other writers as the store does:
     Optuna's own SQLite engine gives up after 5 s, which a worker archiving while the searching
     process writes a document can reach on a busy machine."""
-    sqlite = url.startswith("sqlite")
+    sqlite = make_url(url).get_backend_name() == "sqlite"
     kwargs = {"connect_args": {"timeout": BUSY_TIMEOUT_S}} if sqlite else {}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
