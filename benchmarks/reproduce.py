@@ -11,9 +11,11 @@ simulations and lambda = 5, on ARC-Easy's test split with SmolLM2-135M-Instruct.
 Every oracle here is a search rewarded by the gold answer. Beside each headline one (Table 1's
 skip + repeat run, GSM8K's, and the combined-space runs of the paper's protocol) the same
 search rewarded by a decoy answer and random chains of the same space and budget are run on
-the same documents, and the report ends with ``cola report``'s table of every oracle in the
-store beside its controls (``-`` where one was not run) and the headline runs' rescues under
-single-edit reversion and option shuffle.
+the same documents, and the report ends with ``cola report``'s tables of every oracle in the
+store beside its controls (``-`` where one was not run): with them the full model's own
+samples on the documents of every generated-answer headline (kept beside the store, in
+``results/paper-sampling/`` for ``results/paper.db``), and the rescues of the headline and the
+paper protocol's single-space runs under single-edit reversion and option shuffle.
 
 Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 
@@ -54,7 +56,6 @@ from lm_eval_cola.predict.evaluate import evaluate
 from lm_eval_cola.search import controls
 from lm_eval_cola.search.runner import DECODINGS, SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
-from lm_eval_cola.store.cli import share_text
 from lm_eval_cola.store.report import markdown, oracle_rows
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
@@ -63,7 +64,7 @@ from lm_eval_cola.tasks import TaskSpec
 
 SECTIONS = ("table1", "methods", "predictors", "gsm8k", "generated")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
-CONTROLS = ("decoy", "random", "reversion", "shuffle")
+CONTROLS = ("decoy", "random", "sampling", "reversion", "shuffle")
 
 
 def parse_args() -> argparse.Namespace:
@@ -129,6 +130,13 @@ class Reproduction:
         self.report: list[str] = []
         #: the gold runs whose controls are searched, in the order of the report
         self.headlines: list[int] = []
+        #: the paper protocol's single-space gold runs: their rescues are checked too
+        self.single_space: list[int] = []
+
+    @property
+    def checked(self) -> list[int]:
+        """The gold runs whose rescues are checked and whose documents the model samples."""
+        return self.headlines + self.single_space
 
     def search(self, task_name: str, method: str, budget: int, limit: int, **options) -> int:
         """The run for these settings, searched (or continued) until all its documents are done."""
@@ -371,6 +379,7 @@ class Reproduction:
         plan += [(a.math_task, "both", a.math_limit, a.math_budget)] if a.math_limit else []
         runs = self.grow(plan)
         self.headlines += [run_id for (_, space, *_), run_id in runs.items() if space == "both"]
+        self.single_space += [run_id for (_, space, *_), run_id in runs.items() if space != "both"]
         self.add(
             "## The paper's protocol: generated answers, MCTS per document",
             "",
@@ -395,16 +404,20 @@ class Reproduction:
                 self.figures([run_id], ("layers",))
 
     def controls_table(self) -> None:
-        """``cola report``'s table: every oracle of the store beside its controls."""
+        """``cola report``'s tables: every oracle of the store beside its controls, with the
+        full model's own sampling and the rescue checks of the runs this report checks."""
+        samples, checks = self.samples(), self.rescue_checks()
         with self.store.session() as session:
-            rows = oracle_rows(session)
+            rows = oracle_rows(session, samples, checks)
         self.add(
             "## Controls: what a lottery gives beside every oracle",
             "",
             "Each gold search run of the store (an oracle: some chain gives the gold answer), "
             "counted on the documents the full model gets wrong, beside the same search "
-            "rewarded by a decoy answer (the next option, or the gold number plus one) and "
-            "random chains of its space at its budget. *Corrections above the lottery*: on "
+            "rewarded by a decoy answer (the next option, or the gold number plus one), "
+            "random chains of its space at its budget and the full model's own samples, as "
+            "many as the search's chains, at the best of the temperatures "
+            f"{controls.TEMPERATURES} for each number. *Corrections above the lottery*: on "
             "the documents where the full model gives neither answer, the gold search's share "
             "minus the decoy's, with a paired 95% interval. `-`: the control was not run "
             "(`--controls`, or `cola search --target decoy` and `cola controls`).",
@@ -412,46 +425,61 @@ class Reproduction:
             markdown(rows),
             "",
         )
-        self.rescue_checks()
 
-    def rescue_checks(self) -> None:
-        """Single-edit reversion and option shuffle of every headline oracle's rescues (the
-        shortest correct chain of each originally wrong document)."""
-        wanted = _list(self.args.controls)
-        if not self.headlines or not {"reversion", "shuffle"} & set(wanted):
-            return
-        self.add(
-            "Rescue checks. Reversion: each edit of a rescue undone on its own; a rescue that "
-            "no reversion leaves right hangs on every edit at once. Shuffle: the rescue on its "
-            "question with the options rotated 1 and 2 places; a real rescue follows the "
-            "answer's text, a letter switch the old position.",
-            "",
-            "| run | rescues | reversions still right | survive every reversion | survive none "
-            "| shuffled: still right | on the old position | full model right |",
-            "|---" * 8 + "|",
-        )
-        for run_id in self.headlines:
-            self.add(self.rescue_row(run_id, wanted))
-        self.add("")
+    def samples(self) -> list[tuple[dict, list[dict]]]:
+        """The full model's own samples on each checked generation run's documents (``budget
+        - 1`` per document and temperature, as many as the search's chains after the full
+        model), drawn where the file beside the store lacks them; one file serves every run
+        of its model and task."""
+        if "sampling" not in _list(self.args.controls):
+            return []
+        found: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
+        for run_id in self.checked:
+            try:
+                gold, task, originals, _ = controls.sampling_source(
+                    self.store, str(run_id), self.args.include_path
+                )
+            except controls.ControlError as err:  # scored, or a graded metric
+                logging.info("no sampling beside run %d: %s", run_id, err)
+                continue
+            if (gold.task, gold.fingerprint) in found:
+                continue
+            controls.require_model(self.lm, gold, self.args.store)
+            k = gold.budget - 1
+            header = controls.sampling_header(gold, k)
+            log = controls.SampleLog.open(self.sampling_path(gold.name), header)
+            documents = controls.gold_documents(task, gold, None, originals)
+            records = controls.draw_samples(
+                self.lm, task, gold, documents, _floats(controls.TEMPERATURES), k, log
+            )
+            found[(gold.task, gold.fingerprint)] = (header, records)
+        return list(found.values())
 
-    def rescue_row(self, run_id: int, wanted: list[str]) -> str:
-        """One run's line of the rescue checks (``-`` for a check not wanted or not possible:
-        a generated number has no options to move)."""
-        a = self.args
-        gold, task, rescued = controls.rescues_of(self.store, str(run_id), a.include_path)
-        batching = (a.prefix_cache_mb, a.parallel_docs)
-        reverted = shuffled = ["-"] * 3
-        if "reversion" in wanted:
-            kept = controls.reversions(self.lm, task, gold, rescued, *batching)
-            counts = [(kept.still_right, kept.reversions), (kept.robust, kept.checked),
-                      (kept.fragile, kept.checked)]  # fmt: skip
-            reverted = [share_text(*count) for count in counts]
-        moved = _movable(task, gold, rescued) if "shuffle" in wanted else None
-        if moved is not None:
-            found = controls.shuffles(self.lm, task, gold, moved, *batching)
-            counts = [found.content, found.position, found.full_model_right]
-            shuffled = [share_text(n, found.shuffles) for n in counts]
-        return "| " + " | ".join([str(run_id), str(len(rescued)), *reverted, *shuffled]) + " |"
+    def sampling_path(self, run_name: str) -> Path:
+        """``results/paper.db`` keeps its runs' samples in ``results/paper-sampling/``."""
+        store = Path(self.args.store)
+        folder = store.with_name(f"{store.stem}-sampling")
+        folder.mkdir(exist_ok=True)
+        return folder / f"{run_name}.jsonl.gz"
+
+    def rescue_checks(self) -> list[dict]:
+        """Single-edit reversion and option shuffle of every checked oracle's rescues (the
+        shortest correct chain of each originally wrong document), as ``cola report
+        --checks`` reads them; a generated number has no options to move."""
+        wanted, found = _list(self.args.controls), []
+        batching = (self.args.prefix_cache_mb, self.args.parallel_docs)
+        for run_id in self.checked:
+            gold, task, rescued = controls.rescues_of(
+                self.store, str(run_id), self.args.include_path
+            )
+            if "reversion" in wanted:
+                kept = controls.reversions(self.lm, task, gold, rescued, *batching)
+                found.append(controls.check_counts(kept, gold, "reversion"))
+            moved = _movable(task, gold, rescued) if "shuffle" in wanted else None
+            if moved is not None:
+                shuffled = controls.shuffles(self.lm, task, gold, moved, *batching)
+                found.append(controls.check_counts(shuffled, gold, "shuffle"))
+        return found
 
     def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
         """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents
@@ -530,6 +558,10 @@ def _movable(task, gold, rescued: dict[str, str]) -> list[controls.ShuffledRescu
 
 def _list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in _list(text)]
 
 
 def _budgets(text: str) -> dict[str, int]:

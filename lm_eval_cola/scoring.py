@@ -115,13 +115,13 @@ class Objective:
         graded metric, the full model first where a document has no reference yet."""
         _check_distinct_documents(proposals)
         if not self.binary:
-            self._score_references([p.document for p in proposals if p.chain != self.identity])
+            self.score_references([p.document for p in proposals if p.chain != self.identity])
         start = time.perf_counter()
         work, steps = self._respond(proposals)
         return_freed_memory()
         seconds = (time.perf_counter() - start) / len(proposals)
         return [
-            self._trial(p, work[p.document.doc_hash], steps[p.document.doc_hash], seconds)
+            self.trial(p, work[p.document.doc_hash], steps[p.document.doc_hash], seconds)
             for p in proposals
         ]
 
@@ -148,7 +148,9 @@ class Objective:
         """The full model's score on a document, measured before (a store's record)."""
         self.references.setdefault(doc_hash, score)
 
-    def _score_references(self, documents: Sequence[Document]) -> None:
+    def score_references(self, documents: Sequence[Document]) -> None:
+        """The full model's score on each document that has none yet: a graded metric judges
+        a chain against it, so it must exist before that chain's trial."""
         missing = {d.doc_hash: d for d in documents if d.doc_hash not in self.references}
         if missing:
             self.score_many([Proposal(d, self.identity) for d in missing.values()])
@@ -182,10 +184,13 @@ class Objective:
         trials = []
         for output in outputs:
             instance.resps, instance.filtered_resps = [output], {}
-            trials.append(self._trial(Proposal(document, self.identity), Work(), [], 0.0))
+            trials.append(self.trial(Proposal(document, self.identity), Work(), [], 0.0))
         return trials
 
-    def _trial(self, proposal: Proposal, work: Work, steps: list[str], seconds: float) -> Trial:
+    def trial(self, proposal: Proposal, work: Work, steps: list[str], seconds: float) -> Trial:
+        """The proposal judged on the responses its document's requests now hold: public so
+        that a stream, which fills those responses as generations finish, judges exactly as
+        :meth:`score_many` does."""
         document = proposal.document
         for ensemble in filters_of(self.task):
             ensemble.apply(document.instances)
@@ -247,7 +252,7 @@ class ScoringStream:
         """Score ``proposal``; :meth:`finished` hands its trial back with ``tag``."""
         _check_distinct_documents([p for p, _, _ in self.pending.values()] + [proposal])
         if not self.objective.binary and proposal.chain != self.objective.identity:
-            self.objective._score_references([proposal.document])
+            self.objective.score_references([proposal.document])
         key = object()
         if self.generations is not None:
             ((_, requests),) = _requests([proposal]).items()
@@ -270,14 +275,14 @@ class ScoringStream:
             share = (time.perf_counter() - start) / len(self.pending)
             self.pending = {k: (p, tag, t + share) for k, (p, tag, t) in self.pending.items()}
         return_freed_memory()
-        return [self._trial(submission) for submission in done]
+        return [self._finish(submission) for submission in done]
 
-    def _trial(self, submission) -> tuple[Any, Trial]:
+    def _finish(self, submission) -> tuple[Any, Trial]:
         proposal, tag, seconds = self.pending.pop(submission)
         document = proposal.document.doc_hash
         work, steps = {document: Work()}, {document: []}
         _fill(submission.requests, self.generations.result(submission), work, steps)
-        return tag, self.objective._trial(proposal, work[document], steps[document], seconds)
+        return tag, self.objective.trial(proposal, work[document], steps[document], seconds)
 
 
 def _check_distinct_documents(proposals: Sequence[Proposal]) -> None:

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from lm_eval_cola.tasks import Document, TaskSpec
 
 logger = logging.getLogger("lm_eval.cola")
+#: The temperatures the full model samples at, by default.
+TEMPERATURES = "0.3,0.7,1.0"
 
 HELP = (
     "controls beside a gold search: random chains, a fixed menu, the model's own sampling, "
@@ -123,13 +125,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         runs_chains=False,
     )
     sampling.add_argument(
-        "--temperatures", default="0.3,0.7,1.0", help="comma-separated (default: 0.3,0.7,1.0)"
+        "--temperatures", default=TEMPERATURES, help=f"comma-separated (default: {TEMPERATURES})"
     )
     sampling.add_argument(
         "--output",
         required=True,
-        help="JSON lines, one per document and temperature, written as each finishes; the "
-        "same command resumes from them",
+        help="JSON lines, one per document and temperature, written as each finishes "
+        "(gzip-compressed for a name ending in .gz); the same command resumes from them",
     )
     sampling.set_defaults(func=run_sampling)
 
@@ -282,13 +284,18 @@ def _gold_and_task(store, run: str, include_path: str | None):
 
 def _model_of(args: argparse.Namespace, gold: GoldRun):
     """The model of ``--model_args``, refused unless it has the gold run's weights."""
+    lm = load_model(args)
+    require_model(lm, gold, args.store)
+    return lm
 
+
+def require_model(lm: ChainLM, gold: GoldRun, store: str) -> None:
+    """Refuse ``lm`` unless it has the gold run's weights: a control of another model's run
+    would stand beside that run's oracle as if it were its own."""
     from lm_eval_cola.fingerprint import require_match
 
-    lm = load_model(args)
-    what, option = f"run {gold.id} ({gold.name})", f"--store {args.store}"
+    what, option = f"run {gold.id} ({gold.name})", f"--store {store}"
     require_match(what, "its model", gold.fingerprint, lm.identity, option, ControlError)
-    return lm
 
 
 def run_reversion(args: argparse.Namespace) -> int:
@@ -381,18 +388,45 @@ def shuffles(
 def run_sampling(args: argparse.Namespace) -> int:
     """The full model's own answers on the gold run's documents, ``--k`` samples per document
     at each temperature, judged by the gold answer; resumed from ``--output``."""
-    from lm_eval_cola.sampling import seed_for
-    from lm_eval_cola.scoring import Objective
+    from lm_eval_cola.store.store import Store
 
     try:
-        gold, task, originals, greedy, temperatures = _sampling_inputs(args)
+        check_model_args(args)
+        temperatures = _temperatures(args.temperatures)
+        with Store(args.store, read_only=True) as store:
+            gold, task, originals, greedy = sampling_source(store, args.run, args.include_path)
         k = args.k or gold.budget
-        header = {"run": gold.name, "k": k, "seed": gold.seed, "fingerprint": gold.fingerprint}
-        log = SampleLog.open(Path(args.output), header)
-        documents = _gold_documents(task, gold, args.limit, originals)
+        log = SampleLog.open(Path(args.output), sampling_header(gold, k))
+        documents = gold_documents(task, gold, args.limit, originals)
         lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
         return report("cola controls sampling", err)
+    records = draw_samples(lm, task, gold, documents, temperatures, k, log)
+    print(SamplingCheck.of(records, originals, k).text(gold.id))
+    try:
+        lottery = SampledLottery.of(lm, task, gold.spec, documents, originals, greedy, records)
+    except ControlError as err:
+        return report("cola controls sampling", err)
+    if lottery is not None:
+        print(lottery.text())
+    return 0
+
+
+def sampling_header(gold: GoldRun, k: int) -> dict[str, Any]:
+    """What a sampling file names: the gold run, k, the seed and the model's weights, so that
+    ``cola report --sampling`` gives it to that run's rows only."""
+    return {"run": gold.name, "k": k, "seed": gold.seed, "fingerprint": gold.fingerprint}
+
+
+def draw_samples(
+    lm: ChainLM, task: Task, gold: GoldRun, documents: list[Document], temperatures: list[float],
+    k: int, log: SampleLog,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """``k`` samples of the full model per document and temperature, those ``log`` lacks drawn
+    and appended as each finishes; returns the records of these documents and temperatures."""
+    from lm_eval_cola.sampling import seed_for
+    from lm_eval_cola.scoring import Objective
+
     objective = Objective(lm, task, gold.spec)
     wanted = [(d, t) for d in documents for t in temperatures]
     todo = [(d, t) for d, t in wanted if (d.doc_hash, t) not in log.done]
@@ -408,43 +442,36 @@ def run_sampling(args: argparse.Namespace) -> int:
             "seconds": time.perf_counter() - start,
         })  # fmt: skip
     keys = {(d.doc_hash, t) for d, t in wanted}
-    records = [r for r in log.records if (r["doc_hash"], r["temperature"]) in keys]
-    print(SamplingCheck.of(records, originals, k).text(gold.id))
-    try:
-        lottery = SampledLottery.of(lm, task, gold.spec, documents, originals, greedy, records)
-    except ControlError as err:
-        return report("cola controls sampling", err)
-    if lottery is not None:
-        print(lottery.text())
-    return 0
+    return [r for r in log.records if (r["doc_hash"], r["temperature"]) in keys]
 
 
-def _sampling_inputs(args: argparse.Namespace):
-    """The gold run, its task, its full model's correctness and answer per document and the
-    temperatures; refused unless the task generates one answer judged right or wrong."""
+def _temperatures(text: str) -> list[float]:
+    temperatures = [float(t) for t in text.split(",") if t.strip()]
+    if not temperatures or min(temperatures) < 0:
+        raise ControlError(f"--temperatures {text}: give temperatures >= 0")
+    return temperatures
+
+
+def sampling_source(store, run: str, include_path: str | None = None):
+    """The gold run, its task and its full model's correctness and answer per document;
+    refused unless the task generates one answer judged right or wrong."""
     from lm_eval_cola.scoring import BINARY_PREFIXES
     from lm_eval_cola.store import controls
-    from lm_eval_cola.store.store import Store
     from lm_eval_cola.tasks import check_task
 
-    check_model_args(args)
-    temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
-    if not temperatures or min(temperatures) < 0:
-        raise ControlError(f"--temperatures {args.temperatures}: give temperatures >= 0")
-    with Store(args.store, read_only=True) as store:
-        gold, task = _gold_and_task(store, args.run, args.include_path)
-        with store.session() as session:
-            originals = controls.originals(session, gold.id)
-            greedy = controls.original_answers(session, gold.id)
+    gold, task = _gold_and_task(store, run, include_path)
+    with store.session() as session:
+        originals = controls.originals(session, gold.id)
+        greedy = controls.original_answers(session, gold.id)
     if task.get_config("output_type") != "generate_until":
         raise ControlError(f"run {gold.id} is on {gold.task}, which generates nothing to sample")
     metric, _ = check_task(task, gold.spec.metric, gold.spec.filter_name)
     if not metric.startswith(BINARY_PREFIXES):
         raise ControlError(f"run {gold.id} scores {metric}: sampling needs a right/wrong metric")
-    return gold, task, originals, greedy, temperatures
+    return gold, task, originals, greedy
 
 
-def _gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, bool]):
+def gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, bool]):
     """The first ``limit`` documents of the gold run's that it has finished."""
     from lm_eval_cola.tasks import task_documents
 
@@ -455,18 +482,19 @@ def _gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, 
 @dataclass
 class SampleLog:
     """``cola controls sampling``'s results as JSON lines: a header naming the settings, then
-    one line per (document, temperature), appended as each finishes."""
+    one line per (document, temperature), appended as each finishes (gzip-compressed where
+    the file's name ends in ``.gz``)."""
 
     path: Path
     records: list[dict[str, Any]]
 
     @classmethod
     def open(cls, path: Path, header: dict[str, Any]) -> SampleLog:
-        if not path.exists() or path.stat().st_size == 0:
-            path.write_text(json.dumps(header) + "\n")
-            return cls(path, [])
-        from lm_eval_cola.store.controls import read_samples
+        from lm_eval_cola.store.controls import append_text, read_samples
 
+        if not path.exists() or path.stat().st_size == 0:
+            append_text(path, json.dumps(header) + "\n")
+            return cls(path, [])
         found, records = read_samples(path)
         written_before = {k: v for k, v in header.items() if k != "fingerprint"}
         if found not in (header, written_before):  # files once named no model
@@ -480,8 +508,9 @@ class SampleLog:
         return {(r["doc_hash"], r["temperature"]) for r in self.records}
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+        from lm_eval_cola.store.controls import append_text
+
+        append_text(self.path, json.dumps(record) + "\n")
         self.records.append(record)
 
 
@@ -658,18 +687,23 @@ def _objective(lm: ChainLM, task, gold: GoldRun, prefix_cache_mb: float):
 
 
 def _reported(result, gold: GoldRun, args: argparse.Namespace) -> int:
-    """Print the check; ``--output`` also keeps its counts with the run and check they belong
-    to, for ``cola report --checks``."""
+    """Print the check; ``--output`` also keeps its counts (:func:`check_counts`)."""
     print(result.text(gold.id))
     if args.output:
-        counts = {
-            "run": gold.name,
-            "fingerprint": gold.fingerprint,
-            "check": args.controls_command,
-            **dataclasses.asdict(result),
-        }
+        counts = check_counts(result, gold, args.controls_command)
         Path(args.output).write_text(json.dumps(counts, indent=2) + "\n")
     return 0
+
+
+def check_counts(result: ShuffleCheck | Survival, gold: GoldRun, check: str) -> dict[str, Any]:
+    """A rescue check's counts with the run and check they belong to, as ``cola report
+    --checks`` reads them."""
+    return {
+        "run": gold.name,
+        "fingerprint": gold.fingerprint,
+        "check": check,
+        **dataclasses.asdict(result),
+    }
 
 
 @dataclass(frozen=True)

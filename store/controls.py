@@ -20,6 +20,7 @@ one of the run's first ``k`` chains after the full model is right; the gold sear
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -292,10 +293,25 @@ def rescues(session: Session, run_id: int) -> dict[str, str]:
     return {p.doc_hash: p.chain for p in picks if p.doc_hash in wrong and p.correct}
 
 
+def read_text(path: str | Path) -> str:
+    """A controls file's text, decompressed where its name ends in ``.gz``."""
+    data = Path(path).read_bytes()
+    return (gzip.decompress(data) if Path(path).suffix == ".gz" else data).decode("utf-8")
+
+
+def append_text(path: str | Path, text: str) -> None:
+    """Append to a controls file; to a ``.gz`` one as a gzip member of its own (``gzip`` reads
+    the members as one stream), compressed before the one write, so that a file of thousands
+    of sampled answers stays small and a killed process leaves its earlier records whole."""
+    data = text.encode("utf-8")
+    with Path(path).open("ab") as out:
+        out.write(gzip.compress(data) if Path(path).suffix == ".gz" else data)
+
+
 def read_samples(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A ``cola controls sampling`` file: its header (gold run, k, seed) and one record per
     document and temperature (``doc_hash``, ``temperature``, ``correct`` per sample, ...)."""
-    lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
     if not lines or "run" not in lines[0]:
         raise ValueError(f"{path} is not a file of cola controls sampling")
     return lines[0], lines[1:]

@@ -158,7 +158,7 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     assert rows["both"].count(" - ") == 1  # no menu; decoy and random are there
     assert rows["skip"].count(" - ") == 5  # its controls were not run, and it says so
     assert all(" | n/a | " in row for row in rows.values()), "a scored task samples nothing"
-    assert f"| {both.id} | 0 | - | - | - | - | - | - |" in table  # the tiny model rescues none
+    assert f"| {both.name} | 0 | - | - | - | - | - | - |" in table  # the tiny model rescues none
 
     with Store(str(store)) as opened, opened.session() as session:  # so mark one rescue
         wrong = next(
@@ -171,8 +171,53 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
         ).first().correct = True
     script("reproduce").main()  # searches nothing new: its runs are finished
     table = report.read_text().split("## Controls: what a lottery gives")[1]
-    (checks,) = [line for line in table.splitlines() if line.startswith(f"| {both.id} | 1 |")]
+    (checks,) = [line for line in table.splitlines() if line.startswith(f"| {both.name} | 1 |")]
     assert " - " not in checks and checks.count("/2 (") == 3  # shuffled twice: both checks ran
+    assert checks.count("/1 (") == 3, "its one edit undone: of the reversions, then the rescues"
+
+
+def protocol_argv(tiny_llama_dir, task_dir, tmp_path: Path, *options: str) -> list[str]:
+    """benchmarks/reproduce.py's paper protocol on the tiny model's generated-answer task, two
+    documents, into ``tmp_path / "paper.db"``."""
+    return ["reproduce.py", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
+            "--include_path", task_dir, "--sections", "generated", "--gen_tasks", "cola_gen",
+            "--gen_limit", "2", "--math_limit", "0", "--step", "2",
+            "--store", str(tmp_path / "paper.db"), "--report", str(tmp_path / "P.md"),
+            "--figures", str(tmp_path / "figures"), *options]  # fmt: skip
+
+
+def test_reproduction_samples_the_full_model_beside_the_paper_protocol(
+    tiny_llama_dir, task_dir, tmp_path, monkeypatch
+):
+    """benchmarks/reproduce.py --controls sampling: the full model's own samples, as many as a
+    search's chains after the full model, on the documents of the protocol's runs, kept
+    compressed beside the store; every run of the task gets the same cell, and a report
+    rebuilt later draws nothing again."""
+    from lm_eval_cola.store.controls import read_samples
+    from lm_eval_cola.store.schema import Run
+    from lm_eval_cola.store.store import Store
+
+    store = tmp_path / "paper.db"
+    argv = protocol_argv(tiny_llama_dir, task_dir, tmp_path, "--gen_space_limit", "2",
+                         "--budget", "4", "--controls", "sampling,reversion")  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    script("reproduce").main()
+    with Store(str(store), read_only=True) as opened, opened.session() as session:
+        runs = {r.space["mode"]: r for r in session.query(Run)}
+    assert set(runs) == {"both", "skip", "repeat"}, "no decoy or random run was asked for"
+    (written,) = (tmp_path / "paper-sampling").iterdir()
+    assert written.name == f"{runs['both'].name}.jsonl.gz"
+    header, records = read_samples(written)
+    assert header["k"] == 3 and len(records) == 2 * 3  # two documents, three temperatures
+    assert all(len(r["correct"]) == 3 for r in records)
+    table = (tmp_path / "P.md").read_text().split("## Controls: what a lottery gives")[1]
+    rows = [line.split(" | ") for line in table.splitlines() if "| cola_gen |" in line]
+    cells = {row[2]: row[9] for row in rows[:3]}  # the corrections table's own-sampling column
+    assert set(cells) == {"both", "skip", "repeat"} and len(set(cells.values())) == 1
+    assert cells["both"] != "-", cells
+    before = written.read_bytes()
+    script("reproduce").main()
+    assert written.read_bytes() == before
 
 
 def test_reproduction_grows_each_run_in_its_own_decoding_mode(
@@ -186,11 +231,8 @@ def test_reproduction_grows_each_run_in_its_own_decoding_mode(
     from lm_eval_cola.store.store import Store
 
     store = tmp_path / "paper.db"
-    argv = ["reproduce.py", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
-            "--include_path", task_dir, "--sections", "generated", "--gen_tasks", "cola_gen",
-            "--gen_limit", "2", "--gen_space_limit", "1", "--math_limit", "0", "--budget", "3",
-            "--step", "2", "--controls", "decoy,random", "--store", str(store),
-            "--report", str(tmp_path / "P.md"), "--figures", str(tmp_path / "figures")]  # fmt: skip
+    argv = protocol_argv(tiny_llama_dir, task_dir, tmp_path, "--gen_space_limit", "1",
+                         "--budget", "3", "--controls", "decoy,random")  # fmt: skip
     monkeypatch.setattr("sys.argv", [*argv, "--decoding", "hf"])
     script("reproduce").main()
 

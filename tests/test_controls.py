@@ -3,6 +3,7 @@ the corrections a search for the gold answer finds above those a search for a wr
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -762,3 +763,30 @@ def test_cola_controls_sampling_writes_as_it_goes_and_resumes(
     assert status == 2 and "holds samples of other settings" in err and "another --output" in err
     status, _, err = cola_controls(capsys, "sampling", *argv, "--run", str(scored))
     assert status == 2 and "generates nothing to sample" in err
+
+
+def test_a_sampling_file_named_gz_is_compressed_and_holds_what_a_plain_one_does(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys
+):
+    """A paper's sampling files hold 200 answers a document: one named ``.gz`` is written
+    compressed, record by record, resumes as a plain one does and reports the same counts."""
+    from lm_eval_cola.store.controls import read_samples
+
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, loaded(task_dir, "cola_gen"), store)
+    argv = ["--store", path, "--include_path", task_dir, "--run", str(gold), "--k", "3"]
+    argv += ["--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu"]
+    found = {}
+    for name in ("plain.jsonl", "packed.jsonl.gz"):
+        output = ["--output", str(tmp_path / name)]
+        status, out, err = cola_controls(capsys, "sampling", *argv, *output)
+        assert status == 0, err
+        header, records = read_samples(tmp_path / name)
+        found[name] = (header, [r | {"seconds": 0} for r in records], out.split("  cost")[0])
+    assert found["plain.jsonl"] == found["packed.jsonl.gz"]
+    packed = tmp_path / "packed.jsonl.gz"
+    assert gzip.decompress(packed.read_bytes()).decode().count("\n") == 1 + 3 * len(GEN_DOCS)
+    before = packed.read_bytes()
+    assert cola_controls(capsys, "sampling", *argv, "--output", str(packed))[0] == 0
+    assert packed.read_bytes() == before, "every record there: nothing drawn again"
