@@ -56,6 +56,7 @@ from lm_eval_cola.predict.evaluate import evaluate
 from lm_eval_cola.search import controls
 from lm_eval_cola.search.runner import DECODINGS, SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
+from lm_eval_cola.store.controls import read_samples
 from lm_eval_cola.store.report import markdown, oracle_rows
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
@@ -184,9 +185,12 @@ class Reproduction:
 
     def controlled(self, run_id: int, task_name: str, budget: int, limit: int, **options) -> None:
         """The lottery beside gold run ``run_id`` (searched with these arguments) on its
-        documents: the same search rewarded by the decoy, and random chains of its space with
-        its own chain lengths at its budget (``cola controls random``)."""
+        documents: the same search rewarded by the decoy, random chains of its space with its
+        own chain lengths at its budget (``cola controls random``) and, on a generated answer
+        judged right or wrong, the full model's own samples."""
         wanted = _list(self.args.controls)
+        if "sampling" in wanted:
+            self.sample(run_id, limit)
         if "decoy" in wanted:
             try:
                 self.search(task_name, "mcts", budget, limit, target="decoy", **options)
@@ -426,41 +430,43 @@ class Reproduction:
             "",
         )
 
+    def sample(self, run_id: int, limit: int) -> None:
+        """The full model's own samples on the first ``limit`` documents of gold run
+        ``run_id`` (``budget - 1`` per document and temperature, as many as the search's
+        chains after the full model), drawn where the file beside the store lacks them."""
+        try:
+            gold, task, originals, _ = controls.sampling_source(
+                self.store, str(run_id), self.args.include_path
+            )
+        except controls.ControlError as err:  # scored, or a graded metric
+            logging.info("no sampling beside run %d: %s", run_id, err)
+            return
+        controls.require_model(self.lm, gold, self.args.store)
+        k, path = gold.budget - 1, self.sampling_path(gold.name)
+        path.parent.mkdir(exist_ok=True)
+        log = controls.SampleLog.open(path, controls.sampling_header(gold, k))
+        documents = controls.gold_documents(task, gold, limit, originals)
+        controls.draw_samples(
+            self.lm, task, gold, documents, _floats(controls.TEMPERATURES), k, log
+        )
+
     def samples(self) -> list[tuple[dict, list[dict]]]:
-        """The full model's own samples on each checked generation run's documents (``budget
-        - 1`` per document and temperature, as many as the search's chains after the full
-        model), drawn where the file beside the store lacks them; one file serves every run
-        of its model and task."""
+        """The headline runs' samples as drawn so far (:meth:`sample`); a report draws none,
+        and a row whose documents they do not all cover shows ``-``. One file serves every
+        run of its model and task."""
         if "sampling" not in _list(self.args.controls):
             return []
-        found: dict[tuple[str, str], tuple[dict, list[dict]]] = {}
-        for run_id in self.checked:
-            try:
-                gold, task, originals, _ = controls.sampling_source(
-                    self.store, str(run_id), self.args.include_path
-                )
-            except controls.ControlError as err:  # scored, or a graded metric
-                logging.info("no sampling beside run %d: %s", run_id, err)
-                continue
-            if (gold.task, gold.fingerprint) in found:
-                continue
-            controls.require_model(self.lm, gold, self.args.store)
-            k = gold.budget - 1
-            header = controls.sampling_header(gold, k)
-            log = controls.SampleLog.open(self.sampling_path(gold.name), header)
-            documents = controls.gold_documents(task, gold, None, originals)
-            records = controls.draw_samples(
-                self.lm, task, gold, documents, _floats(controls.TEMPERATURES), k, log
-            )
-            found[(gold.task, gold.fingerprint)] = (header, records)
-        return list(found.values())
+        paths = (self.sampling_path(self.run_name(run_id)) for run_id in self.headlines)
+        return [read_samples(path) for path in paths if path.exists()]
+
+    def run_name(self, run_id: int) -> str:
+        with self.store.session() as session:
+            return session.get(Run, run_id).name
 
     def sampling_path(self, run_name: str) -> Path:
         """``results/paper.db`` keeps its runs' samples in ``results/paper-sampling/``."""
         store = Path(self.args.store)
-        folder = store.with_name(f"{store.stem}-sampling")
-        folder.mkdir(exist_ok=True)
-        return folder / f"{run_name}.jsonl.gz"
+        return store.with_name(f"{store.stem}-sampling") / f"{run_name}.jsonl.gz"
 
     def rescue_checks(self) -> list[dict]:
         """Single-edit reversion and option shuffle of every checked oracle's rescues (the
