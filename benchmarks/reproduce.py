@@ -136,7 +136,8 @@ class Reproduction:
 
     @property
     def checked(self) -> list[int]:
-        """The gold runs whose rescues are checked and whose documents the model samples."""
+        """The gold runs whose rescues are checked (the headlines' documents are also sampled,
+        :meth:`controlled`)."""
         return self.headlines + self.single_space
 
     def search(self, task_name: str, method: str, budget: int, limit: int, **options) -> int:
@@ -447,7 +448,7 @@ class Reproduction:
         log = controls.SampleLog.open(path, controls.sampling_header(gold, k))
         documents = controls.gold_documents(task, gold, limit, originals)
         controls.draw_samples(
-            self.lm, task, gold, documents, _floats(controls.TEMPERATURES), k, log
+            self.lm, task, gold, documents, controls.temperatures_of(controls.TEMPERATURES), k, log
         )
 
     def samples(self) -> list[tuple[dict, list[dict]]]:
@@ -564,10 +565,6 @@ def _movable(task, gold, rescued: dict[str, str]) -> list[controls.ShuffledRescu
 
 def _list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(item) for item in _list(text)]
 
 
 def _budgets(text: str) -> dict[str, int]:

@@ -392,7 +392,7 @@ def run_sampling(args: argparse.Namespace) -> int:
 
     try:
         check_model_args(args)
-        temperatures = _temperatures(args.temperatures)
+        temperatures = temperatures_of(args.temperatures)
         with Store(args.store, read_only=True) as store:
             gold, task, originals, greedy = sampling_source(store, args.run, args.include_path)
         k = args.k or gold.budget
@@ -445,7 +445,8 @@ def draw_samples(
     return [r for r in log.records if (r["doc_hash"], r["temperature"]) in keys]
 
 
-def _temperatures(text: str) -> list[float]:
+def temperatures_of(text: str) -> list[float]:
+    """``--temperatures`` as numbers, refused unless there is one and none is negative."""
     temperatures = [float(t) for t in text.split(",") if t.strip()]
     if not temperatures or min(temperatures) < 0:
         raise ControlError(f"--temperatures {text}: give temperatures >= 0")
