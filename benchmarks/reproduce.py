@@ -465,9 +465,14 @@ class Reproduction:
             return session.get(Run, run_id).name
 
     def sampling_path(self, run_name: str) -> Path:
-        """``results/paper.db`` keeps its runs' samples in ``results/paper-sampling/``."""
+        return self.beside_store("sampling") / f"{run_name}.jsonl.gz"
+
+    def beside_store(self, kind: str) -> Path:
+        """The folder of the store's ``kind`` files: ``results/paper.db`` keeps its runs'
+        samples in ``results/paper-sampling/``, its rescue checks' evaluations in
+        ``results/paper-checks/``."""
         store = Path(self.args.store)
-        return store.with_name(f"{store.stem}-sampling") / f"{run_name}.jsonl.gz"
+        return store.with_name(f"{store.stem}-{kind}")
 
     def rescue_checks(self) -> list[dict]:
         """Single-edit reversion and option shuffle of every checked oracle's rescues (the
@@ -480,13 +485,22 @@ class Reproduction:
                 self.store, str(run_id), self.args.include_path
             )
             if "reversion" in wanted:
-                kept = controls.reversions(self.lm, task, gold, rescued, *batching)
+                log = self.trial_log(gold, "reversion")
+                kept = controls.reversions(self.lm, task, gold, rescued, *batching, log)
                 found.append(controls.check_counts(kept, gold, "reversion"))
             moved = _movable(task, gold, rescued) if "shuffle" in wanted else None
             if moved is not None:
-                shuffled = controls.shuffles(self.lm, task, gold, moved, *batching)
+                log = self.trial_log(gold, "shuffle")
+                shuffled = controls.shuffles(self.lm, task, gold, moved, *batching, log)
                 found.append(controls.check_counts(shuffled, gold, "shuffle"))
         return found
+
+    def trial_log(self, gold: controls.GoldRun, check: str) -> controls.TrialLog:
+        """The check's evaluations kept beside the store, so that a report evaluates only the
+        rescues that are new."""
+        folder = self.beside_store("checks")
+        folder.mkdir(exist_ok=True)
+        return controls.TrialLog.of(str(folder / f"{gold.name}-{check}.jsonl.gz"), gold, check)
 
     def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
         """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents

@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tqdm import tqdm
 
@@ -38,9 +38,12 @@ from lm_eval_cola.errors import ColaError, report
 from lm_eval_cola.store.cli import share_text
 
 if TYPE_CHECKING:
+    from typing import Self
+
     from lm_eval.api.task import Task
 
     from lm_eval_cola.lm import ChainLM
+    from lm_eval_cola.scoring import Objective, Proposal, Trial
     from lm_eval_cola.search.runner import SearchSettings
     from lm_eval_cola.tasks import Document, TaskSpec
 
@@ -57,7 +60,8 @@ EPILOG = """examples:
   cola controls random --store cola.db --run arc-mcts --k 200 --shard 0/2   (1/2 in another
       process: a control splits its documents as cola search does)
   cola controls menu --store cola.db --run arc-mcts --train_run arc-train --k 200
-  cola controls reversion --store cola.db --run arc-mcts
+  cola controls reversion --store cola.db --run arc-mcts --trials arc-reversion.jsonl.gz
+      (run again after the search grew: only the new rescues are evaluated)
   cola controls shuffle --store cola.db --run arc_easy_gen-mcts-821d6c8746ca
   cola controls sampling --store cola.db --run arc_easy_gen-mcts-821d6c8746ca --k 49 \\
       --temperatures 0.3,0.7,1.0 --output sampling.jsonl
@@ -107,16 +111,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     reversion = _add_kind(
         kinds, "reversion", "every rescue with each of its edits undone, one at a time"
     )
-    reversion.add_argument(
-        "--output", help="also write the counts as JSON here (for cola report --checks)"
-    )
+    _add_check_files(reversion)
     reversion.set_defaults(func=run_reversion)
     shuffle = _add_kind(
         kinds, "shuffle", "every rescue on its question with the options rotated 1 and 2 places"
     )
-    shuffle.add_argument(
-        "--output", help="also write the counts as JSON here (for cola report --checks)"
-    )
+    _add_check_files(shuffle)
     shuffle.set_defaults(func=run_shuffle)
     sampling = _add_kind(
         kinds,
@@ -159,6 +159,17 @@ def _add_kind(kinds: argparse._SubParsersAction, name: str, summary: str, runs_c
         parser.add_argument("--parallel_docs", type=int, default=16, help="(default: 16)")
         parser.add_argument("--prefix_cache_mb", type=float, default=4096, help="(default: 4096)")
     return parser
+
+
+def _add_check_files(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output", help="also write the counts as JSON here (for cola report --checks)"
+    )
+    parser.add_argument(
+        "--trials",
+        help="keep every evaluation here as JSON lines (.gz: compressed) and read back those it "
+        "holds, so a check of the run after it grew evaluates only the new rescues",
+    )
 
 
 def _add_shard(parser: argparse.ArgumentParser) -> None:
@@ -302,18 +313,20 @@ def run_reversion(args: argparse.Namespace) -> int:
     """Undo each edit of every rescue of the gold run, one at a time, and count the rescues
     that survive (a reverted chain still right)."""
     try:
-        gold, task, rescued, lm = _rescues_of(args)
+        gold, task, rescued, log, lm = _rescues_of(args, "reversion")
     except (ColaError, ValueError) as err:
         return report("cola controls reversion", err)
-    survival = reversions(lm, task, gold, rescued, args.prefix_cache_mb, args.parallel_docs)
+    batching = (args.prefix_cache_mb, args.parallel_docs)
+    survival = reversions(lm, task, gold, rescued, *batching, log)
     return _reported(survival, gold, args)
 
 
 def reversions(
     lm: ChainLM, task: Task, gold: GoldRun, rescued: dict[str, str], prefix_cache_mb: float,
-    parallel_docs: int,
+    parallel_docs: int, log: TrialLog | None = None,
 ) -> Survival:  # fmt: skip
-    """Every single-edit reversion of each rescue (document hash -> chain), evaluated."""
+    """Every single-edit reversion of each rescue (document hash -> chain), evaluated (those
+    in ``log`` read back)."""
     from lm_eval_cola.scoring import Proposal
     from lm_eval_cola.search.space import single_reversions
     from lm_eval_cola.tasks import task_documents
@@ -325,21 +338,29 @@ def reversions(
         if doc_hash in documents
         for reverted in single_reversions(Chain.parse(chain), lm.executor.n_layers)
     ]
-    trials = _objective(lm, task, gold, prefix_cache_mb).score_all(
-        proposals, parallel_docs, "Reverting single edits"
-    )
+    objective = _objective(lm, task, gold, prefix_cache_mb)
+    trials = _score(objective, proposals, parallel_docs, "Reverting single edits", log)
     return Survival.of(rescued, proposals, trials)
+
+
+def _score(
+    objective: Objective, proposals: list[Proposal], parallel_docs: int, desc: str,
+    log: TrialLog | None,
+) -> list[Trial]:  # fmt: skip
+    if log is None:
+        return objective.score_all(proposals, parallel_docs, desc)
+    return log.score(objective, proposals, parallel_docs, desc)
 
 
 def run_shuffle(args: argparse.Namespace) -> int:
     """Every rescue and the full model on the rescued documents with their options rotated
     one and two places: does the rescue follow the gold answer's text or its old position?"""
     try:
-        gold, task, rescued, lm = _rescues_of(args)
+        gold, task, rescued, log, lm = _rescues_of(args, "shuffle")
         moved = shuffled_rescues(task, gold, rescued)
     except (ColaError, ValueError) as err:
         return report("cola controls shuffle", err)
-    check = shuffles(lm, task, gold, moved, args.prefix_cache_mb, args.parallel_docs)
+    check = shuffles(lm, task, gold, moved, args.prefix_cache_mb, args.parallel_docs, log)
     return _reported(check, gold, args)
 
 
@@ -371,16 +392,16 @@ def shuffled_rescues(task: Task, gold: GoldRun, rescued: dict[str, str]) -> list
 
 def shuffles(
     lm: ChainLM, task: Task, gold: GoldRun, moved: list[ShuffledRescue], prefix_cache_mb: float,
-    parallel_docs: int,
+    parallel_docs: int, log: TrialLog | None = None,
 ) -> ShuffleCheck:  # fmt: skip
-    """Each shuffled rescue and the full model on its document, evaluated."""
+    """Each shuffled rescue and the full model on its document, evaluated (those in ``log``
+    read back)."""
     from lm_eval_cola.scoring import Proposal
 
     identity = Chain.identity(lm.executor.n_layers)
     proposals = [Proposal(m.document, chain) for m in moved for chain in (m.chain, identity)]
-    trials = _objective(lm, task, gold, prefix_cache_mb).score_all(
-        proposals, parallel_docs, "Rescues on shuffled options"
-    )
+    objective = _objective(lm, task, gold, prefix_cache_mb)
+    trials = _score(objective, proposals, parallel_docs, "Rescues on shuffled options", log)
     before = [m.before for m in moved]
     return ShuffleCheck.of(len(moved) // len(SHIFTS), trials[0::2], trials[1::2], before)
 
@@ -481,38 +502,90 @@ def gold_documents(task, gold: GoldRun, limit: int | None, finished: dict[str, b
 
 
 @dataclass
-class SampleLog:
-    """``cola controls sampling``'s results as JSON lines: a header naming the settings, then
-    one line per (document, temperature), appended as each finishes (gzip-compressed where
-    the file's name ends in ``.gz``)."""
+class RecordLog:
+    """A control's results as JSON lines: a header naming the settings, then one record per
+    line, appended as each is done (gzip-compressed where the file's name ends in ``.gz``), so
+    that the same command, run again, goes on from them."""
 
     path: Path
     records: list[dict[str, Any]]
 
+    #: what the records are and the option that names the file, for the refusal below
+    kind: ClassVar[str] = "records"
+    option: ClassVar[str] = "--output"
+
     @classmethod
-    def open(cls, path: Path, header: dict[str, Any]) -> SampleLog:
-        from lm_eval_cola.store.controls import append_text, read_samples
+    def open(cls, path: Path, header: dict[str, Any]) -> Self:
+        from lm_eval_cola.store.controls import append_text, read_records
 
         if not path.exists() or path.stat().st_size == 0:
             append_text(path, json.dumps(header) + "\n")
             return cls(path, [])
-        found, records = read_samples(path)
+        found, records = read_records(path, f"cola controls ({cls.option})")
         written_before = {k: v for k, v in header.items() if k != "fingerprint"}
         if found not in (header, written_before):  # files once named no model
             raise ControlError(
-                f"{path} holds samples of other settings ({found}); give another --output"
+                f"{path} holds {cls.kind} of other settings ({found}); give another {cls.option}"
             )
         return cls(path, records)
+
+    def write(self, *records: dict[str, Any]) -> None:
+        """Append ``records`` in one write (one gzip member)."""
+        from lm_eval_cola.store.controls import append_text
+
+        if records:
+            append_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+            self.records.extend(records)
+
+
+class SampleLog(RecordLog):
+    """``cola controls sampling``'s results: one record per (document, temperature)."""
+
+    kind = "samples"
 
     @property
     def done(self) -> set[tuple[str, float]]:
         return {(r["doc_hash"], r["temperature"]) for r in self.records}
 
-    def write(self, record: dict[str, Any]) -> None:
-        from lm_eval_cola.store.controls import append_text
 
-        append_text(self.path, json.dumps(record) + "\n")
-        self.records.append(record)
+class TrialLog(RecordLog):
+    """A rescue check's evaluations (``--trials``): one record per (document, chain), so that
+    checking a run again after it grew evaluates only its new rescues."""
+
+    kind = "evaluations"
+    option = "--trials"
+
+    @classmethod
+    def of(cls, path: str | None, gold: GoldRun, check: str) -> TrialLog | None:
+        """The log at ``path`` for ``check`` of ``gold`` (``None``: evaluations not kept)."""
+        if path is None:
+            return None
+        header = {"run": gold.name, "fingerprint": gold.fingerprint, "check": check}
+        return cls.open(Path(path), header)
+
+    def score(
+        self, objective: Objective, proposals: list[Proposal], parallel_docs: int, desc: str
+    ) -> list[Trial]:
+        """Every proposal's trial: those in the log read back, the others scored and logged."""
+        kept = {(r["doc_hash"], r["chain"]): r for r in self.records}
+        keys = [(p.document.doc_hash, str(p.chain)) for p in proposals]
+        missing = [p for p, key in zip(proposals, keys, strict=True) if key not in kept]
+        scored = objective.score_all(missing, parallel_docs, desc)
+        new = [
+            {"doc_hash": p.document.doc_hash, "chain": str(p.chain), "score": t.score,
+             "correct": t.correct, "response": t.response}
+            for p, t in zip(missing, scored, strict=True)
+        ]  # fmt: skip
+        self.write(*new)
+        kept |= {(r["doc_hash"], r["chain"]): r for r in new}
+        return [_logged_trial(p.chain, kept[key]) for p, key in zip(proposals, keys, strict=True)]
+
+
+def _logged_trial(chain: Chain, record: dict[str, Any]) -> Trial:
+    """A logged evaluation as the trial a check counts (its correctness and its answer)."""
+    from lm_eval_cola.scoring import Trial
+
+    return Trial(chain, record["score"], record["correct"], {}, response=record["response"])
 
 
 @dataclass(frozen=True)
@@ -656,14 +729,16 @@ class SampledLottery:
 SHIFTS = (1, 2)
 
 
-def _rescues_of(args: argparse.Namespace):
-    """The gold run, its task, its rescues and the model."""
+def _rescues_of(args: argparse.Namespace, check: str):
+    """The gold run, its task, its rescues, the log of the check's evaluations (``--trials``)
+    and the model, loaded last, once the rest is known to be right."""
     from lm_eval_cola.store.store import Store
 
     check_model_args(args)
     with Store(args.store, read_only=True) as store:
         gold, task, rescued = rescues_of(store, args.run, args.include_path)
-    return gold, task, rescued, _model_of(args, gold)
+    log = TrialLog.of(args.trials, gold, check)
+    return gold, task, rescued, log, _model_of(args, gold)
 
 
 def rescues_of(

@@ -569,8 +569,9 @@ def _export(args: argparse.Namespace) -> None:
 ARCHIVE_DETAILS = """\
 A long search survives a lost machine only as a file you keep: this writes a consistent
 snapshot of an SQLite store (taken with SQLite's backup API, so a search may be writing to it
-meanwhile), gzipped, ready to commit; `cola db restore` turns it back into a store that a
-search resumes from. PostgreSQL stores are backed up with pg_dump instead."""
+meanwhile) as gzipped SQL, ready to commit: the same store always gives the same bytes, so an
+unchanged store changes nothing in git. `cola db restore` turns it back into a store that a search
+resumes from. PostgreSQL stores are backed up with pg_dump instead."""
 
 
 def _add_archive(commands: argparse._SubParsersAction) -> None:

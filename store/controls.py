@@ -311,9 +311,14 @@ def append_text(path: str | Path, text: str) -> None:
 def read_samples(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A ``cola controls sampling`` file: its header (gold run, k, seed) and one record per
     document and temperature (``doc_hash``, ``temperature``, ``correct`` per sample, ...)."""
+    return read_records(path, "cola controls sampling")
+
+
+def read_records(path: str | Path, written_by: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A controls file of JSON lines: its header (naming the gold run) and its records."""
     lines = [json.loads(line) for line in read_text(path).splitlines() if line.strip()]
     if not lines or "run" not in lines[0]:
-        raise ValueError(f"{path} is not a file of cola controls sampling")
+        raise ValueError(f"{path} is not a file of {written_by}")
     return lines[0], lines[1:]
 
 

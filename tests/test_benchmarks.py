@@ -174,6 +174,16 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     (checks,) = [line for line in table.splitlines() if line.startswith(f"| {both.name} | 1 |")]
     assert " - " not in checks and checks.count("/2 (") == 3  # shuffled twice: both checks ran
     assert checks.count("/1 (") == 3, "its one edit undone: of the reversions, then the rescues"
+    kept = {p.name for p in (tmp_path / "r-checks").iterdir()}
+    assert kept == {f"{both.name}-{check}.jsonl.gz" for check in ("reversion", "shuffle")}
+
+    def evaluate_nothing(objective, proposals, *_):
+        assert not proposals, "a rebuilt report evaluates only rescues it has not checked"
+        return []
+
+    monkeypatch.setattr("lm_eval_cola.scoring.Objective.score_all", evaluate_nothing)
+    script("reproduce").main()
+    assert checks in report.read_text(), "the same checks, read back"
 
 
 def protocol_argv(tiny_llama_dir, task_dir, tmp_path: Path, *options: str) -> list[str]:

@@ -31,6 +31,7 @@ from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
 from lm_eval_cola.store import controls, frames, queries
 from lm_eval_cola.store.cli import share_text
+from lm_eval_cola.store.controls import read_records
 from lm_eval_cola.store.report import CHECKS_CAPTION, SHORTER_CAPTION
 from lm_eval_cola.store.schema import Evaluation, Run
 from lm_eval_cola.store.store import Store
@@ -566,7 +567,11 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
     output.write_text(json.dumps({"check": "reversion", "rescues": 2}))
     assert main(["report", "--store", path, "--checks", str(output)]) == 2
     assert "is not a file of cola controls reversion|shuffle --output" in capsys.readouterr().err
-    assert cola_controls(capsys, "reversion", *argv)[0] == 0
+    trials = tmp_path / "reversion.jsonl.gz"
+    assert cola_controls(capsys, "reversion", *argv, "--trials", str(trials))[0] == 0
+    assert json.loads(output.read_text()) == counts, "evaluations kept: the same counts"
+    kept = read_records(trials, "")[1]
+    assert len(kept) == counts["reversions"]
     with Store(path) as store, store.session() as session:  # the run gains a third rescue
         third = [row.document_id for row in originals if row.original == 0][2]
         session.scalars(
@@ -576,6 +581,18 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
     assert main(["report", "--store", path, "--checks", str(output)]) == 2
     err = capsys.readouterr().err
     assert "counted 2 rescues, the run has 3 now: run cola controls reversion again" in err
+
+    assert cola_controls(capsys, "reversion", *argv, "--trials", str(trials))[0] == 0
+    grown, records = json.loads(output.read_text()), read_records(trials, "")[1]
+    with Store(path, read_only=True) as store, store.session() as session:
+        added = set(controls.rescues(session, gold)) - set(rescued)
+    assert records[: len(kept)] == kept and {r["doc_hash"] for r in records[len(kept) :]} == added
+    assert grown["rescues"] == 3 and grown["reversions"] == len(records), "only the new rescue"
+    assert cola_controls(capsys, "reversion", *argv)[0] == 0
+    assert json.loads(output.read_text()) == grown, "the same counts as evaluating them all"
+    status, _, err = cola_controls(capsys, "shuffle", *argv, "--trials", str(trials))
+    assert status == 2 and "holds evaluations of other settings" in err and "--trials" in err
+    assert "Loading weights" not in err, "refused before the model is loaded"
 
 
 def test_an_option_shuffled_document_keeps_its_content_and_moves_its_gold_label():

@@ -7,6 +7,7 @@ them without the identity chain) and an unnamed ``tpe`` run with nothing recorde
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -389,6 +390,52 @@ def test_archive_restores_to_an_identical_store_that_a_search_resumes(
     )  # fmt: skip
     assert status == 1 and "not a gzipped store" in err
     assert not (tmp_path / "new.db").exists()
+
+
+def test_archives_are_reproducible_smaller_and_read_the_earlier_format(
+    path: str, capsys, tmp_path: Path
+) -> None:
+    """The same store archives to the same bytes (git stores no churn), as SQL text smaller than
+    the gzipped database file earlier releases wrote; those archives still restore."""
+    first, second = tmp_path / "first.db.gz", tmp_path / "second.db.gz"
+    for archive in (first, second):
+        assert cola(capsys, "db", "archive", "--store", path, "--output", str(archive))[0] == 0
+    assert first.read_bytes() == second.read_bytes()
+    with gzip.open(first, "rt", encoding="utf-8") as text:
+        assert text.readline() == "BEGIN TRANSACTION;\n"
+
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(path) as reader, sqlite3.connect(copy) as writer:
+        reader.backup(writer)
+    earlier = tmp_path / "earlier.db.gz"
+    earlier.write_bytes(gzip.compress(copy.read_bytes()))
+    assert first.stat().st_size < earlier.stat().st_size
+    restored = str(tmp_path / "restored.db")
+    assert cola(capsys, "db", "restore", "--archive", str(earlier), "--store", restored)[0] == 0
+    for name, table in frames.tables(path).items():
+        pd.testing.assert_frame_equal(frames.tables(restored)[name], table, obj=name)
+
+
+@pytest.mark.parametrize(
+    ("script", "message"),
+    [
+        ("ATTACH DATABASE '{elsewhere}' AS other; CREATE TABLE other.t (x);", "not authorized"),
+        ("CREATE TABLE notes (line TEXT);", "odd.db.gz does not hold a chain store: it is not"),
+    ],
+)
+def test_a_restore_runs_only_a_stores_sql_into_the_new_file(
+    script: str, message: str, capsys, tmp_path: Path
+) -> None:
+    """An archive's SQL cannot reach another file, and SQL that builds no chain store is refused;
+    either way nothing appears under the requested path."""
+    elsewhere = tmp_path / "elsewhere.db"
+    archive = tmp_path / "odd.db.gz"
+    archive.write_bytes(gzip.compress(script.format(elsewhere=elsewhere).encode()))
+    target = tmp_path / "new.db"
+    argv = ["db", "restore", "--archive", str(archive), "--store", str(target)]
+    status, _, err = cola(capsys, *argv)
+    assert status == 1 and message in err, err
+    assert not target.exists() and not elsewhere.exists()
 
 
 def test_a_restore_refuses_the_journal_a_deleted_store_left(
