@@ -41,9 +41,9 @@ CONTROL_METHODS = ("random-walk", "menu")
 CHECKS_CAPTION = (
     "Rescue checks (the shortest right chain of each originally wrong document, on all the "
     "gold run's documents, not only those its controls finished; `cola controls "
-    "shuffle|reversion --output`, given with `--checks`): a rescue that follows the answer's "
-    "content stays right when the options move, one that follows the position answers where "
-    "the gold answer was; undoing its edits one at a time says how much of it is needed:"
+    "shuffle|reversion`): a rescue that follows the answer's content stays right when the "
+    "options move, one that follows the position answers where the gold answer was; undoing "
+    "its edits one at a time says how much of it is needed:"
 )
 SHORTER_CAPTION = (
     "Originally right documents that keep a right chain shorter than the model (the paper: "
