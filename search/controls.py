@@ -510,7 +510,9 @@ class RecordLog:
     path: Path
     records: list[dict[str, Any]]
 
-    #: what the records are and the option that names the file, for the refusal below
+    #: the command that writes such files, what the records are and the option that names
+    #: the file, for the refusals below
+    command: ClassVar[str] = "cola controls"
     kind: ClassVar[str] = "records"
     option: ClassVar[str] = "--output"
 
@@ -521,7 +523,7 @@ class RecordLog:
         if not path.exists() or path.stat().st_size == 0:
             append_text(path, json.dumps(header) + "\n")
             return cls(path, [])
-        found, records = read_records(path, f"cola controls ({cls.option})")
+        found, records = read_records(path, f"{cls.command} {cls.option}")
         written_before = {k: v for k, v in header.items() if k != "fingerprint"}
         if found not in (header, written_before):  # files once named no model
             raise ControlError(
@@ -541,7 +543,7 @@ class RecordLog:
 class SampleLog(RecordLog):
     """``cola controls sampling``'s results: one record per (document, temperature)."""
 
-    kind = "samples"
+    command, kind = "cola controls sampling", "samples"
 
     @property
     def done(self) -> set[tuple[str, float]]:
@@ -552,8 +554,7 @@ class TrialLog(RecordLog):
     """A rescue check's evaluations (``--trials``): one record per (document, chain), so that
     checking a run again after it grew evaluates only its new rescues."""
 
-    kind = "evaluations"
-    option = "--trials"
+    command, kind, option = "cola controls reversion|shuffle", "evaluations", "--trials"
 
     @classmethod
     def of(cls, path: str | None, gold: GoldRun, check: str) -> TrialLog | None:

@@ -593,6 +593,11 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
     status, _, err = cola_controls(capsys, "shuffle", *argv, "--trials", str(trials))
     assert status == 2 and "holds evaluations of other settings" in err and "--trials" in err
     assert "Loading weights" not in err, "refused before the model is loaded"
+    (tmp_path / "notes.jsonl").write_text("{}\n")
+    status, _, err = cola_controls(
+        capsys, "reversion", *argv, "--trials", str(tmp_path / "notes.jsonl")
+    )
+    assert status == 2 and "is not a file of cola controls reversion|shuffle --trials" in err
 
 
 def test_an_option_shuffled_document_keeps_its_content_and_moves_its_gold_label():
