@@ -500,7 +500,7 @@ class Reproduction:
         rescues that are new."""
         folder = self.beside_store("checks")
         folder.mkdir(exist_ok=True)
-        return controls.TrialLog.of(str(folder / f"{gold.name}-{check}.jsonl.gz"), gold, check)
+        return controls.TrialLog.of(folder / f"{gold.name}-{check}.jsonl.gz", gold, check)
 
     def grow(self, plan: list[tuple[str, str, int, int]]) -> dict[tuple, int]:
         """Search every (task, space, limit, budget) of ``plan``, ``--step`` more documents

@@ -557,7 +557,7 @@ class TrialLog(RecordLog):
     command, kind, option = "cola controls reversion|shuffle", "evaluations", "--trials"
 
     @classmethod
-    def of(cls, path: str | None, gold: GoldRun, check: str) -> TrialLog | None:
+    def of(cls, path: str | Path | None, gold: GoldRun, check: str) -> TrialLog | None:
         """The log at ``path`` for ``check`` of ``gold`` (``None``: evaluations not kept)."""
         if path is None:
             return None

@@ -4,8 +4,8 @@ The snapshot is taken with SQLite's online backup API, which copies a consistent
 database even while a search writes to it (WAL mode). The archive holds that snapshot as SQL
 text (``iterdump``: the schema, then every row as an INSERT), which gzip packs to about half the
 size of the database file itself (index pages and page slack are rebuilt on restore, not
-stored), and which is byte-for-byte the same for the same store, so git keeps only real changes.
-Archives of earlier releases (the gzipped database file) restore as before.
+stored), and which is byte-for-byte the same for the same store, so an unchanged store changes
+nothing in git. Archives of earlier releases (the gzipped database file) restore as before.
 
 The restore checks that the result is a chain store (its schema revision) before it appears
 under the requested path, so a failed or foreign restore leaves nothing behind and never replaces
