@@ -313,11 +313,11 @@ def run_reversion(args: argparse.Namespace) -> int:
     """Undo each edit of every rescue of the gold run, one at a time, and count the rescues
     that survive (a reverted chain still right)."""
     try:
-        gold, task, rescued, log, lm = _rescues_of(args, "reversion")
+        gold, task, rescued, log = _rescues_of(args, "reversion")
+        lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
         return report("cola controls reversion", err)
-    batching = (args.prefix_cache_mb, args.parallel_docs)
-    survival = reversions(lm, task, gold, rescued, *batching, log)
+    survival = reversions(lm, task, gold, rescued, args.prefix_cache_mb, args.parallel_docs, log)
     return _reported(survival, gold, args)
 
 
@@ -356,8 +356,9 @@ def run_shuffle(args: argparse.Namespace) -> int:
     """Every rescue and the full model on the rescued documents with their options rotated
     one and two places: does the rescue follow the gold answer's text or its old position?"""
     try:
-        gold, task, rescued, log, lm = _rescues_of(args, "shuffle")
+        gold, task, rescued, log = _rescues_of(args, "shuffle")
         moved = shuffled_rescues(task, gold, rescued)
+        lm = _model_of(args, gold)
     except (ColaError, ValueError) as err:
         return report("cola controls shuffle", err)
     check = shuffles(lm, task, gold, moved, args.prefix_cache_mb, args.parallel_docs, log)
@@ -731,15 +732,14 @@ SHIFTS = (1, 2)
 
 
 def _rescues_of(args: argparse.Namespace, check: str):
-    """The gold run, its task, its rescues, the log of the check's evaluations (``--trials``)
-    and the model, loaded last, once the rest is known to be right."""
+    """The gold run, its task, its rescues and the log of the check's evaluations
+    (``--trials``): everything a check can refuse before its caller loads the model."""
     from lm_eval_cola.store.store import Store
 
     check_model_args(args)
     with Store(args.store, read_only=True) as store:
         gold, task, rescued = rescues_of(store, args.run, args.include_path)
-    log = TrialLog.of(args.trials, gold, check)
-    return gold, task, rescued, log, _model_of(args, gold)
+    return gold, task, rescued, TrialLog.of(args.trials, gold, check)
 
 
 def rescues_of(

@@ -666,6 +666,31 @@ def test_shuffle_checks_whether_rescues_follow_the_content(
     assert "the rescue follows the answer's text" in out
 
 
+def test_a_shuffle_of_documents_without_options_is_refused_before_the_model_loads(
+    lm, tiny_llama_dir, task_dir, tmp_path, capsys, monkeypatch
+):
+    task = loaded(task_dir, "cola_gen")  # numbers: nothing to move
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        gold = search(lm, task, store)
+        with store.session() as session:  # a rescue to check: one chain of a wrong document
+            originals = queries.per_document(session, gold, 4)
+            wrong = next(row.document_id for row in originals if row.original == 0)
+            session.scalars(
+                select(Evaluation)
+                .where(Evaluation.run_id == gold, Evaluation.document_id == wrong)
+                .where(Evaluation.chain != "0-3")
+            ).first().correct = True  # fmt: skip
+
+    def no_model(*_):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("lm_eval_cola.search.controls._model_of", no_model)
+    argv = ["--store", path, "--run", str(gold), "--include_path", task_dir]
+    status, _, err = cola_controls(capsys, "shuffle", *argv)
+    assert status == 2 and "option shuffle needs ARC-style documents" in err
+
+
 def test_a_run_without_rescues_reports_nothing_to_check():
     assert "reversions still right: -" in Survival.of({}, [], []).text(1)
     assert "follows the old position: -" in ShuffleCheck.of(0, [], [], []).text(1)
