@@ -10,12 +10,14 @@ simulations and lambda = 5, on ARC-Easy's test split with SmolLM2-135M-Instruct.
 
 Every oracle here is a search rewarded by the gold answer. Beside each headline one (Table 1's
 skip + repeat run, GSM8K's, and the combined-space runs of the paper's protocol) the same
-search rewarded by a decoy answer and random chains of the same space and budget are run on
-the same documents, and the report ends with ``cola report``'s tables of every oracle in the
-store beside its controls (``-`` where one was not run): with them the full model's own
-samples on the documents of every generated-answer headline (kept beside the store, in
-``results/paper-sampling/`` for ``results/paper.db``), and the rescues of the headline and the
-paper protocol's single-space runs under single-edit reversion and option shuffle.
+search rewarded by a decoy answer, random chains of the same space and budget and, where
+``--menu_runs`` names a search of the task's train split, a fixed menu of the chains right on
+the most training documents are run on the same documents, and the report ends with ``cola
+report``'s tables of every oracle in the store beside its controls (``-`` where one was not
+run): with them the full model's own samples on the documents of every generated-answer
+headline (kept beside the store, in ``results/paper-sampling/`` for ``results/paper.db``), and
+the rescues of the headline and the paper protocol's single-space runs under single-edit
+reversion and option shuffle.
 
 Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 
@@ -65,7 +67,7 @@ from lm_eval_cola.tasks import TaskSpec
 
 SECTIONS = ("table1", "methods", "predictors", "gsm8k", "generated")
 SPACE_NAMES = {"skip": "skip-only", "repeat": "repeat-only", "both": "skip + repeat (CoLa)"}
-CONTROLS = ("decoy", "random", "sampling", "reversion", "shuffle")
+CONTROLS = ("decoy", "random", "menu", "sampling", "reversion", "shuffle")
 
 
 def parse_args() -> argparse.Namespace:
@@ -119,6 +121,11 @@ def parse_args() -> argparse.Namespace:
         help="the parts to run and report, of " + "/".join(SECTIONS))  # fmt: skip
     add("--controls", default=",".join(CONTROLS),
         help="beside each headline oracle, of " + "/".join(CONTROLS) + " ('': none)")  # fmt: skip
+    add("--menu_runs", type=_menu_runs, default={},
+        help="the menu control's training runs, TASK=RUN,... (a search of TASK's train split "
+        "with the same model; tasks not named get no menu), e.g. "
+        "arc_easy_gen=gen-arc-easy-train")  # fmt: skip
+    add("--menu_store", help="the store of --menu_runs (default: --store)")
     return parser.parse_args()
 
 
@@ -187,8 +194,10 @@ class Reproduction:
     def controlled(self, run_id: int, task_name: str, budget: int, limit: int, **options) -> None:
         """The lottery beside gold run ``run_id`` (searched with these arguments) on its
         documents: the same search rewarded by the decoy, random chains of its space with its
-        own chain lengths at its budget (``cola controls random``) and, on a generated answer
-        judged right or wrong, the full model's own samples."""
+        own chain lengths at its budget (``cola controls random``), the chains right on the most
+        training documents (``cola controls menu``, where ``--menu_runs`` names a training run
+        of the task) and, on a generated answer judged right or wrong, the full model's own
+        samples."""
         wanted = _list(self.args.controls)
         if "sampling" in wanted:
             self.sample(run_id, limit)
@@ -197,10 +206,15 @@ class Reproduction:
                 self.search(task_name, "mcts", budget, limit, target="decoy", **options)
             except TargetError as err:  # e.g. a chain-of-thought answer: no designated wrong one
                 logging.warning("no decoy search for run %d: %s", run_id, err)
-        if "random" in wanted:
+        unguided = {"random": ("random-walk", controls.random_options)}
+        train_run = self.args.menu_runs.get(task_name)
+        if train_run is not None:
+            train_store = self.args.menu_store or self.args.store
+            unguided["menu"] = ("menu", controls.menu_options(train_store, train_run, budget - 1))
+        for method, options_for in (unguided[kind] for kind in wanted if kind in unguided):
             _, task, settings = controls.plan_control(
-                self.store, str(run_id), "random-walk", controls.random_options, budget - 1,
-                limit, self.args.include_path,
+                self.store, str(run_id), method, options_for, budget - 1, limit,
+                self.args.include_path,
             )  # fmt: skip
             SearchRun(
                 self.lm, task, self.store, settings, self.args.prefix_cache_mb,
@@ -588,6 +602,15 @@ def _budgets(text: str) -> dict[str, int]:
     except ValueError:
         message = f"{text!r}: give METHOD=BUDGET pairs, e.g. gp=50"
         raise argparse.ArgumentTypeError(message) from None
+
+
+def _menu_runs(text: str) -> dict[str, str]:
+    """``arc_easy_gen=gen-arc-easy-train,...`` as {task: training run}."""
+    pairs = [item.split("=") for item in _list(text)]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        message = f"{text!r}: give TASK=RUN pairs, e.g. arc_easy_gen=gen-arc-easy-train"
+        raise argparse.ArgumentTypeError(message)
+    return dict(pairs)
 
 
 def _existence(best: list[tuple[bool, int]]) -> str:

@@ -198,18 +198,26 @@ def random_options(store, gold: GoldRun, documents: set[str]) -> dict[str, Any]:
 
 
 def run_menu(args: argparse.Namespace) -> int:
+    options_for = menu_options(args.train_store or args.store, args.train_run, args.k)
+    return _run_control(args, "menu", options_for)
+
+
+def menu_options(train_store: str, train_run: str, k: int | None):
+    """``options_for`` of a menu control (see :func:`plan_control`): the ``k`` chains (default:
+    the gold budget) right on the most documents of ``train_run``, a search of the same
+    weights on other documents, so that no gold answer of the gold run's chose them."""
     from lm_eval_cola.store import queries
     from lm_eval_cola.store.store import Store
 
     def menu(store: Store, gold: GoldRun, documents: set[str]) -> dict[str, Any]:
-        with Store(args.train_store or args.store, read_only=True) as train:
-            trained = _gold_run(train, args.train_run)
+        with Store(train_store, read_only=True) as train:
+            trained = _gold_run(train, train_run)
             if trained.fingerprint != gold.fingerprint:
                 raise ControlError(f"training run {trained.id} was searched on other weights")
             with train.session() as session:
                 seen = set(queries.finished_documents(session, [trained.id]))
-                k = args.k or gold.budget
-                chains = queries.frequent_chains(session, [trained.id], k + 1)
+                wanted = k or gold.budget
+                chains = queries.frequent_chains(session, [trained.id], wanted + 1)
         shared = seen & documents
         if shared:
             raise ControlError(
@@ -217,16 +225,16 @@ def run_menu(args: argparse.Namespace) -> int:
                 "a menu must be chosen on other documents (search the train split)"
             )
         identity = str(Chain.identity(int(gold.space["n_layers"])))
-        chosen = [c for c in chains if c != identity][:k]
-        if len(chosen) < k:
+        chosen = [c for c in chains if c != identity][:wanted]
+        if len(chosen) < wanted:
             logger.warning(
                 "training run %d (%s) has only %d chains besides the full model right on any of "
                 "its documents: the menu holds those, not --k %d; search more training documents "
-                "to fill it", trained.id, trained.name, len(chosen), k,
+                "to fill it", trained.id, trained.name, len(chosen), wanted,
             )  # fmt: skip
         return {"chains": chosen, "source": trained.name}
 
-    return _run_control(args, "menu", menu)
+    return menu
 
 
 def _run_control(args: argparse.Namespace, method: str, options_for) -> int:

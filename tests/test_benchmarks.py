@@ -130,10 +130,7 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     from lm_eval_cola.store.store import Store
 
     store, report = tmp_path / "r.db", tmp_path / "R.md"
-    argv = ["reproduce.py", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
-            "--task", "cola_mc", "--include_path", task_dir, "--limit", "4", "--budget", "6",
-            "--spaces", "both,skip", "--sections", "table1", "--store", str(store),
-            "--report", str(report), "--figures", str(tmp_path / "figures")]  # fmt: skip
+    argv = table1_argv(tiny_llama_dir, task_dir, tmp_path, "cola_mc", "--spaces", "both,skip")
     monkeypatch.setattr("sys.argv", argv)
     script("reproduce").main()
     with Store(str(store), read_only=True) as opened, opened.session() as session:
@@ -184,6 +181,58 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     monkeypatch.setattr("lm_eval_cola.scoring.Objective.score_all", evaluate_nothing)
     script("reproduce").main()
     assert checks in report.read_text(), "the same checks, read back"
+
+
+def test_reproduction_sets_a_menu_chosen_on_training_documents_beside_the_oracle(
+    tiny_llama_dir, task_dir, tmp_path, monkeypatch, capsys
+):
+    """--menu_runs TASK=RUN: the headline oracle's menu control holds the chains right on the
+    most documents of that training run, and the report shows it."""
+    from lm_eval_cola.cli import main
+    from lm_eval_cola.store import queries
+    from lm_eval_cola.store.report import SHORTER_CAPTION
+    from lm_eval_cola.store.schema import Run
+    from lm_eval_cola.store.store import Store
+
+    store, report = tmp_path / "r.db", tmp_path / "R.md"
+    assert main(["search", "--tasks", "cola_split", "--split", "train", "--include_path",
+                 task_dir, "--limit", "6", "--budget", "6", "--store", str(store),
+                 "--run_name", "split-train", "--model_args", f"pretrained={tiny_llama_dir}",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    menu_runs = ["--menu_runs", "cola_split=split-train"]
+    argv = table1_argv(tiny_llama_dir, task_dir, tmp_path, "cola_split", "--spaces", "both",
+                       "--controls", "menu", *menu_runs)  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    script("reproduce").main()
+    with Store(str(store), read_only=True) as opened, opened.session() as session:
+        runs = {r.name: r for r in session.query(Run)}
+        train = runs["split-train"]
+        frequent = queries.frequent_chains(session, [train.id], 6)
+    (gold,) = [r for r in runs.values() if r.method == "mcts" and r is not train]
+    (menu,) = [r for r in runs.values() if r.method == "menu"]
+    assert menu.settings["control_of"] == gold.name and menu.budget == gold.budget
+    assert menu.n_documents == gold.n_documents == 4
+    options = menu.settings["method_options"]
+    assert options["source"] == "split-train"
+    assert options["chains"] == [c for c in frequent if c != "0-3"][:5]
+    assert not [r for r in runs.values() if r.method == "random-walk"], "only what was asked"
+    shortenings = report.read_text().split(SHORTER_CAPTION)[1].split("Rescue checks")[0]
+    (row,) = [line for line in shortenings.splitlines() if line.startswith(f"| {gold.name} |")]
+    assert not row.endswith(" | - |"), "the menu's column is filled"
+    monkeypatch.setattr("sys.argv", [*argv[:-2], "--menu_runs", "cola_split"])
+    with pytest.raises(SystemExit) as refused:
+        script("reproduce").main()
+    assert refused.value.code == 2 and "give TASK=RUN pairs" in capsys.readouterr().err
+
+
+def table1_argv(tiny_llama_dir, task_dir, tmp_path: Path, task: str, *options: str) -> list[str]:
+    """benchmarks/reproduce.py's Table 1 on the tiny model, four documents at budget 6, into
+    ``tmp_path / "r.db"``."""
+    return ["reproduce.py", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
+            "--task", task, "--include_path", task_dir, "--limit", "4", "--budget", "6",
+            "--sections", "table1", "--store", str(tmp_path / "r.db"),
+            "--report", str(tmp_path / "R.md"), "--figures", str(tmp_path / "figures"),
+            *options]  # fmt: skip
 
 
 def protocol_argv(tiny_llama_dir, task_dir, tmp_path: Path, *options: str) -> list[str]:
