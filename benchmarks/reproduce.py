@@ -613,6 +613,20 @@ def _menu_runs(text: str) -> dict[str, str]:
     return dict(pairs)
 
 
+def _require_menu_runs(args: argparse.Namespace) -> None:
+    """Refuse a ``--menu_runs`` run the menu store lacks before any model loads, not in the
+    middle of a growth round."""
+    if not args.menu_runs:
+        return
+    with Store(args.menu_store or args.store, read_only=True) as store, store.session() as session:
+        missing = [run for run in args.menu_runs.values() if queries.find_run(session, run) is None]
+    if missing:
+        raise SystemExit(
+            f"{store} has no run {', '.join(map(repr, missing))} (--menu_runs): name a search of "
+            "the task's train split there, or give its store with --menu_store"
+        )
+
+
 def _existence(best: list[tuple[bool, int]]) -> str:
     """``share with a correct chain / mean length of the best correct chain`` for one cell."""
     correct = [length for ok, length in best if ok]
@@ -633,6 +647,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     start = time.perf_counter()
+    _require_menu_runs(args)
     job = Reproduction(args)
     job.add(
         f"# CoLa on {job.lm.identity.name}",

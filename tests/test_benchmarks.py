@@ -223,6 +223,11 @@ def test_reproduction_sets_a_menu_chosen_on_training_documents_beside_the_oracle
     with pytest.raises(SystemExit) as refused:
         script("reproduce").main()
     assert refused.value.code == 2 and "give TASK=RUN pairs" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", [*argv[:-2], "--menu_runs", "cola_split=split-tran"])
+    reproduce = script("reproduce")
+    monkeypatch.setattr(reproduce, "load", None)  # refused before any model loads
+    with pytest.raises(SystemExit, match="has no run 'split-tran' \\(--menu_runs\\)"):
+        reproduce.main()
 
 
 def table1_argv(tiny_llama_dir, task_dir, tmp_path: Path, task: str, *options: str) -> list[str]:
