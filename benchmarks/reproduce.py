@@ -614,10 +614,17 @@ def _menu_runs(text: str) -> dict[str, str]:
 
 
 def _require_menu_runs(args: argparse.Namespace) -> None:
-    """Refuse a ``--menu_runs`` run the menu store lacks before any model loads, not in the
-    middle of a growth round."""
+    """Refuse a ``--menu_runs`` task no headline searches, or a run the menu store lacks, before
+    any model loads, not in the middle of a growth round."""
     if not args.menu_runs:
         return
+    headlines = {args.task, "gsm8k", args.math_task, *_list(args.gen_tasks)}
+    unknown = sorted(set(args.menu_runs) - headlines)
+    if unknown:
+        raise SystemExit(
+            f"--menu_runs names {', '.join(unknown)}, which no headline searches: name one of "
+            f"{', '.join(sorted(headlines))}"
+        )
     with Store(args.menu_store or args.store, read_only=True) as store, store.session() as session:
         missing = [run for run in args.menu_runs.values() if queries.find_run(session, run) is None]
     if missing:

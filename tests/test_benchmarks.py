@@ -228,6 +228,9 @@ def test_reproduction_sets_a_menu_chosen_on_training_documents_beside_the_oracle
     monkeypatch.setattr(reproduce, "load", None)  # refused before any model loads
     with pytest.raises(SystemExit, match="has no run 'split-tran' \\(--menu_runs\\)"):
         reproduce.main()
+    monkeypatch.setattr("sys.argv", [*argv[:-2], "--menu_runs", "cola_splt=split-train"])
+    with pytest.raises(SystemExit, match="names cola_splt, which no headline searches"):
+        reproduce.main()
 
 
 def table1_argv(tiny_llama_dir, task_dir, tmp_path: Path, task: str, *options: str) -> list[str]:
