@@ -1,9 +1,11 @@
 """Search against its physical limit: the same MCTS three ways over the same documents, in one run.
 
 1. naive: every request of every evaluation as a row of its own through HFLM's code, one
-   document at a time, nothing reused (the path ``--model cola chain=...`` takes);
+   document and one chain at a time, nothing reused (the path ``--model cola chain=...``
+   takes);
 2. new: each document's requests packed into one row (shared context once) and every chain
-   prefix computed once per document (prefix cache), one document at a time;
+   prefix computed once per document (prefix cache), one document at a time (for generation,
+   with the chain the MCTS will certainly ask next decoded beside the pending one);
 3. new with ``--parallel_docs`` documents per forward pass;
 4. on a CPU of several cores, the same in ``--workers`` processes of one thread each (one a
    core by default), every process with ``--parallel_docs`` of its own (search/workers.py),
@@ -146,7 +148,9 @@ def main() -> int:
     runs: dict[str, Measured] = {}
     with tempfile.TemporaryDirectory() as folder:
         if not args.skip_naive:
-            runs["naive"] = measured_search(lm, task, args, folder, "naive", shared_context=False)
+            runs["naive"] = measured_search(
+                lm, task, args, folder, "naive", shared_context=False, look_ahead=False
+            )
         cache = args.prefix_cache_mb
         runs["new"] = measured_search(lm, task, args, folder, "new", prefix_cache_mb=cache)
         runs["parallel"] = measured_search(

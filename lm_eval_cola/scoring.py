@@ -248,9 +248,17 @@ class ScoringStream:
         #: what was submitted and not yet finished, with each one's tag and seconds so far
         self.pending: dict[Any, tuple[Proposal, Any, float]] = {}
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether proposals of one document may be scored at once: a stream judges each as
+        its generation ends, filling the document's requests just before, so they never hold
+        two proposals' answers; a pass fills them for all its proposals first."""
+        return self.generations is not None
+
     def submit(self, proposal: Proposal, tag: Any = None) -> None:
         """Score ``proposal``; :meth:`finished` hands its trial back with ``tag``."""
-        _check_distinct_documents([p for p, _, _ in self.pending.values()] + [proposal])
+        if not self.overlaps:
+            _check_distinct_documents([p for p, _, _ in self.pending.values()] + [proposal])
         if not self.objective.binary and proposal.chain != self.objective.identity:
             self.objective.score_references([proposal.document])
         key = object()
@@ -260,20 +268,19 @@ class ScoringStream:
         self.pending[key] = (proposal, tag, 0.0)
 
     def finished(self) -> list[tuple[Any, Trial]]:
-        """Score until at least one proposal is done (all of them, outside the stream's
-        mode); returns each done one's tag and trial."""
+        """Score one decoding step (every proposal, outside the stream's mode); returns the
+        tag and trial of each proposal done, maybe none, so that a caller can submit more
+        between steps."""
         if not self.pending:
             return []
         if self.generations is None:
             pending, self.pending = list(self.pending.values()), {}
             trials = self.objective.score_many([proposal for proposal, _, _ in pending])
             return [(tag, trial) for (_, tag, _), trial in zip(pending, trials, strict=True)]
-        done = []
-        while not done:
-            start = time.perf_counter()
-            done = self.generations.step()
-            share = (time.perf_counter() - start) / len(self.pending)
-            self.pending = {k: (p, tag, t + share) for k, (p, tag, t) in self.pending.items()}
+        start = time.perf_counter()
+        done = self.generations.step()
+        share = (time.perf_counter() - start) / len(self.pending)
+        self.pending = {k: (p, tag, t + share) for k, (p, tag, t) in self.pending.items()}
         return_freed_memory()
         return [self._finish(submission) for submission in done]
 
@@ -281,6 +288,8 @@ class ScoringStream:
         proposal, tag, seconds = self.pending.pop(submission)
         document = proposal.document.doc_hash
         work, steps = {document: Work()}, {document: []}
+        for instance in submission.requests:  # another proposal of the document filled them
+            instance.resps, instance.filtered_resps = [], {}
         _fill(submission.requests, self.generations.result(submission), work, steps)
         return tag, self.objective.trial(proposal, work[document], steps[document], seconds)
 

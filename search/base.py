@@ -9,8 +9,10 @@ else names it.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, ClassVar
 
 from lm_eval_cola.chain import Chain
@@ -30,6 +32,9 @@ class Searcher(ABC):
     """Searches the chains of one document. Subclasses set ``name`` and register themselves."""
 
     name: ClassVar[str]
+    #: whether :meth:`hypothetically` can undo asks and tells (a method whose state holds
+    #: more than plain Python objects, such as an Optuna study, cannot)
+    looks_ahead: ClassVar[bool] = False
 
     def __init__(self, space: ChainSpace, budget: int, seed: int) -> None:
         self.space, self.budget, self.seed = space, budget, seed
@@ -41,6 +46,18 @@ class Searcher(ABC):
     @abstractmethod
     def tell(self, trial: Trial) -> None:
         """The result of the chain last asked for."""
+
+    @contextmanager
+    def hypothetically(self) -> Iterator[None]:
+        """Undo, on leaving, every ask and tell made inside: what the searcher would ask after
+        a result it does not have yet, so that a search can evaluate that chain beside the
+        pending one (:meth:`DocumentSearch.next_if`). Here by restoring a copy of the state;
+        a method with a large state undoes its changes instead (:class:`~.mcts.MCTS`)."""
+        saved = copy.deepcopy({k: v for k, v in vars(self).items() if k != "space"})
+        try:
+            yield
+        finally:
+            vars(self).update(saved)
 
     def archive(self, storage: str, name: str) -> None:
         """Keep the method's own record of the finished document (an Optuna study) at
@@ -104,6 +121,32 @@ class DocumentSearch:
                 return chain
             self.searcher.tell(self.trials[chain])
         return None
+
+    @property
+    def pending(self) -> Chain | None:
+        """The chain :meth:`next_chain` returned last, while its result is awaited."""
+        return self._pending
+
+    def next_if(self, scores: Sequence[float]) -> Chain | None:
+        """The chain :meth:`next_chain` will return once the pending chain is recorded, if it
+        is the same whichever of ``scores`` that chain gets, else ``None`` (or when the
+        method cannot look ahead, or the search would end): a search can evaluate it beside
+        the pending one, and the method proposes exactly what it would have proposed."""
+        if self._pending is None or not self.searcher.looks_ahead:
+            return None
+        nexts = {self._next_after(score) for score in scores}
+        return nexts.pop() if len(nexts) == 1 else None
+
+    def _next_after(self, score: float) -> Chain | None:
+        from lm_eval_cola.scoring import Trial
+
+        pending, proposals = self._pending, self._proposals
+        with self.searcher.hypothetically():
+            self.record(Trial(chain=pending, score=score, correct=score >= 1.0, metrics={}))
+            chain = self.next_chain()
+        del self.trials[pending]
+        self._pending, self._proposals = pending, proposals
+        return chain
 
     def record(self, trial: Trial) -> None:
         """The result of the chain :meth:`next_chain` returned last."""

@@ -37,6 +37,7 @@ class RandomWalks(Searcher):
     """The full model, then distinct random chains with lengths drawn from ``lengths``."""
 
     name = "random-walk"
+    looks_ahead = True
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class Menu(Searcher):
     """The full model, then ``chains`` in their order, whatever their scores."""
 
     name = "menu"
+    looks_ahead = True
 
     def __init__(
         self,

@@ -18,6 +18,8 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.scoring import Trial
@@ -49,12 +51,24 @@ class Node:
         """A node for one of this node's unvisited chains, joined to it on its first visit."""
         return Node(chain, self, self._chains.index(chain))
 
-    def visit(self, score: float) -> None:
+    def visit(self, score: float) -> tuple[int, float, int | None]:
+        """Count a simulation through this node; returns what :meth:`unvisit` needs to take it
+        back (the counts before, and where a first visit took its chain from the unvisited)."""
+        before, place = (self.visits, self.total), None
         if not self.visits and self.parent is not None:
-            self.parent._unvisited.remove(self.chain)
+            place = self.parent._unvisited.index(self.chain)
+            del self.parent._unvisited[place]
             bisect.insort(self.parent._visited, self, key=lambda node: node.index)
         self.visits += 1
         self.total += score
+        return (*before, place)
+
+    def unvisit(self, visits: int, total: float, place: int | None) -> None:
+        """Take back the last :meth:`visit`, whose return value is given."""
+        self.visits, self.total = visits, total
+        if place is not None:
+            self.parent._visited.remove(self)
+            self.parent._unvisited.insert(place, self.chain)
 
     def depth(self) -> int:
         return 0 if self.parent is None else 1 + self.parent.depth()
@@ -63,6 +77,7 @@ class Node:
 @register_searcher
 class MCTS(Searcher):
     name = "mcts"
+    looks_ahead = True
 
     def __init__(
         self,
@@ -78,6 +93,21 @@ class MCTS(Searcher):
         self.rng = random.Random(seed)
         self.root = Node(space.root, None)
         self._leaf: Node | None = None
+        #: the visits to take back on leaving :meth:`hypothetically`, while in it
+        self._journal: list[tuple[Node, tuple[int, float, int | None]]] | None = None
+
+    @contextmanager
+    def hypothetically(self) -> Iterator[None]:
+        """As :meth:`Searcher.hypothetically`, taking back each visit made inside (the tree
+        holds every visited node's children: too much to copy at every evaluation)."""
+        state, leaf, self._journal = self.rng.getstate(), self._leaf, []
+        try:
+            yield
+        finally:
+            for node, undo in reversed(self._journal):
+                node.unvisit(*undo)
+            self.rng.setstate(state)
+            self._leaf, self._journal = leaf, None
 
     def ask(self) -> Chain:
         self._leaf = self._select() if self.root.visits else self.root
@@ -101,5 +131,7 @@ class MCTS(Searcher):
     def tell(self, trial: Trial) -> None:
         node = self._leaf
         while node is not None:
-            node.visit(trial.score)
+            undo = node.visit(trial.score)
+            if self._journal is not None:
+                self._journal.append((node, undo))
             node = node.parent

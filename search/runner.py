@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import reregister_hint
-from lm_eval_cola.scoring import Objective, Proposal, Trial
+from lm_eval_cola.scoring import Objective, Proposal, ScoringStream, Trial
 from lm_eval_cola.search.base import DocumentSearch, searcher_class
 from lm_eval_cola.search.space import ChainSpace
 from lm_eval_cola.search.workers import check_workers, search_in_workers
@@ -172,6 +172,11 @@ class _Active:
 
     document: Document
     search: DocumentSearch
+    #: chains submitted ahead of their turn (:meth:`SearchRun._look_ahead`): ``None`` while
+    #: scored, then the trial, until the search asks for them
+    ahead: dict[Chain, Trial | None] = field(default_factory=dict)
+    #: the pending chain whose successor was last looked for
+    looked: Chain | None = None
 
 
 class SearchRun:
@@ -187,6 +192,7 @@ class SearchRun:
         run_name: str | None = None,
         parallel_docs: int = 1,
         workers: int = 1,
+        look_ahead: bool = True,
     ) -> None:
         if parallel_docs < 1:
             raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
@@ -206,6 +212,9 @@ class SearchRun:
             check_decoys(task, self.documents)
         self.run_name = run_name or self.default_name()
         self.parallel_docs, self.workers = parallel_docs, workers
+        #: score the chain a method will certainly ask next beside the pending one
+        #: (:meth:`_look_ahead`; off: one chain of a document at a time, as the naive path)
+        self.look_ahead = look_ahead
 
     def default_name(self) -> str:
         return default_run_name(
@@ -287,31 +296,62 @@ class SearchRun:
         its next chain as soon as its last one is scored
         (:class:`~lm_eval_cola.scoring.ScoringStream`: at once for a generated answer, else
         when every document's is), and another document takes its place as soon as its search
-        ends. ``scored`` hears of every chain scored."""
+        ends; a chain the method will certainly ask for next is scored beside the pending one
+        (:meth:`_look_ahead`). ``scored`` hears of every chain scored."""
         waiting, stream = iter(documents), self.objective.stream()
+        binary = self.look_ahead and self.objective.binary and stream.overlaps
+        outcomes = (0.0, 1.0) if binary else ()
         ready: list[_Active] = []
+        under_way = 0
         while True:
-            while ready or len(stream.pending) < self.parallel_docs:
-                if len(stream.pending) + len(ready) < self.parallel_docs:
+            while ready or under_way < self.parallel_docs:
+                if under_way < self.parallel_docs:
                     document = next(waiting, None)
                     if document is not None:
                         ready.append(_Active(document, DocumentSearch(self._searcher(document))))
+                        under_way += 1
                 if not ready:
                     break
                 search = ready.pop(0)
                 chain = search.search.next_chain()
                 if chain is None:
+                    under_way -= 1
                     self._archive(search)
                     yield search.document, list(search.search.trials.values())
-                else:
+                elif chain not in search.ahead:
                     stream.submit(Proposal(search.document, chain), search)
+                elif (trial := search.ahead.pop(chain)) is not None:  # scored already
+                    search.search.record(trial)
+                    ready.append(search)
             if not stream.pending:
                 return
             finished = stream.finished()
             for search, trial in finished:
-                search.search.record(trial)
-                ready.append(search)
+                if trial.chain == search.search.pending:
+                    search.search.record(trial)
+                    ready.append(search)
+                else:
+                    search.ahead[trial.chain] = trial
             scored(len(finished))
+            if outcomes:
+                self._look_ahead(stream, outcomes)
+
+    @staticmethod
+    def _look_ahead(stream: ScoringStream, outcomes: tuple[float, ...]) -> None:
+        """Submit, beside each pending chain, the chain its search will ask for next whatever
+        the pending one scores (:meth:`DocumentSearch.next_if`; about half of an MCTS's, all
+        of a random walk's), so that calls carry twice the rows. Called after a decoding
+        step, so the chain ahead starts a step behind and resumes from what the pending one
+        put in the prefix cache rather than computing their shared prefix beside it."""
+        searches = {id(tag): tag for _, tag, _ in stream.pending.values()}
+        for search in searches.values():
+            if search.ahead or search.search.pending in (None, search.looked):
+                continue
+            search.looked = search.search.pending
+            chain = search.search.next_if(outcomes)
+            if chain is not None:
+                search.ahead[chain] = None
+                stream.submit(Proposal(search.document, chain), search)
 
     def _searcher(self, document: Document):
         seed = _document_seed(self.settings.seed, document.doc_hash)

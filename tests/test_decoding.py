@@ -259,6 +259,32 @@ def test_a_scoring_stream_scores_a_document_s_next_chain_while_others_decode(lm,
         )  # fmt: skip
 
 
+def test_a_scoring_stream_scores_two_chains_of_one_document_at_once(lm, task_dir):
+    """A search scores the chain it will ask next beside the pending one: both trials are the
+    ones each chain scores alone, whichever finishes first (they share the document's
+    requests, filled for each just before it is judged)."""
+    objective = Objective(lm, task(task_dir, "cola_gen"), prefix_cache_mb=64, batch_invariant=True)
+    documents = task_documents(task(task_dir, "cola_gen"), None)
+    stream = objective.stream()
+    assert stream.overlaps
+    chains = [Chain((0, 1, 2, 3)), Chain((0, 1, 1, 2)), Chain((0, 3)), Chain((2, 2, 2, 3, 3))]
+    for document in documents:
+        for chain in chains:
+            stream.submit(Proposal(document, chain), document)
+    trials = []
+    while stream.pending:
+        trials += stream.finished()
+    assert len(trials) == len(chains) * len(documents)
+    responses = set()
+    for document, trial in trials:
+        alone = objective.score(document, trial.chain)
+        assert (trial.response, trial.metrics, trial.decode_steps) == (
+            alone.response, alone.metrics, alone.decode_steps,
+        )  # fmt: skip
+        responses.add(trial.response)
+    assert len(responses) > 1
+
+
 @pytest.mark.parametrize(
     ("name", "decoding", "streams"),
     [("cola_gen", "batch_invariant", True), ("cola_gen", "hf", False), ("cola_mc", None, False)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -24,7 +25,13 @@ from sqlalchemy import func, select
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.scoring import Objective, Proposal, Trial
-from lm_eval_cola.search.base import SEARCHERS, pareto_front, run_search, searcher_class
+from lm_eval_cola.search.base import (
+    SEARCHERS,
+    DocumentSearch,
+    pareto_front,
+    run_search,
+    searcher_class,
+)
 from lm_eval_cola.search.mcts import MCTS
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import Action, ChainSpace
@@ -89,6 +96,51 @@ def test_methods_find_right_chains_the_full_model_misses(method):
     trials = run_search(searcher_class(method)(ChainSpace(12), 60, seed=0), synthetic)
     assert not trials[0].correct
     assert any(t.correct for t in trials)
+
+
+@pytest.mark.parametrize("method", sorted(SEARCHERS))
+def test_a_chain_looked_ahead_is_the_one_asked_next_and_changes_nothing(method):
+    """``next_if`` names the next chain only when it is the one the method asks whatever the
+    pending chain scores; asking it leaves the search exactly as it was. MCTS (undoing its
+    visits) knows it for part of its chains, score-blind methods for all, Optuna's not."""
+    space = ChainSpace(12)
+    options = {"chains": [str(c) for c in space.children(space.root)]} if method == "menu" else {}
+    budget = 6 if method == "gp" else 40
+    plain = run_search(searcher_class(method)(space, budget, seed=3, **options), synthetic)
+    search = DocumentSearch(searcher_class(method)(space, budget, seed=3, **options))
+    asked, known, ahead = [], 0, None
+    while (chain := search.next_chain()) is not None:
+        assert ahead in (None, chain)
+        asked.append(chain)
+        ahead = search.next_if((0.0, 1.0))
+        known += ahead is not None
+        search.record(synthetic(chain))
+    assert asked == [t.chain for t in plain]
+    if method == "mcts":
+        assert 0 < known < budget - 1
+    elif method in ("random-walk", "menu"):
+        assert known == budget - 1  # all but the last, after which the search ends
+    else:
+        assert known == 0
+
+
+def test_mcts_takes_back_every_visit_made_hypothetically():
+    """The tree after a look-ahead is the tree before it: counts, split lists, random state."""
+    searcher = MCTS(ChainSpace(12), 60, seed=0)
+    run_search(searcher, synthetic)
+
+    def state():
+        return [
+            (n.chain, n.visits, n.total, [c.chain for c in n._visited], list(n._unvisited))
+            for n in _visited(searcher.root)
+        ] + [searcher.rng.getstate()]
+
+    before = state()
+    with searcher.hypothetically():
+        for _ in range(5):
+            searcher.ask()
+            searcher.tell(synthetic(searcher._leaf.chain))
+    assert state() == before
 
 
 def test_nsga2_evolves_after_its_first_generation():
@@ -407,6 +459,27 @@ def test_parallel_documents_store_what_one_at_a_time_stores(lm, task_dir, tmp_pa
         assert all(row[3] is not None for row in one), "every answer is stored"
     if name == "cola_mc":
         assert calls[1] <= calls[0] / 2
+
+
+@pytest.mark.parametrize("parallel_docs", [1, 3])
+def test_looking_ahead_stores_what_a_search_without_it_stores_in_fewer_passes(
+    lm, task_dir, tmp_path, parallel_docs
+):
+    """Generated answers: the chain an MCTS will ask next, scored beside the pending one,
+    gives the same evaluations (chains, correctness, answers, scores) and the same work, in
+    fewer forward passes."""
+    work = []
+    for path, look_ahead in [("ahead.db", True), ("plain.db", False)]:
+        how = {"prefix_cache_mb": 64, "parallel_docs": parallel_docs, "look_ahead": look_ahead}
+        before = copy.copy(lm.executor.work)
+        search(lm, task_dir, tmp_path / path, name="cola_gen", budget=16, how=how)
+        spent = lm.executor.work
+        work.append((spent.forward_calls - before.forward_calls,
+                     spent.token_layer_applications - before.token_layer_applications))  # fmt: skip
+    assert scored(tmp_path / "ahead.db", 1) == scored(tmp_path / "plain.db", 1)
+    (ahead_calls, ahead_tokens), (plain_calls, plain_tokens) = work
+    assert ahead_calls < plain_calls
+    assert ahead_tokens <= plain_tokens * 1.02  # the chain ahead resumes from the cache
 
 
 @pytest.mark.parametrize("name", ["cola_mc", "cola_gen"])
