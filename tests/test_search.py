@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -474,11 +473,10 @@ def test_looking_ahead_stores_what_a_search_without_it_stores_in_fewer_passes(
     work = []
     for path, look_ahead in [("ahead.db", True), ("plain.db", False)]:
         how = {"prefix_cache_mb": 64, "parallel_docs": parallel_docs, "look_ahead": look_ahead}
-        before = copy.copy(lm.executor.work)
+        before = dataclasses.replace(lm.executor.work)
         search(lm, task_dir, tmp_path / path, name="cola_gen", budget=16, how=how)
-        spent = lm.executor.work
-        work.append((spent.forward_calls - before.forward_calls,
-                     spent.token_layer_applications - before.token_layer_applications))  # fmt: skip
+        spent = lm.executor.work - before
+        work.append((spent.forward_calls, spent.token_layer_applications))
     assert scored(tmp_path / "ahead.db", 1) == scored(tmp_path / "plain.db", 1)
     (ahead_calls, ahead_tokens), (plain_calls, plain_tokens) = work
     assert (
