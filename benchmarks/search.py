@@ -149,7 +149,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         if not args.skip_naive:
             runs["naive"] = measured_search(
-                lm, task, args, folder, "naive", shared_context=False, look_ahead=False
+                lm, task, args, folder, "naive", shared_context=False, look_ahead=0
             )
         cache = args.prefix_cache_mb
         runs["new"] = measured_search(lm, task, args, folder, "new", prefix_cache_mb=cache)

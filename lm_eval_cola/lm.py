@@ -203,6 +203,11 @@ class GenerationStream:
         """Whether any submission is still decoding."""
         return bool(self.decoding.unfinished or self._empty)
 
+    @property
+    def room(self) -> int:
+        """Generations a submission now would add without making any wait for a row."""
+        return self.decoding.room
+
     def step(self) -> list[Submission]:
         """One forward step (:meth:`BatchedDecoding.step`); returns the submissions it
         finished."""

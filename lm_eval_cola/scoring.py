@@ -255,6 +255,12 @@ class ScoringStream:
         two proposals' answers; a pass fills them for all its proposals first."""
         return self.generations is not None
 
+    @property
+    def room(self) -> int:
+        """Generations the stream's next decoding step would leave its rows to (0 outside the
+        stream's mode): what a search may fill with chains ahead at no cost to the others."""
+        return self.generations.room if self.generations is not None else 0
+
     def submit(self, proposal: Proposal, tag: Any = None) -> None:
         """Score ``proposal``; :meth:`finished` hands its trial back with ``tag``."""
         if not self.overlaps:

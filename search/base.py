@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, ClassVar
 
@@ -51,7 +51,7 @@ class Searcher(ABC):
     def hypothetically(self) -> Iterator[None]:
         """Undo, on leaving, every ask and tell made inside: what the searcher would ask after
         a result it does not have yet, so that a search can evaluate that chain beside the
-        pending one (:meth:`DocumentSearch.next_if`). Here by restoring a copy of the state;
+        pending one (:meth:`DocumentSearch.chains_ahead`). Here by restoring a copy of the state;
         a method with a large state undoes its changes instead (:class:`~.mcts.MCTS`)."""
         saved = copy.deepcopy({k: v for k, v in vars(self).items() if k != "space"})
         try:
@@ -127,26 +127,28 @@ class DocumentSearch:
         """The chain :meth:`next_chain` returned last, while its result is awaited."""
         return self._pending
 
-    def next_if(self, scores: Sequence[float]) -> Chain | None:
-        """The chain :meth:`next_chain` will return once the pending chain is recorded, if it
-        is the same whichever of ``scores`` that chain gets, else ``None`` (or when the
-        method cannot look ahead, or the search would end): a search can evaluate it beside
-        the pending one, and the method proposes exactly what it would have proposed."""
-        if self._pending is None or not self.searcher.looks_ahead:
-            return None
-        nexts = {self._next_after(score) for score in scores}
-        return nexts.pop() if len(nexts) == 1 else None
-
-    def _next_after(self, score: float) -> Chain | None:
+    def chains_ahead(self, score: float, count: int) -> list[Chain]:
+        """The next ``count`` chains :meth:`next_chain` will return if the pending chain and
+        each of them score ``score`` (fewer where the search would end; none when the method
+        cannot look ahead), asked inside :meth:`Searcher.hypothetically` so that the search
+        is left exactly as it was. A search evaluates them beside the pending one on that
+        guess (:meth:`~lm_eval_cola.search.runner.SearchRun._look_ahead`); where the guess
+        fails, the method proposes what it would have proposed anyway."""
         from lm_eval_cola.scoring import Trial
 
-        pending, proposals = self._pending, self._proposals
+        if self._pending is None or not self.searcher.looks_ahead:
+            return []
+        pending, proposals, chains = self._pending, self._proposals, []
         with self.searcher.hypothetically():
-            self.record(Trial(chain=pending, score=score, correct=score >= 1.0, metrics={}))
-            chain = self.next_chain()
-        del self.trials[pending]
+            while len(chains) < count:
+                self.record(Trial(self._pending, score, score >= 1.0, {}))
+                if (chain := self.next_chain()) is None:
+                    break
+                chains.append(chain)
+        for chain in (pending, *chains):  # none was evaluated before: all were hypothetical
+            self.trials.pop(chain, None)
         self._pending, self._proposals = pending, proposals
-        return chain
+        return chains
 
     def record(self, trial: Trial) -> None:
         """The result of the chain :meth:`next_chain` returned last."""

@@ -56,6 +56,8 @@ from lm_eval_cola.tasks import (
 logger = logging.getLogger("lm_eval.cola")
 #: How a search's generations decode (:attr:`SearchSettings.decoding`).
 DECODINGS = ("batch_invariant", "hf")
+#: Chains of a document scored ahead of its pending one (:meth:`SearchRun._look_ahead`).
+LOOK_AHEAD = 3
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,10 @@ class _Active:
     #: chains submitted ahead of their turn (:meth:`SearchRun._look_ahead`): ``None`` while
     #: scored, then the trial, until the search asks for them
     ahead: dict[Chain, Trial | None] = field(default_factory=dict)
-    #: the pending chain whose successor was last looked for
-    looked: Chain | None = None
+    #: the chains the search will ask after the pending one if the guess comes true
+    plan: list[Chain] = field(default_factory=list)
+    #: the pending chain :attr:`plan` was made after
+    planned_after: Chain | None = None
 
 
 class SearchRun:
@@ -192,7 +196,7 @@ class SearchRun:
         run_name: str | None = None,
         parallel_docs: int = 1,
         workers: int = 1,
-        look_ahead: bool = True,
+        look_ahead: int = LOOK_AHEAD,
     ) -> None:
         if parallel_docs < 1:
             raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
@@ -212,8 +216,8 @@ class SearchRun:
             check_decoys(task, self.documents)
         self.run_name = run_name or self.default_name()
         self.parallel_docs, self.workers = parallel_docs, workers
-        #: score the chain a method will certainly ask next beside the pending one
-        #: (:meth:`_look_ahead`; off: one chain of a document at a time, as the naive path)
+        #: chains of a document scored ahead of the pending one, on a guess of its score
+        #: (:meth:`_look_ahead`; 0: one chain of a document at a time, as the naive path)
         self.look_ahead = look_ahead
 
     def default_name(self) -> str:
@@ -296,14 +300,15 @@ class SearchRun:
         its next chain as soon as its last one is scored
         (:class:`~lm_eval_cola.scoring.ScoringStream`: at once for a generated answer, else
         when every document's is), and another document takes its place as soon as its search
-        ends; a chain the method will certainly ask for next is scored beside the pending one
-        (:meth:`_look_ahead`). ``scored`` hears of every chain scored."""
+        ends; the chains the method will ask next if the pending one scores as most of the
+        document's did are scored beside it (:meth:`_look_ahead`). ``scored`` hears of every
+        chain scored."""
         waiting, stream = iter(documents), self.objective.stream()
-        binary = self.look_ahead and self.objective.binary and stream.overlaps
-        outcomes = (0.0, 1.0) if binary else ()
+        ahead = self.look_ahead if self.objective.binary and stream.overlaps else 0
         ready: list[_Active] = []
         under_way = 0
         while True:
+            fresh: set[int] = set()  # searches whose pending chain this step will start
             while ready or under_way < self.parallel_docs:
                 if under_way < self.parallel_docs:
                     document = next(waiting, None)
@@ -320,11 +325,14 @@ class SearchRun:
                     yield search.document, list(search.search.trials.values())
                 elif chain not in search.ahead:
                     stream.submit(Proposal(search.document, chain), search)
+                    fresh.add(id(search))
                 elif (trial := search.ahead.pop(chain)) is not None:  # scored already
                     search.search.record(trial)
                     ready.append(search)
             if not stream.pending:
                 return
+            if ahead:
+                self._look_ahead(stream, ahead, fresh)
             finished = stream.finished()
             for search, trial in finished:
                 if trial.chain == search.search.pending:
@@ -333,22 +341,32 @@ class SearchRun:
                 else:
                     search.ahead[trial.chain] = trial
             scored(len(finished))
-            if outcomes:
-                self._look_ahead(stream, outcomes)
 
     @staticmethod
-    def _look_ahead(stream: ScoringStream, outcomes: tuple[float, ...]) -> None:
-        """Submit, beside each pending chain, the chain its search will ask for next whatever
-        the pending one scores (:meth:`DocumentSearch.next_if`; about half of an MCTS's, all
-        of a random walk's), so that calls carry twice the rows. Called after a decoding
-        step, so the chain ahead starts a step behind and resumes from what the pending one
-        put in the prefix cache rather than computing their shared prefix beside it."""
+    def _look_ahead(stream: ScoringStream, count: int, fresh: set[int]) -> None:
+        """Submit, beside each pending chain, the next of the ``count`` chains its search will
+        ask after it if it and each of them score what most of the document's chains scored
+        (:meth:`DocumentSearch.chains_ahead`): replayed on the paper's runs, that guess names
+        the next chain for 97% of an MCTS's evaluations, and a random walk or a menu asks
+        the same chains whatever the scores. So calls carry several rows per document, in
+        rows the decoding step would leave empty (:attr:`ScoringStream.room`: a chain ahead
+        never delays another document's pending one). One a decoding step, none beside a
+        pending chain the step starts (``fresh``): a chain ahead starts a step behind the one
+        before it and resumes from what that one put in the prefix cache rather than computing
+        their shared prefix beside it. A chain of a failed guess is scored all the same, kept
+        in case it is asked later."""
         searches = {id(tag): tag for _, tag, _ in stream.pending.values()}
-        for search in searches.values():
-            if search.ahead or search.search.pending in (None, search.looked):
+        for key, search in searches.items():
+            pending = search.search.pending
+            if stream.room <= 0:
+                return
+            if pending is None or key in fresh:
                 continue
-            search.looked = search.search.pending
-            chain = search.search.next_if(outcomes)
+            if search.planned_after != pending:
+                trials = search.search.trials.values()
+                search.plan = search.search.chains_ahead(_likely_score(trials), count)
+                search.planned_after = pending
+            chain = next((c for c in search.plan if c not in search.ahead), None)
             if chain is not None:
                 search.ahead[chain] = None
                 stream.submit(Proposal(search.document, chain), search)
@@ -433,6 +451,15 @@ def describe_task(task) -> TaskInfo:
         split=evaluation_split(task),
         output_type=task.get_config("output_type"),
     )
+
+
+def _likely_score(trials: Iterable[Trial]) -> float:
+    """The score most of a document's chains got (0 or 1; a tie goes to the latest, none
+    yet to 0): what :meth:`SearchRun._look_ahead` guesses the pending chain will score."""
+    scores = [trial.score for trial in trials]
+    if not scores:
+        return 0.0
+    return max((0.0, 1.0), key=lambda s: (scores.count(s), s == scores[-1]))
 
 
 def _document_seed(seed: int, doc_hash: str) -> int:

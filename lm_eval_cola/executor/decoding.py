@@ -158,6 +158,11 @@ class BatchedDecoding:
         """Generations waiting or under way."""
         return len(self.waiting) + len(self.active)
 
+    @property
+    def room(self) -> int:
+        """Generations the next step could take without any waiting: its rows left empty."""
+        return max(self.rows_per_step - self.unfinished, 0)
+
     def step(self) -> list[Generation]:
         """One forward step: the active generations' next tokens, and the prompts of as many
         waiting ones as there is room for; returns those that finished (their KV caches
