@@ -5,7 +5,8 @@
    takes);
 2. new: each document's requests packed into one row (shared context once) and every chain
    prefix computed once per document (prefix cache), one document at a time (for generation,
-   with the chain the MCTS will certainly ask next decoded beside the pending one);
+   with the chains the MCTS will ask next, on a guess of the pending one's score, decoded
+   beside it: ``benchmarks/look_ahead.py``);
 3. new with ``--parallel_docs`` documents per forward pass;
 4. on a CPU of several cores, the same in ``--workers`` processes of one thread each (one a
    core by default), every process with ``--parallel_docs`` of its own (search/workers.py),

@@ -57,7 +57,7 @@ logger = logging.getLogger("lm_eval.cola")
 #: How a search's generations decode (:attr:`SearchSettings.decoding`).
 DECODINGS = ("batch_invariant", "hf")
 #: Chains of a document scored ahead of its pending one (:meth:`SearchRun._look_ahead`).
-LOOK_AHEAD = 3
+LOOK_AHEAD = 6
 
 
 @dataclass(frozen=True)
