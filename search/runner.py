@@ -302,7 +302,7 @@ class SearchRun:
         when every document's is), and another document takes its place as soon as its search
         ends; the chains the method will ask next if the pending one scores as most of the
         document's did are scored beside it (:meth:`_look_ahead`). ``scored`` hears of every
-        chain scored."""
+        chain recorded (not of a failed guess's)."""
         waiting, stream = iter(documents), self.objective.stream()
         ahead = self.look_ahead if self.objective.binary and stream.overlaps else 0
         ready: list[_Active] = []
@@ -328,19 +328,21 @@ class SearchRun:
                     fresh.add(id(search))
                 elif (trial := search.ahead.pop(chain)) is not None:  # scored already
                     search.search.record(trial)
+                    scored(1)
                     ready.append(search)
             if not stream.pending:
                 return
             if ahead:
                 self._look_ahead(stream, ahead, fresh)
-            finished = stream.finished()
-            for search, trial in finished:
+            recorded = 0
+            for search, trial in stream.finished():
                 if trial.chain == search.search.pending:
                     search.search.record(trial)
                     ready.append(search)
+                    recorded += 1
                 else:
                     search.ahead[trial.chain] = trial
-            scored(len(finished))
+            scored(recorded)
 
     @staticmethod
     def _look_ahead(stream: ScoringStream, count: int, fresh: set[int]) -> None:

@@ -33,7 +33,7 @@ from lm_eval_cola.search.base import (
     searcher_class,
 )
 from lm_eval_cola.search.mcts import MCTS
-from lm_eval_cola.search.runner import SearchRun, SearchSettings
+from lm_eval_cola.search.runner import SearchProgress, SearchRun, SearchSettings
 from lm_eval_cola.search.space import Action, ChainSpace
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.schema import Evaluation, Run, RunDocument
@@ -490,6 +490,8 @@ def test_looking_ahead_stores_what_a_search_without_it_stores_in_fewer_passes(
         return dataclasses.replace(judged(self, proposal, *args), score=float(right), correct=right)
 
     monkeypatch.setattr(Objective, "trial", skipping_layer_1_is_right)
+    progress = []
+    monkeypatch.setattr(SearchProgress, "scored", lambda self, n: progress.append(n))
     work = []
     for path, look_ahead in [("ahead.db", depth), ("plain.db", 0)]:
         how = {"prefix_cache_mb": 64, "parallel_docs": parallel_docs, "look_ahead": look_ahead}
@@ -499,6 +501,7 @@ def test_looking_ahead_stores_what_a_search_without_it_stores_in_fewer_passes(
         work.append((spent.forward_calls, spent.token_layer_applications))
     evaluations = scored(tmp_path / "plain.db", 1)
     assert scored(tmp_path / "ahead.db", 1) == evaluations
+    assert sum(progress) == 2 * len(evaluations)  # the bar counts what is recorded
     assert {row[2] for row in evaluations} == {False, True}
     (ahead_calls, ahead_tokens), (plain_calls, plain_tokens) = work
     if rows_per_step <= parallel_docs:
