@@ -823,11 +823,13 @@ def default_device() -> str:
 
 def load(model_args: str = "", device: str | None = None) -> ColaLM:
     """A ``cola`` model for the project's own commands (search, predict): ``model_args`` as in
-    ``--model_args``, on ``device`` (default: CUDA when there is one, else the CPU), with the
-    batch size of one document that the search objective sets itself."""
+    ``--model_args``, on ``device`` (default: CUDA when there is one, else the CPU). A search
+    sets each scoring pass's batch itself; a ``batch_size`` above ``ROWS_PER_STEP`` widens a
+    generation search's decoding steps (a GPU's calls cost about the same for many more rows)."""
     device = device or default_device()
     try:  # the model args are checked in ColaLM.__init__ before the weights load
-        return ColaLM.create_from_arg_obj(parse(model_args), {"device": device, "batch_size": 1})
+        args = {"batch_size": 1, **parse(model_args)}
+        return ColaLM.create_from_arg_obj(args, {"device": device})
     except OSError as err:  # weights or tokenizer files that cannot be read
         raise ModelArgsError(f"the model cannot be loaded: {one_line(err)}") from err
 

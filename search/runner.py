@@ -56,8 +56,10 @@ from lm_eval_cola.tasks import (
 logger = logging.getLogger("lm_eval.cola")
 #: How a search's generations decode (:attr:`SearchSettings.decoding`).
 DECODINGS = ("batch_invariant", "hf")
-#: Chains of a document scored ahead of its pending one (:meth:`SearchRun._look_ahead`).
-LOOK_AHEAD = 6
+#: Chains of a document scored ahead of its pending one (:meth:`SearchRun._look_ahead`): 20
+#: took 0.85 of the time of 6 on GSM8K's long decodes, bound by decoding calls; on ARC's
+#: letters a decoding step's rows run out first, and the work is the same (docs/BENCHMARKS.md).
+LOOK_AHEAD = 20
 
 
 @dataclass(frozen=True)
@@ -177,10 +179,53 @@ class _Active:
     #: chains submitted ahead of their turn (:meth:`SearchRun._look_ahead`): ``None`` while
     #: scored, then the trial, until the search asks for them
     ahead: dict[Chain, Trial | None] = field(default_factory=dict)
-    #: the chains the search will ask after the pending one if the guess comes true
+    #: the chains the search will ask after :attr:`planned_after` if it and each of them
+    #: score :attr:`guess`
     plan: list[Chain] = field(default_factory=list)
-    #: the pending chain :attr:`plan` was made after
     planned_after: Chain | None = None
+    guess: float = 0.0
+    #: whether :attr:`plan` is what is left of an earlier one (:meth:`chain_ahead`)
+    followed: bool = False
+    #: whether :attr:`plan` goes to the end of the search
+    to_the_end: bool = False
+
+    def chain_ahead(self, count: int) -> Chain | None:
+        """The next of the ``count`` chains the search will ask after the pending one if they
+        all score as guessed, not yet in flight or scored; ``None`` when all are.
+
+        A plan costs a hypothetical search step per chain (an MCTS of budget 200 some
+        milliseconds each), so it is made twice as long as a document's chains ahead and made
+        again only where the search has left it or its rest is all in flight: while the
+        guesses come true, the rest of the last plan is still what the search will ask."""
+        if not self._follow_plan():
+            self._make_plan(count)
+        chain = next((c for c in self.plan[:count] if c not in self.ahead), None)
+        if chain is None and self.followed and not self.to_the_end and len(self.plan) < count:
+            self._make_plan(count)
+            chain = next((c for c in self.plan[:count] if c not in self.ahead), None)
+        return chain
+
+    def _follow_plan(self) -> bool:
+        """Move the plan on to the pending chain if the chains recorded since it was made are
+        the ones it named, each scored as guessed; whether the plan still holds."""
+        pending = self.search.pending
+        if pending == self.planned_after:
+            return True
+        if pending not in self.plan:
+            return False
+        passed = [self.planned_after, *self.plan[: self.plan.index(pending)]]
+        recent = list(self.search.trials.values())[-len(passed) :]
+        if [t.chain for t in recent] != passed or any(t.score != self.guess for t in recent):
+            return False
+        self.plan = self.plan[len(passed) :]
+        self.planned_after, self.followed = pending, True
+        return True
+
+    def _make_plan(self, count: int) -> None:
+        self.guess = _likely_score(self.search.trials.values())
+        self.plan = self.search.chains_ahead(self.guess, 2 * count)
+        self.to_the_end = len(self.plan) < 2 * count
+        self.planned_after, self.followed = self.search.pending, False
 
 
 class SearchRun:
@@ -364,12 +409,7 @@ class SearchRun:
                 return
             if pending is None or key in fresh:
                 continue
-            if search.planned_after != pending:
-                trials = search.search.trials.values()
-                search.plan = search.search.chains_ahead(_likely_score(trials), count)
-                search.planned_after = pending
-            chain = next((c for c in search.plan if c not in search.ahead), None)
-            if chain is not None:
+            if (chain := search.chain_ahead(count)) is not None:
                 search.ahead[chain] = None
                 stream.submit(Proposal(search.document, chain), search)
 

@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.executor import ChainExecutor, PrefixCache
-from lm_eval_cola.executor.decoding import BatchedDecoding, Generation
-from lm_eval_cola.lm import ColaLM, RunOptions, refuse_sampling
+from lm_eval_cola.executor.decoding import ROWS_PER_STEP, BatchedDecoding, Generation
+from lm_eval_cola.lm import ColaLM, RunOptions, load, refuse_sampling
 from lm_eval_cola.model_args import ModelArgsError
 from lm_eval_cola.scoring import Objective, Proposal, ScoringStream
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
@@ -182,6 +182,17 @@ def test_prompts_of_any_lengths_prefill_in_one_pass_padded_to_whole_tiles_only()
 @pytest.fixture(scope="module")
 def lm(tiny_llama_dir):
     return ColaLM(pretrained=tiny_llama_dir, device="cpu", batch_size=1)
+
+
+def test_a_search_model_s_batch_size_widens_its_decoding_steps(tiny_llama_dir):
+    """``cola search --model_args batch_size=N`` (N above the default) sets the rows of a
+    generation search's decoding steps, where a GPU has room for many chains ahead; without
+    it, or below the default, the default stands."""
+    assert load(f"pretrained={tiny_llama_dir}", "cpu")._rows_per_step() == ROWS_PER_STEP
+    wide = load(f"pretrained={tiny_llama_dir},batch_size={4 * ROWS_PER_STEP}", "cpu")
+    assert wide._rows_per_step() == 4 * ROWS_PER_STEP
+    narrow = load(f"pretrained={tiny_llama_dir},batch_size=2", "cpu")
+    assert narrow._rows_per_step() == ROWS_PER_STEP
 
 
 def test_the_backend_generates_as_hf_generate_does_with_chains_per_document(lm, task_dir):

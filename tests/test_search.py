@@ -511,6 +511,34 @@ def test_looking_ahead_stores_what_a_search_without_it_stores_in_fewer_passes(
     assert ahead_tokens <= plain_tokens * 1.05  # chains ahead resume from the cache
 
 
+def test_a_plan_ahead_that_comes_true_is_followed_not_made_again(
+    lm, task_dir, tmp_path, monkeypatch
+):
+    """Where every chain scores what the guess says (here: all wrong), the chains planned
+    ahead are the ones asked, so the search plans again only when all it planned is in
+    flight: a plan costs a hypothetical search step per chain, and making one per evaluation
+    cost as much as a tenth of an ARC evaluation at depth 20 and budget 200."""
+    judged = Objective.trial
+
+    def always_wrong(self, proposal, *args) -> Trial:
+        return dataclasses.replace(judged(self, proposal, *args), score=0.0, correct=False)
+
+    monkeypatch.setattr(Objective, "trial", always_wrong)
+    planned = DocumentSearch.chains_ahead
+    plans = []
+
+    def counted(self, score, count):
+        plans.append(planned(self, score, count))
+        return plans[-1]
+
+    monkeypatch.setattr(DocumentSearch, "chains_ahead", counted)
+    how = {"prefix_cache_mb": 64, "look_ahead": 6}
+    search(lm, task_dir, tmp_path / "ahead.db", name="cola_gen", budget=16, how=how)
+    evaluations = scored(tmp_path / "ahead.db", 1)
+    assert len(evaluations) == 16 * len({row[0] for row in evaluations})
+    assert 0 < sum(map(len, plans)) <= 3 * len(evaluations)  # 6 a chain, planned each time
+
+
 @pytest.mark.parametrize("name", ["cola_mc", "cola_gen"])
 def test_a_search_records_its_work_and_reaches_the_physical_limit(lm, task_dir, tmp_path, name):
     """With a prefix cache large enough, each distinct (chain prefix, token) is computed once:
