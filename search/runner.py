@@ -184,9 +184,7 @@ class _Active:
     plan: list[Chain] = field(default_factory=list)
     planned_after: Chain | None = None
     guess: float = 0.0
-    #: whether :attr:`plan` is what is left of an earlier one (:meth:`chain_ahead`)
-    followed: bool = False
-    #: whether :attr:`plan` goes to the end of the search
+    #: whether :attr:`plan` went to the end of the search when it was made
     to_the_end: bool = False
 
     def chain_ahead(self, count: int) -> Chain | None:
@@ -197,13 +195,15 @@ class _Active:
         milliseconds each), so it is made twice as long as a document's chains ahead and made
         again only where the search has left it or its rest is all in flight: while the
         guesses come true, the rest of the last plan is still what the search will ask."""
-        if not self._follow_plan():
+        if not self._follow_plan() or self._spent(count):
             self._make_plan(count)
-        chain = next((c for c in self.plan[:count] if c not in self.ahead), None)
-        if chain is None and self.followed and not self.to_the_end and len(self.plan) < count:
-            self._make_plan(count)
-            chain = next((c for c in self.plan[:count] if c not in self.ahead), None)
-        return chain
+        return next((c for c in self.plan[:count] if c not in self.ahead), None)
+
+    def _spent(self, count: int) -> bool:
+        """Whether following has left the plan shorter than ``count`` (a new one is ``2 *
+        count`` long unless the search ends sooner) and all of it is in flight or scored."""
+        short = not self.to_the_end and len(self.plan) < count
+        return short and all(c in self.ahead for c in self.plan)
 
     def _follow_plan(self) -> bool:
         """Move the plan on to the pending chain if the chains recorded since it was made are
@@ -217,15 +217,14 @@ class _Active:
         recent = list(self.search.trials.values())[-len(passed) :]
         if [t.chain for t in recent] != passed or any(t.score != self.guess for t in recent):
             return False
-        self.plan = self.plan[len(passed) :]
-        self.planned_after, self.followed = pending, True
+        self.plan, self.planned_after = self.plan[len(passed) :], pending
         return True
 
     def _make_plan(self, count: int) -> None:
         self.guess = _likely_score(self.search.trials.values())
         self.plan = self.search.chains_ahead(self.guess, 2 * count)
         self.to_the_end = len(self.plan) < 2 * count
-        self.planned_after, self.followed = self.search.pending, False
+        self.planned_after = self.search.pending
 
 
 class SearchRun:
