@@ -1,5 +1,6 @@
 """Layer calls a forward pass takes for chains of a stored search, in the executor's order
-against running the layer most rows need next (the order before).
+(the lowest layer first, looking one call ahead) against the lowest layer first alone and
+running the layer most rows need next (the orders before).
 
 Each call of a layer reads all its weights, so on a decoding step (a token a row) the calls,
 not the tokens, are the cost. Chains are drawn from a run's evaluations in groups of
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 
 from lm_eval_cola.chain import Chain
-from lm_eval_cola.executor.rows import layer_calls, rows_by_next_layer
+from lm_eval_cola.executor.rows import layer_calls, lowest_first_calls, rows_by_next_layer
 from lm_eval_cola.store.schema import Evaluation
 from lm_eval_cola.store.store import Store
 
@@ -62,12 +63,13 @@ def main() -> None:
     for size in args.rows:
         groups = [rng.choices(chains, k=size) for _ in range(args.groups)]
         now = sum(sum(1 for _ in layer_calls(g, [0] * size)) for g in groups) / args.groups
-        before = sum(most_rows_first(g) for g in groups) / args.groups
+        lowest = sum(lowest_first_calls(g, [0] * size) for g in groups) / args.groups
+        most = sum(most_rows_first(g) for g in groups) / args.groups
         longest = sum(max(map(len, g)) for g in groups) / args.groups
         rows = sum(sum(map(len, g)) for g in groups) / args.groups / now
-        print(f"  {size:3d} rows: {now:6.1f} lowest layer first ({rows:.1f} rows a call), "
-              f"{before:6.1f} most rows first ({before / now:.2f}x), longest chain "
-              f"{longest:.1f}")  # fmt: skip
+        print(f"  {size:3d} rows: {now:6.1f} looking one call ahead ({rows:.1f} rows a call), "
+              f"{lowest:6.1f} lowest layer first ({lowest / now:.2f}x), {most:6.1f} most rows "
+              f"first ({most / now:.2f}x), longest chain {longest:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def main() -> int:
         work = run.work
         print(
             f"{name}: {run.seconds:.1f} s, {work.forward_calls} passes, "
+            f"{work.layer_calls} layer calls, "
             f"{work.token_layer_applications / run.limit:.3f} of the limit's token-layers "
             f"({run.limit}), {work.layer_applications} layer applications, "
             f"{run.evaluations} evaluations"

@@ -206,6 +206,9 @@ def main() -> int:
     print(f"  forward passes per 100 evaluations       {calls[0]:.1f} one at a time, "
           f"{calls[1]:.1f} with {args.parallel_docs}: {calls[1] / calls[0]:.3f}"
           "  (target <= 1/8)")  # fmt: skip
+    layers = [r.work.layer_calls / r.evaluations for r in (new, parallel)]
+    print(f"  layer calls per evaluation               {layers[0]:.1f} one at a time, "
+          f"{layers[1]:.1f} with {args.parallel_docs}")  # fmt: skip
     print(f"  wall time     parallel / one at a time   {parallel.seconds / new.seconds:.3f}")
     per_minute = [60 * args.limit / r.seconds for r in (new, parallel)]
     print(f"  documents searched per minute            {per_minute[0]:.1f} one at a time, "

@@ -7,6 +7,7 @@ same checks on a GPU or in half precision (``benchmarks/gpu_check.sh`` does both
 import copy
 import dataclasses
 import os
+import random
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from lm_eval_cola.executor import (
     prefix_cache,
 )
 from lm_eval_cola.executor.positions import ChainPosition
+from lm_eval_cola.executor.rows import layer_calls, lowest_first_calls
 from lm_eval_cola.packing import PackedBatch, pack
 from tests.tiny_models import FAMILIES, tiny_model
 
@@ -229,6 +231,7 @@ def test_counts_layer_and_token_layer_applications():
     assert executor.work.layer_applications == 5 * 2
     assert executor.work.token_layer_applications == 5 * 2 * 20
     assert executor.work.forward_calls == 1
+    assert executor.work.layer_calls == 5
 
 
 def test_out_of_range_and_nested_chains_are_refused():
@@ -411,6 +414,59 @@ def test_a_row_that_fell_behind_catches_up_instead_of_running_alone():
         layer.register_forward_hook(lambda *_, index=index: calls.append(index))
     row_states(executor, rows, chains, share_calls=True)
     assert calls == [0, 1, 1, 2, 3]
+
+
+@torch.no_grad()
+def test_a_repeat_waits_for_a_row_that_comes_back_to_its_layer():
+    """One row runs layer 1 twice, the other 1-2 twice, then 3. Lowest layer first runs the
+    first row's repeat of 1 alone and the second's later (6 calls); looking one call ahead
+    runs 2 first, so that both rows' second 1 share a call (5 calls)."""
+    model = build("llama")
+    executor = ChainExecutor(model)
+    rows = [pack(requests, 256) for requests in documents()[:2]]
+    chains = [Chain.parse("1.1"), Chain.parse("1.2.1.2.3")]
+    row_states(executor, rows, chains, share_calls=True)  # the executor's first-use check
+    calls = []
+    for index, layer in enumerate(executor.layers):
+        layer.register_forward_hook(lambda *_, index=index: calls.append(index))
+    before = executor.work.layer_calls
+    row_states(executor, rows, chains, share_calls=True)
+    assert calls == [1, 2, 1, 2, 3]
+    assert executor.work.layer_calls - before == 5
+    assert lowest_first_calls(chains, [0, 0]) == 6
+
+
+def _search_like_chain(rng: random.Random, depth: int) -> Chain:
+    """The identity with blocks skipped and repeated, as the search space edits it."""
+    layers, i = [], 0
+    while i < depth:
+        block = list(range(i, min(i + rng.randint(1, 4), depth)))
+        edit = rng.random()
+        layers += [] if edit < 0.15 else block * (rng.randint(2, 3) if edit < 0.3 else 1)
+        i += len(block)
+    return Chain.derived(tuple(layers or [0]))
+
+
+def test_layer_calls_run_every_row_s_chain_in_order_in_no_more_calls_than_lowest_first():
+    rng = random.Random(0)
+    fewer = 0
+    for _ in range(200):
+        chains = [_search_like_chain(rng, 30) for _ in range(rng.randint(1, 24))]
+        start = [rng.randint(0, len(chain)) for chain in chains]
+        ran: list[list[int]] = [[] for _ in chains]
+        calls = 0
+        for layer, rows, positions in layer_calls(chains, start):
+            calls += 1
+            for r in rows:
+                assert positions[r] == start[r] + len(ran[r])
+                ran[r].append(layer)
+        assert [tuple(run) for run in ran] == [
+            c.layers[s:] for c, s in zip(chains, start, strict=True)
+        ]
+        before = lowest_first_calls(chains, start)
+        assert calls <= before
+        fewer += calls < before
+    assert fewer > 100
 
 
 #: Chains as a search explores them: each shares a prefix with an earlier one.

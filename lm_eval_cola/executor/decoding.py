@@ -319,6 +319,7 @@ class DecodeStep(RowsRun):
         """Count the call's work (padding apart); store what each row's position did."""
         width, lengths, total = self.rows.width, self.rows.lengths, self.executor.work
         real = sum(lengths[r] for r in rows)
+        total.layer_calls += 1
         total.layer_applications += len(rows)
         total.token_layer_applications += packed.size
         total.padding_token_layers += packed.size - real

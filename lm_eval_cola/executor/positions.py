@@ -56,6 +56,7 @@ class ChainPosition(nn.Module):
             for module, idx in zip(self._indexed, saved, strict=True):
                 module.layer_idx = idx
         work, tokens = self.executor.work, hidden_states.shape[0] * hidden_states.shape[1]
+        work.layer_calls += 1
         work.layer_applications += hidden_states.shape[0]
         work.token_layer_applications += tokens
         work.decode_token_layers += tokens if decoding else 0

@@ -18,6 +18,9 @@ class Work:
     token_layer_applications: int = 0
     padding_token_layers: int = 0
     forward_calls: int = 0
+    #: calls of a decoder layer: each reads all the layer's weights, so on decoding steps (a
+    #: token a row) they, not the tokens, are the cost
+    layer_calls: int = 0
     #: token-layers of generation's decoding steps (after the prompt's prefill), counted apart
     #: because they run one token at a time
     decode_token_layers: int = 0
