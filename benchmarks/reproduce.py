@@ -27,11 +27,13 @@ Example (after ``cola data import`` of arc_easy and gsm8k from ../shared/data):
 The paper's protocol alone (``generated``: arc_easy_gen and arc_challenge_gen at 500 documents
 in the combined space and 200 in each single space, gsm8k_direct at 200 documents and budget
 50), grown round-robin 25 documents at a time so that every table has data when it stops, and
-stopping after 2 hours (run it again to go on; results/paper.db's runs were searched with
-HF's ``generate``, so they grow with ``--decoding hf``):
+stopping after 2 hours (run it again to go on). results/paper-invariant.db grows it in the
+batch-invariant mode, the default; results/paper.db's runs were searched with HF's
+``generate`` and grow only with ``--decoding hf``:
 
-    python benchmarks/reproduce.py --sections generated --hours 2 --store results/paper.db \\
-        --decoding hf --report results/PAPER.md --figures docs/figures
+    python benchmarks/reproduce.py --sections generated --hours 2 \\
+        --store results/paper-invariant.db --report results/PAPER-invariant.md \\
+        --figures docs/figures/paper-invariant
 """
 
 from __future__ import annotations
