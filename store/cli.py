@@ -23,12 +23,14 @@ from lm_eval_cola.cli import add_command
 if TYPE_CHECKING:
     import pandas as pd
 
+    from lm_eval_cola.store.compare import Comparison
     from lm_eval_cola.store.controls import AtK, Controls, Lottery
     from lm_eval_cola.store.queries import RunStats
 
 EPILOG = """examples:
   cola db runs --store cola.db
   cola db stats --store cola.db --run 3
+  cola db compare --store cpu.db --run 3 --other_store gpu.db --other_run 3
   cola db chains --store cola.db --run 3 --format csv --output chains.csv
   cola db sql --store cola.db "SELECT chain, COUNT(*) FROM evaluations GROUP BY chain LIMIT 5"
   cola db export --store cola.db --format parquet --output_dir dump/
@@ -77,6 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_chains(commands)
     _add_stats(commands)
     _add_controls(commands)
+    _add_compare(commands)
     _add_sql(commands)
     _add_export(commands)
     _add_archive(commands)
@@ -463,6 +466,77 @@ def _layer_table(result: RunStats) -> str:
     rates = frames.layer_rates_frame(result).set_index("layer")
     rates.columns = ["usage", "skip", "repeat"]
     return rates.T.to_string(float_format=lambda x: f"{x:.2f}", line_width=100)
+
+
+# -- compare ----------------------------------------------------------------------------------
+
+COMPARE_DETAILS = """\
+Does a search repeat? Two runs of one task (the same search on another machine, device, dtype
+  or decoding mode, in the same store or another) are matched by document content and chain
+  text, on the documents both finished. Every chain both evaluated on a document is a pair:
+  how many pairs give a different answer (where both runs recorded it) or a different
+  correctness, and the first differing pairs. Then the full model's agreement, and the rescues
+  (documents the full model gets wrong in both runs that some chain corrects) each run finds
+  and both find, beside what two independent draws of that many documents would share."""
+
+
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "compare",
+        "two runs of one task, chain by chain: where their answers differ",
+        "cola db compare --store hf.db --run 1 --other_store bi.db --other_run 1",
+        _compare,
+        COMPARE_DETAILS,
+    )
+    parser.add_argument("--run", required=True, help="run id or name in --store")
+    parser.add_argument("--other_run", required=True, help="run id or name in --other_store")
+    parser.add_argument(
+        "--other_store", help="SQLite path or SQLAlchemy URL of --other_run (default: --store)"
+    )
+    parser.add_argument(
+        "--show", type=int, default=10, help="differing pairs to list (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--format", choices=("table", "json"), default="table", help="(default: %(default)s)"
+    )
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from lm_eval_cola.store import frames
+
+    result = frames.compare(args.store, args.run, args.other_run, args.other_store, args.show)
+    if args.format == "json":
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    print(_compare_text(result, args))
+
+
+def _compare_text(result: Comparison, args: argparse.Namespace) -> str:
+    """The pairs' agreement, the full model's, the rescues', then the first differences."""
+    other = f"run {args.other_run}" + (f" of {args.other_store}" if args.other_store else "")
+    verdict = "identical" if result.identical else "they differ"
+    lines = [
+        f"{result.task}: run {args.run} against {other}, on the {result.documents} documents "
+        f"both finished ({result.evaluations[0]:,} and {result.evaluations[1]:,} evaluations)",
+        f"  chains both evaluated on a document: {result.common:,}; {verdict}",
+        f"  answers compared (both recorded): {result.answers_compared:,}, differing: "
+        f"{result.answers_differ:,}",
+        f"  correctness differing: {result.correctness_differs:,}",
+        f"  full model, same correctness: "
+        f"{share_text(result.full_model_agrees, result.full_model_documents)}",
+        f"  rescues, of the {result.wrong_in_both} documents the full model gets wrong in both: "
+        f"{result.rescued[0]} and {result.rescued[1]}, {result.rescued_by_both} by both "
+        f"({result.rescued_by_chance:.1f} if each run picked its own at random)",
+    ]
+    if result.differences:
+        lines.append("first differing pairs (doc_id, chain: answers, correct):")
+        lines += [
+            f"  {pair.doc_id}, {pair.chain}: {pair.answers[0]!r} / {pair.answers[1]!r}, "
+            f"{pair.correct[0]} / {pair.correct[1]}"
+            for pair in result.differences
+        ]
+    return "\n".join(lines)
 
 
 # -- plot (``cola plot``) ----------------------------------------------------------------------

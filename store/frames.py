@@ -17,6 +17,7 @@ from dataclasses import fields, replace
 
 import pandas as pd
 
+from lm_eval_cola.store import compare as comparing
 from lm_eval_cola.store import controls as controls_queries
 from lm_eval_cola.store import queries
 from lm_eval_cola.store.engine import StoreError, StoreReadOnly, translated
@@ -105,6 +106,25 @@ def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
             "--target decoy, or run cola controls random / menu"
         )
     return result
+
+
+def compare(
+    store: StoreLike,
+    run_id: RunLike,
+    other_run_id: RunLike,
+    other_store: StoreLike | None = None,
+    show: int = 10,
+) -> comparing.Comparison:
+    """Run ``run_id`` against ``other_run_id`` (of ``other_store``, default the same store)
+    chain by chain on the documents both finished (:mod:`lm_eval_cola.store.compare`)."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(opened(store))
+        second = first if other_store is None else stack.enter_context(opened(other_store))
+        (first_run,) = resolve_runs(first, run_id)
+        (second_run,) = resolve_runs(second, other_run_id)
+        a = stack.enter_context(first.session())
+        b = a if second is first else stack.enter_context(second.session())
+        return comparing.compare(a, first_run, b, second_run, show)
 
 
 def stats(store: StoreLike, run_id: RunLike) -> pd.DataFrame:
