@@ -23,7 +23,7 @@ from lm_eval_cola.cli import add_command
 if TYPE_CHECKING:
     import pandas as pd
 
-    from lm_eval_cola.store.compare import Comparison
+    from lm_eval_cola.store.compare import Comparison, Side
     from lm_eval_cola.store.controls import AtK, Controls, Lottery
     from lm_eval_cola.store.queries import RunStats
 
@@ -513,12 +513,13 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _compare_text(result: Comparison, args: argparse.Namespace) -> str:
-    """The pairs' agreement, the full model's, the rescues', then the first differences."""
-    other = f"run {args.other_run}" + (f" of {args.other_store}" if args.other_store else "")
+    """The two runs, the pairs' agreement, the full model's, the rescues', then the first
+    differences."""
     verdict = "identical" if result.identical else "they differ"
+    stores = (args.store, args.other_store or args.store)
     lines = [
-        f"{result.task}: run {args.run} against {other}, on the {result.documents} documents "
-        f"both finished ({result.evaluations[0]:,} and {result.evaluations[1]:,} evaluations)",
+        f"{result.task}, on the {result.documents} documents both runs finished:",
+        *(f"  {_side_text(side, store)}" for side, store in zip(result.runs, stores, strict=True)),
         f"  chains both evaluated on a document: {result.common:,}; {verdict}",
         f"  answers compared (both recorded): {result.answers_compared:,}, differing: "
         f"{result.answers_differ:,}",
@@ -537,6 +538,14 @@ def _compare_text(result: Comparison, args: argparse.Namespace) -> str:
             for pair in result.differences
         ]
     return "\n".join(lines)
+
+
+def _side_text(side: Side, store: str) -> str:
+    name = f" ({side.name})" if side.name else ""
+    return (
+        f"run {side.run_id}{name} of {store}: {side.model} {side.dtype}, {side.method} budget "
+        f"{side.budget}, decoding {side.decoding}; {side.evaluations:,} evaluations"
+    )
 
 
 # -- plot (``cola plot``) ----------------------------------------------------------------------

@@ -19,7 +19,13 @@ from sqlalchemy.orm import Session
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.store.controls import target_of
 from lm_eval_cola.store.queries import run_depth
-from lm_eval_cola.store.schema import Document, Evaluation, Run, RunDocument
+from lm_eval_cola.store.schema import (
+    Document,
+    Evaluation,
+    Run,
+    RunDocument,
+    decoded_batch_invariantly,
+)
 
 #: A run's outcomes: per document hash, its id in the task and per chain (correct, answer).
 Outcomes = dict[str, tuple[int, dict[str, tuple[bool, str | None]]]]
@@ -47,12 +53,27 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class Side:
+    """What one of the two runs is: the settings a repetition would change."""
+
+    run_id: int
+    name: str | None
+    model: str
+    dtype: str
+    method: str
+    budget: int
+    decoding: str
+    #: evaluations on the documents both runs finished
+    evaluations: int
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Two runs on the documents both finished; pairs are (first run, second run)."""
 
     task: str
+    runs: tuple[Side, Side]
     documents: int
-    evaluations: tuple[int, int]
     #: chains both runs evaluated on the same document
     common: int
     #: of those, pairs whose answers both runs recorded (schema 0003 on)
@@ -123,8 +144,11 @@ def compare(
     rescued = [{h for h in wrong if _any_correct(run[h][1])} for run in (a, b)]
     return Comparison(
         task=first.get(Run, first_run).task.name,
+        runs=(
+            _side(first.get(Run, first_run), sum(len(a[h][1]) for h in shared)),
+            _side(second.get(Run, second_run), sum(len(b[h][1]) for h in shared)),
+        ),
         documents=len(shared),
-        evaluations=(sum(len(a[h][1]) for h in shared), sum(len(b[h][1]) for h in shared)),
         common=len(pairs),
         answers_compared=len(answered),
         answers_differ=sum(pair.answers[0] != pair.answers[1] for pair in answered),
@@ -167,6 +191,14 @@ def _pair(a, b, chain: str) -> Pair:
     """``chain`` on one document, from each run's (doc_id, chains) of it."""
     (correct_a, answer_a), (correct_b, answer_b) = a[1][chain], b[1][chain]
     return Pair(a[0], chain, (answer_a, answer_b), (correct_a, correct_b))
+
+
+def _side(run: Run, evaluations: int) -> Side:
+    decoding = "batch_invariant" if decoded_batch_invariantly(run.settings) else "hf"
+    model = run.model
+    return Side(
+        run.id, run.name, model.name, model.dtype, run.method, run.budget, decoding, evaluations
+    )
 
 
 def _identity(session: Session, run_id: int) -> str:

@@ -84,7 +84,7 @@ def stores(tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("compare")
     cpu, gpu = str(folder / "cpu.db"), str(folder / "gpu.db")
     _fill(cpu, "cpu", CPU, order=[0, 1, 2, 3, 4])
-    _fill(gpu, "gpu", GPU, order=[4, 3, 2, 1, 0])
+    _fill(gpu, "gpu", GPU, order=[4, 3, 2, 1, 0], decoding="batch_invariant")
     _fill(gpu, "gpu-decoy", GPU, order=[4, 3, 2, 1, 0], target="decoy")
     _fill(gpu, "other-task", GPU, order=[0, 1, 2, 3, 4], task=OTHER_TASK)
     return cpu, gpu
@@ -95,7 +95,16 @@ def test_compare_counts_pairs_full_model_and_rescues(stores) -> None:
     result = frames.compare(cpu, "cpu", "gpu", gpu, show=5)
     assert result.task == "cola_gen"
     assert result.documents == 3  # 0-2: gpu's 3 is not in cpu, its 4 is unfinished
-    assert result.evaluations == (8, 9)
+    first, second = result.runs
+    assert (first.name, first.model, first.dtype, first.method, first.budget) == (
+        "cpu",
+        "tiny",
+        "float32",
+        "mcts",
+        4,
+    )
+    assert (first.decoding, second.decoding) == ("hf", "batch_invariant")
+    assert (first.evaluations, second.evaluations) == (8, 9)
     assert result.common == 8  # every cpu chain; gpu's 1-3 on document 0 has no pair
     assert (result.answers_compared, result.answers_differ) == (7, 2)  # 0.3 unrecorded in cpu
     assert result.correctness_differs == 1
@@ -145,7 +154,9 @@ def test_compare_command_text_and_json(stores, capsys) -> None:
     argv = ["db", "compare", "--store", cpu, "--run", "cpu", "--other_store", gpu]
     assert main([*argv, "--other_run", "gpu"]) == 0
     text = capsys.readouterr().out
-    assert f"cola_gen: run cpu against run gpu of {gpu}, on the 3 documents" in text
+    assert "cola_gen, on the 3 documents both runs finished:" in text
+    assert f"run 1 (cpu) of {cpu}: tiny float32, mcts budget 4, decoding hf; 8 evaluations" in text
+    assert f"run 1 (gpu) of {gpu}: tiny float32, mcts budget 4, decoding batch_invariant" in text
     assert "chains both evaluated on a document: 8; they differ" in text
     assert "answers compared (both recorded): 7, differing: 2" in text
     assert "correctness differing: 1" in text
