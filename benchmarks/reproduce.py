@@ -112,7 +112,12 @@ def parse_args() -> argparse.Namespace:
     add("--math_limit", type=int, default=200, help="0: no math")
     add("--math_budget", type=int, default=50)
     add("--step", type=int, default=25, help="documents added to every run per round")
-    add("--hours", type=float, help="start no round after this many hours (default: no limit)")
+    add(
+        "--hours",
+        type=float,
+        help="start no run's step (its search and controls) after this many hours; the one "
+        "under way finishes (default: no limit)",
+    )
     add("--parallel_docs", type=int, default=16, help="documents searched per forward pass")
     add("--prefix_cache_mb", type=float, default=1024)
     add("--workers", type=int, default=1, help="CPU processes per search (cola search --workers)")
