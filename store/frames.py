@@ -117,6 +117,8 @@ def compare(
 ) -> comparing.Comparison:
     """Run ``run_id`` against ``other_run_id`` (of ``other_store``, default the same store)
     chain by chain on the documents both finished (:mod:`lm_eval_cola.store.compare`)."""
+    if show < 0:
+        raise ValueError(f"--show {show}: list 0 or more differing pairs")
     with contextlib.ExitStack() as stack:
         first = stack.enter_context(opened(store))
         second = first if other_store is None else stack.enter_context(opened(other_store))

@@ -138,12 +138,13 @@ def test_show_limits_the_listed_differences(stores) -> None:
         ("gpu-decoy", "run 1 is rewarded by the gold answer and run 2 by the decoy"),
         ("other-task", "run 1 searched cola_gen and run 3 other_gen: compare two runs of one"),
         ("nope", "has no run 'nope'"),
+        ("gpu --show -1", "--show -1: list 0 or more differing pairs"),
     ],
 )
 def test_runs_that_do_not_compare_are_refused(stores, other: str, message: str, capsys) -> None:
     cpu, gpu = stores
     argv = ["db", "compare", "--store", cpu, "--run", "cpu", "--other_store", gpu]
-    assert main([*argv, "--other_run", other]) == 1
+    assert main([*argv, "--other_run", *other.split()]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cola db compare: error:") and message in err
     assert err.count("\n") == 1
