@@ -245,17 +245,22 @@ def _add_run_report(
     def report(args: argparse.Namespace) -> None:
         from lm_eval_cola.store import frames
 
-        result = getattr(frames, compute)(args.store, args.run)
-        if args.format == "json":
-            print(json.dumps(dataclasses.asdict(result), indent=2))
-            return
-        print(as_text(result))
+        _print_result(getattr(frames, compute)(args.store, args.run), args.format, as_text)
 
     parser = _command(commands, name, summary, example, report, details=details)
     parser.add_argument("--run", required=True, help="run id or name")
+    _add_result_format(parser)
+
+
+def _add_result_format(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", choices=("table", "json"), default="table", help="(default: %(default)s)"
     )
+
+
+def _print_result(result: Any, fmt: str, as_text: Callable[[Any], str]) -> None:
+    """A report's dataclass as text, or as JSON with every field."""
+    print(json.dumps(dataclasses.asdict(result), indent=2) if fmt == "json" else as_text(result))
 
 
 def _stats_text(result: RunStats) -> str:
@@ -497,19 +502,14 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--show", type=int, default=10, help="differing pairs to list (default: %(default)s)"
     )
-    parser.add_argument(
-        "--format", choices=("table", "json"), default="table", help="(default: %(default)s)"
-    )
+    _add_result_format(parser)
 
 
 def _compare(args: argparse.Namespace) -> None:
     from lm_eval_cola.store import frames
 
     result = frames.compare(args.store, args.run, args.other_run, args.other_store, args.show)
-    if args.format == "json":
-        print(json.dumps(dataclasses.asdict(result), indent=2))
-        return
-    print(_compare_text(result, args))
+    _print_result(result, args.format, functools.partial(_compare_text, args=args))
 
 
 def _compare_text(result: Comparison, args: argparse.Namespace) -> str:

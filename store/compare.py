@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.store.controls import target_of
-from lm_eval_cola.store.queries import run_depth
 from lm_eval_cola.store.schema import (
     Document,
     Evaluation,
@@ -104,20 +103,19 @@ class Comparison:
         return self.rescued[0] * self.rescued[1] / self.wrong_in_both
 
 
-def check_comparable(first: Session, first_run: int, second: Session, second_run: int) -> None:
+def check_comparable(first: Run, second: Run) -> None:
     """Refuse, before reading any evaluation, two runs of different tasks or targets (a chain
     correct for the decoy answer is not comparable with one correct for the gold)."""
-    runs = first.get(Run, first_run), second.get(Run, second_run)
-    tasks = runs[0].task.name, runs[1].task.name
+    tasks = first.task.name, second.task.name
     if tasks[0] != tasks[1]:
         raise ValueError(
-            f"run {first_run} searched {tasks[0]} and run {second_run} {tasks[1]}: compare two "
+            f"run {first.id} searched {tasks[0]} and run {second.id} {tasks[1]}: compare two "
             "runs of one task"
         )
-    targets = target_of(runs[0]), target_of(runs[1])
+    targets = target_of(first), target_of(second)
     if targets[0] != targets[1]:
         raise ValueError(
-            f"run {first_run} is rewarded by the {targets[0]} answer and run {second_run} by the "
+            f"run {first.id} is rewarded by the {targets[0]} answer and run {second.id} by the "
             f"{targets[1]}: compare two runs of one target (cola db controls compares gold with "
             "decoy)"
         )
@@ -127,14 +125,15 @@ def compare(
     first: Session, first_run: int, second: Session, second_run: int, show: int = 10
 ) -> Comparison:
     """The two runs on the documents both finished; the first ``show`` differences listed."""
-    check_comparable(first, first_run, second, second_run)
+    runs = first.get(Run, first_run), second.get(Run, second_run)
+    check_comparable(*runs)
     a, b = outcomes(first, first_run), outcomes(second, second_run)
     shared = sorted(set(a) & set(b), key=lambda doc_hash: a[doc_hash][0])
     pairs = [
         _pair(a[h], b[h], chain) for h in shared for chain in sorted(set(a[h][1]) & set(b[h][1]))
     ]
     answered = [pair for pair in pairs if pair.answered]
-    identity = _identity(first, first_run), _identity(second, second_run)
+    identity = _identity(runs[0]), _identity(runs[1])
     full = [
         (a[h][1][identity[0]][0], b[h][1][identity[1]][0], h)
         for h in shared
@@ -143,10 +142,10 @@ def compare(
     wrong = [h for right_a, right_b, h in full if not right_a and not right_b]
     rescued = [{h for h in wrong if _any_correct(run[h][1])} for run in (a, b)]
     return Comparison(
-        task=first.get(Run, first_run).task.name,
+        task=runs[0].task.name,
         runs=(
-            _side(first.get(Run, first_run), sum(len(a[h][1]) for h in shared)),
-            _side(second.get(Run, second_run), sum(len(b[h][1]) for h in shared)),
+            _side(runs[0], sum(len(a[h][1]) for h in shared)),
+            _side(runs[1], sum(len(b[h][1]) for h in shared)),
         ),
         documents=len(shared),
         common=len(pairs),
@@ -201,9 +200,9 @@ def _side(run: Run, evaluations: int) -> Side:
     )
 
 
-def _identity(session: Session, run_id: int) -> str:
+def _identity(run: Run) -> str:
     """The full model's chain in the run's model."""
-    return str(Chain.identity(run_depth(session, run_id)))
+    return str(Chain.identity(run.model.n_layers))
 
 
 def _any_correct(chains: dict[str, tuple[bool, str | None]]) -> bool:
