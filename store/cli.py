@@ -482,7 +482,8 @@ Does a search repeat? Two runs of one task (the same search on another machine, 
   how many pairs give a different answer (where both runs recorded it) or a different
   correctness, and the first differing pairs. Then the full model's agreement, and the rescues
   (documents the full model gets wrong in both runs that some chain corrects) each run finds
-  and both find, beside what two independent draws of that many documents would share."""
+  and both find, beside what two independent draws of that many documents would share.
+  Runs of different tasks, targets (gold or decoy) or model depths are refused."""
 
 
 def _add_compare(commands: argparse._SubParsersAction) -> None:

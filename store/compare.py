@@ -104,13 +104,21 @@ class Comparison:
 
 
 def check_comparable(first: Run, second: Run) -> None:
-    """Refuse, before reading any evaluation, two runs of different tasks or targets (a chain
-    correct for the decoy answer is not comparable with one correct for the gold)."""
+    """Refuse, before reading any evaluation, two runs of different tasks, depths or targets:
+    a chain names layers by index, so "0-5" of a 30-layer model is not "0-5" of a 24-layer one,
+    and a chain correct for the decoy answer is not comparable with one correct for the gold."""
     tasks = first.task.name, second.task.name
     if tasks[0] != tasks[1]:
         raise ValueError(
             f"run {first.id} searched {tasks[0]} and run {second.id} {tasks[1]}: compare two "
             "runs of one task"
+        )
+    depths = first.model.n_layers, second.model.n_layers
+    if depths[0] != depths[1]:
+        raise ValueError(
+            f"run {first.id}'s model has {depths[0]} layers and run {second.id}'s {depths[1]}: "
+            "their chains name different layers; compare runs of one model (another machine, "
+            "dtype or decoding)"
         )
     targets = target_of(first), target_of(second)
     if targets[0] != targets[1]:

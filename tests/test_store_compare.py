@@ -23,6 +23,7 @@ from lm_eval_cola.store.store import DocumentInfo, EvaluationInfo, RunInfo, Stor
 MODEL = ModelIdentity("tiny", None, "llama", 4, "float32", "cd" * 32)
 TASK = TaskInfo("cola_gen", "1.0", "0" * 64, "test", "generate_until")
 OTHER_TASK = TaskInfo("other_gen", "1.0", "1" * 64, "test", "generate_until")
+DEEPER = ModelIdentity("tiny-deep", None, "llama", 6, "float32", "ef" * 32)
 #: Per document: (chain, answer, correct); ``0-3`` is the full model. An answer of None is a
 #: chain whose answer was not recorded (a store from before schema 0003).
 CPU = {
@@ -49,7 +50,8 @@ def _document(i: int) -> DocumentInfo:
 
 def _fill(url: str, name: str, done: dict, order: list[int], **settings) -> None:
     with Store(url) as store:
-        model_id, task_id = store.model(MODEL), store.task(settings.pop("task", TASK))
+        model_id = store.model(settings.pop("model", MODEL))
+        task_id = store.task(settings.pop("task", TASK))
         ids = store.documents(task_id, [_document(i) for i in order])
         run_id = store.start_run(
             model_id, task_id, RunInfo("mcts", 4, 0, 5, settings=settings, name=name)
@@ -87,6 +89,7 @@ def stores(tmp_path_factory) -> tuple[str, str]:
     _fill(gpu, "gpu", GPU, order=[4, 3, 2, 1, 0], decoding="batch_invariant")
     _fill(gpu, "gpu-decoy", GPU, order=[4, 3, 2, 1, 0], target="decoy")
     _fill(gpu, "other-task", GPU, order=[0, 1, 2, 3, 4], task=OTHER_TASK)
+    _fill(gpu, "deeper", GPU, order=[0, 1, 2, 3, 4], model=DEEPER)
     return cpu, gpu
 
 
@@ -137,6 +140,7 @@ def test_show_limits_the_listed_differences(stores) -> None:
     [
         ("gpu-decoy", "run 1 is rewarded by the gold answer and run 2 by the decoy"),
         ("other-task", "run 1 searched cola_gen and run 3 other_gen: compare two runs of one"),
+        ("deeper", "run 1's model has 4 layers and run 4's 6: their chains name different"),
         ("nope", "has no run 'nope'"),
         ("gpu --show -1", "--show -1: list 0 or more differing pairs"),
     ],
