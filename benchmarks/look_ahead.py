@@ -24,7 +24,7 @@ import tempfile
 import search as bench  # benchmarks/search.py: run as a script, this folder comes first
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="example: python benchmarks/look_ahead.py --task gsm8k_direct --limit 8 "
@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--model_args", default="", help="cola model args (default: SmolLM2)")
     parser.add_argument("--task", default="gsm8k_direct", help="a generated-answer task")
+    parser.add_argument("--include_path", help="a folder of your own lm-eval task YAMLs")
     parser.add_argument("--limit", type=int, default=8, help="documents searched")
     parser.add_argument("--budget", type=int, default=20, help="MCTS simulations a document")
     parser.add_argument("--parallel_docs", type=int, default=8)
@@ -40,13 +41,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--depths", default="0,1,3,6", help="comma-separated look-ahead depths")
     parser.add_argument("--skip_hf", action="store_true", help="no hf-decoding run")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     lm = bench.load(args.model_args, args.device)
-    task = bench.load_tasks(args.task)[args.task]
+    task = bench.load_tasks(args.task, args.include_path)[args.task]
     how = {"prefix_cache_mb": args.prefix_cache_mb, "parallel_docs": args.parallel_docs}
     runs = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -57,13 +57,14 @@ from lm_eval_cola.tasks import load_tasks
 TOLERANCE = 1e-5
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="example: python benchmarks/search.py --limit 20 --budget 200 --parallel_docs 16",
     )
     parser.add_argument("--model_args", default="", help="cola model args (default: SmolLM2)")
     parser.add_argument("--task", default="arc_easy")
+    parser.add_argument("--include_path", help="a folder of your own lm-eval task YAMLs")
     parser.add_argument("--limit", type=int, default=20, help="documents searched")
     parser.add_argument("--budget", type=int, default=200, help="MCTS simulations a document")
     parser.add_argument("--parallel_docs", type=int, default=16)
@@ -78,7 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--skip_naive", action="store_true", help="only the new path (no ratios to naive)"
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 @dataclasses.dataclass
@@ -140,12 +141,12 @@ def same_searches(a: Measured, b: Measured) -> bool:
     return all(abs(x[3] - y[3]) <= TOLERANCE for x, y in zip(a.rows, b.rows, strict=True))
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.workers is None:
         args.workers = len(os.sched_getaffinity(0)) if args.device == "cpu" else 1
     lm = load(args.model_args, args.device)
-    task = load_tasks(args.task)[args.task]
+    task = load_tasks(args.task, args.include_path)[args.task]
     runs: dict[str, Measured] = {}
     with tempfile.TemporaryDirectory() as folder:
         if not args.skip_naive:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 def script(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -318,3 +320,60 @@ def test_reproduction_grows_each_run_in_its_own_decoding_mode(
     with pytest.raises(SystemExit, match="searched with --decoding hf: pass --decoding hf"):
         script("reproduce").main()
     assert [(r.id, r.name) for r in runs()] == [(r.id, r.name) for r in searched]
+
+
+TINY_GEN_SEARCH = ["--task", "cola_gen", "--limit", "3", "--budget", "6", "--parallel_docs", "3",
+                   "--workers", "1", "--prefix_cache_mb", "64"]  # fmt: skip
+
+
+def _changed(row: tuple, field: str) -> tuple:
+    """One evaluation ``(document, chain, correct, score, response)`` with ``field`` changed."""
+    document, chain, correct, score, response = row
+    return {
+        "chain": (document, chain + ".0", correct, score, response),
+        "correct": (document, chain, not correct, score, response),
+        "score": (document, chain, correct, score + 1e-3, response),
+        "answer": (document, chain, correct, score, f"{response} and more"),
+    }[field]
+
+
+def _one_run_changed(bench, monkeypatch, run_name: str, field: str) -> None:
+    """``bench.measured_search`` as it is, but the run named ``run_name`` reads back its first
+    evaluation with ``field`` changed, as a path that decoded differently would store it."""
+    honest = bench.measured_search
+
+    def measured(lm, task, args, folder, name, *rest, **how):
+        found = honest(lm, task, args, folder, name, *rest, **how)
+        if name == run_name:
+            found.rows[0] = _changed(found.rows[0], field)
+        return found
+
+    monkeypatch.setattr(bench, "measured_search", measured)
+
+
+@pytest.mark.parametrize("field", ["chain", "correct", "score", "answer"])
+def test_search_fails_when_parallel_documents_store_another_evaluation(
+    tiny_llama_dir, task_dir, monkeypatch, field
+):
+    """benchmarks/search.py on a generated task: every path agrees on the tiny model, and a
+    parallel path that stored one other chain, correctness, score or answer fails it."""
+    search = script("search")
+    args = ["--model_args", f"pretrained={tiny_llama_dir}", "--include_path", task_dir,
+            *TINY_GEN_SEARCH]  # fmt: skip
+    if field == "chain":  # one honest run is enough
+        assert search.main(args) == 0
+    _one_run_changed(search, monkeypatch, "new, 3 documents at a time", field)
+    assert search.main(args) == 1
+
+
+def test_look_ahead_fails_when_a_depth_stores_another_answer(tiny_llama_dir, task_dir, monkeypatch):
+    """benchmarks/look_ahead.py: the depths agree on the tiny model, and a depth that stored
+    another answer fails it."""
+    search = script("search")
+    monkeypatch.setitem(sys.modules, "search", search)  # look_ahead.py's ``import search``
+    look_ahead = script("look_ahead")
+    args = ["--model_args", f"pretrained={tiny_llama_dir}", "--include_path", task_dir,
+            *TINY_GEN_SEARCH, "--depths", "0,2", "--skip_hf"]  # fmt: skip
+    assert look_ahead.main(args) == 0
+    _one_run_changed(search, monkeypatch, "ahead2", "answer")
+    assert look_ahead.main(args) == 1
