@@ -152,7 +152,6 @@ def _sqlite_pragmas(read_only: bool):
     def on_connect(dbapi_connection, _record) -> None:
         dbapi_connection.isolation_level = None  # transactions are ours: see _sqlite_begin
         cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_S * 1000}")
         cursor.execute("PRAGMA foreign_keys = ON")
         if read_only:
             cursor.execute("PRAGMA query_only = ON")

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from multiprocessing.context import BaseContext
 from multiprocessing.queues import Queue
@@ -297,6 +298,25 @@ def test_locked_store_says_so_and_names_the_store(tmp_path: Path, monkeypatch) -
         assert counts(path)["tasks"] == 1
     finally:
         holder.close()
+
+
+def test_a_writer_waits_for_another_writers_lock(tmp_path: Path) -> None:
+    """Another connection holds the write lock for half a second: the writer waits it out
+    (the busy timeout) instead of failing at once."""
+    path = str(tmp_path / "cola.db")
+    with Store(path) as store:
+        store.task(TASK)
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(0.5, holder.rollback)
+    release.start()
+    try:
+        with Store(path) as store:
+            store.task(OTHER_TASK)
+    finally:
+        release.join()
+        holder.close()
+    assert counts(path)["tasks"] == 2
 
 
 @contextlib.contextmanager
