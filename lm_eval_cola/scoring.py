@@ -19,7 +19,7 @@ pass of its own when a caller did not).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,21 +126,30 @@ class Objective:
         ]
 
     def score_all(
-        self, proposals: Sequence[Proposal], at_once: int = 16, desc: str | None = None
+        self,
+        proposals: Sequence[Proposal],
+        at_once: int = 16,
+        desc: str | None = None,
+        on_pass: Callable[[list[Proposal], list[Trial]], None] | None = None,
     ) -> list[Trial]:
         """Score any proposals, passes of up to ``at_once`` distinct documents: the full
         model's first, in passes of their own (the reference), then the others with a chain's
         proposals kept together (a generation pass decodes once per distinct chain); trials
-        come in the proposals' order. ``desc`` shows a progress bar."""
+        come in the proposals' order. ``desc`` shows a progress bar; ``on_pass`` gets each
+        pass's proposals and trials as they are done, so a caller can keep them before a
+        long check ends (or dies)."""
         trials: list[Trial] = [None] * len(proposals)  # type: ignore[list-item]
         first = [i for i, p in enumerate(proposals) if p.chain == self.identity]
         later = [i for i, p in enumerate(proposals) if p.chain != self.identity]
         with tqdm(total=len(proposals), desc=desc, disable=desc is None or not proposals) as bar:
             for indices in (first, later):
                 for chunk in _passes([proposals[i] for i in indices], at_once):
-                    scored = self.score_many([proposals[indices[i]] for i in chunk])
+                    done = [proposals[indices[i]] for i in chunk]
+                    scored = self.score_many(done)
                     for index, trial in zip(chunk, scored, strict=True):
                         trials[indices[index]] = trial
+                    if on_pass is not None:
+                        on_pass(done, scored)
                     bar.update(len(chunk))
         return trials
 

@@ -576,18 +576,22 @@ class TrialLog(RecordLog):
     def score(
         self, objective: Objective, proposals: list[Proposal], parallel_docs: int, desc: str
     ) -> list[Trial]:
-        """Every proposal's trial: those in the log read back, the others scored and logged."""
+        """Every proposal's trial: those in the log read back, the others scored and logged
+        pass by pass (a check that dies keeps the passes it finished)."""
         kept = {(r["doc_hash"], r["chain"]): r for r in self.records}
         keys = [(p.document.doc_hash, str(p.chain)) for p in proposals]
         missing = [p for p, key in zip(proposals, keys, strict=True) if key not in kept]
-        scored = objective.score_all(missing, parallel_docs, desc)
-        new = [
-            {"doc_hash": p.document.doc_hash, "chain": str(p.chain), "score": t.score,
-             "correct": t.correct, "response": t.response}
-            for p, t in zip(missing, scored, strict=True)
-        ]  # fmt: skip
-        self.write(*new)
-        kept |= {(r["doc_hash"], r["chain"]): r for r in new}
+
+        def log(done: list[Proposal], scored: list[Trial]) -> None:
+            new = [
+                {"doc_hash": p.document.doc_hash, "chain": str(p.chain), "score": t.score,
+                 "correct": t.correct, "response": t.response}
+                for p, t in zip(done, scored, strict=True)
+            ]  # fmt: skip
+            self.write(*new)
+            kept.update(((r["doc_hash"], r["chain"]), r) for r in new)
+
+        objective.score_all(missing, parallel_docs, desc, on_pass=log)
         return [_logged_trial(p.chain, kept[key]) for p, key in zip(proposals, keys, strict=True)]
 
 

@@ -18,7 +18,7 @@ from lm_eval_cola.chain import Chain
 from lm_eval_cola.cli import main
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.sampling import sample
-from lm_eval_cola.scoring import Objective, Trial
+from lm_eval_cola.scoring import Objective, Proposal, Trial
 from lm_eval_cola.search.baselines import Menu, RandomWalks
 from lm_eval_cola.search.controls import (
     ControlError,
@@ -26,6 +26,7 @@ from lm_eval_cola.search.controls import (
     SamplingCheck,
     ShuffleCheck,
     Survival,
+    TrialLog,
 )
 from lm_eval_cola.search.runner import SearchRun, SearchSettings
 from lm_eval_cola.search.space import ChainSpace, single_reversions
@@ -598,6 +599,45 @@ def test_reversion_counts_the_rescues_that_survive(lm, tiny_llama_dir, task_dir,
         capsys, "reversion", *argv, "--trials", str(tmp_path / "notes.jsonl")
     )
     assert status == 2 and "is not a file of cola controls reversion|shuffle --trials" in err
+
+
+def test_a_check_that_dies_keeps_the_evaluations_of_its_finished_passes(
+    lm, task_dir, tmp_path, monkeypatch
+):
+    """``--trials`` is written pass by pass: a check killed in its third pass keeps the first
+    two passes' evaluations, and the same check run again evaluates only the rest."""
+    task = loaded(task_dir, "cola_gen")
+    documents = task_documents(task, 3)
+    proposals = [Proposal(d, Chain.parse(c)) for d in documents for c in ("0-3", "0-2", "1-3")]
+    path, header = tmp_path / "reversion.jsonl.gz", {"run": "gold", "check": "reversion"}
+    objective, honest = Objective(lm, task), Objective.score_many
+    asked: list[int] = []
+    dying = True
+
+    def dies_in_third_pass(self, batch):
+        asked.append(len(batch))
+        if len(asked) == 3 and dying:
+            raise RuntimeError("killed")
+        return honest(self, batch)
+
+    monkeypatch.setattr(Objective, "score_many", dies_in_third_pass)
+    with pytest.raises(RuntimeError, match="killed"):
+        TrialLog.open(path, header).score(objective, proposals, 2, "reversions")
+    kept = TrialLog.open(path, header).records
+    assert len(kept) == asked[0] + asked[1] == 3  # the full model: 2 documents, then 1
+    asked.clear()
+    dying = False
+    trials = TrialLog.open(path, header).score(objective, proposals, 2, "reversions")
+    assert sum(asked) == len(proposals) - len(kept)
+    monkeypatch.undo()
+    assert trials == [_logged(t) for t in Objective(lm, task).score_all(proposals, 2)], (
+        "the same trials as a check that never died"
+    )
+
+
+def _logged(trial: Trial) -> Trial:
+    """A trial as a log keeps it: its chain, score, correctness and answer."""
+    return Trial(trial.chain, trial.score, trial.correct, {}, response=trial.response)
 
 
 def test_an_option_shuffled_document_keeps_its_content_and_moves_its_gold_label():
