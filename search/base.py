@@ -26,6 +26,11 @@ if TYPE_CHECKING:  # the scorer loads torch and lm-eval: not needed to list or p
 #: proposing known chains must still end: after this many proposals per unit of budget it
 #: stops with fewer evaluations (the store records how many each document got).
 MAX_PROPOSALS_PER_EVALUATION = 3
+#: Chains of a document scored ahead of its pending one (:meth:`DocumentSearch.chains_ahead`,
+#: ``cola search --look_ahead``): 20 took 0.85 of the time of 6 on GSM8K's long decodes, bound
+#: by decoding calls; on ARC's letters a decoding step's rows run out first, and the work is
+#: the same (docs/BENCHMARKS.md).
+LOOK_AHEAD = 20
 
 
 class Searcher(ABC):

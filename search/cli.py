@@ -12,7 +12,7 @@ import dataclasses
 
 from lm_eval_cola.cli import add_command, add_model_args, check_model_args, load_model
 from lm_eval_cola.errors import report
-from lm_eval_cola.search.base import SEARCHERS
+from lm_eval_cola.search.base import LOOK_AHEAD, SEARCHERS
 from lm_eval_cola.search.space import MODES
 
 HELP = "search chains per document and record every one in a store"
@@ -99,6 +99,15 @@ def _add_speed(group: argparse._ArgumentGroup) -> None:
         "results (default: 1)",
     )
     group.add_argument(
+        "--look_ahead",
+        type=int,
+        default=LOOK_AHEAD,
+        help="generation tasks (batch_invariant): chains of a document decoded beside its "
+        "pending one, those the method will ask next if the pending one scores as most of the "
+        "document's chains did; the same results at any depth, fewer forward passes when the "
+        "guess holds; 0: one chain of a document at a time (default: %(default)s)",
+    )
+    group.add_argument(
         "--prefix_cache_mb",
         type=float,
         default=4096,
@@ -129,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.parallel_docs < 1:
             raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
+        if args.look_ahead < 0:
+            raise ValueError(f"--look_ahead {args.look_ahead}: decode 0 or more chains ahead")
         check_workers(args.workers, args.device or default_device())
         shard = shard_of(args.shard)
         check_model_args(args)
@@ -146,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         task, how = tasks[spec.name], dataclasses.replace(settings, task=spec)
         search = SearchRun(
             lm, task, store, how, args.prefix_cache_mb, args.run_name, args.parallel_docs,
-            args.workers,
+            args.workers, args.look_ahead,
         )  # fmt: skip
         run_id = search.run(shard)
         print(f"{task.config.task}: run {run_id} in {store}: searched {search.tally}")

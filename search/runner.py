@@ -29,7 +29,7 @@ from tqdm import tqdm
 from lm_eval_cola.chain import Chain
 from lm_eval_cola.fingerprint import reregister_hint
 from lm_eval_cola.scoring import Objective, Proposal, ScoringStream, Trial
-from lm_eval_cola.search.base import DocumentSearch, searcher_class
+from lm_eval_cola.search.base import LOOK_AHEAD, DocumentSearch, searcher_class
 from lm_eval_cola.search.space import ChainSpace
 from lm_eval_cola.search.workers import check_workers, search_in_workers
 from lm_eval_cola.store.store import (
@@ -56,10 +56,6 @@ from lm_eval_cola.tasks import (
 logger = logging.getLogger("lm_eval.cola")
 #: How a search's generations decode (:attr:`SearchSettings.decoding`).
 DECODINGS = ("batch_invariant", "hf")
-#: Chains of a document scored ahead of its pending one (:meth:`SearchRun._look_ahead`): 20
-#: took 0.85 of the time of 6 on GSM8K's long decodes, bound by decoding calls; on ARC's
-#: letters a decoding step's rows run out first, and the work is the same (docs/BENCHMARKS.md).
-LOOK_AHEAD = 20
 
 
 @dataclass(frozen=True)
@@ -244,6 +240,8 @@ class SearchRun:
     ) -> None:
         if parallel_docs < 1:
             raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
+        if look_ahead < 0:
+            raise ValueError(f"look_ahead {look_ahead}: decode 0 or more chains ahead")
         check_workers(workers, lm.executor.model.device.type)
         self.lm, self.task, self.store, self.settings = lm, task, store, settings
         self.spec = settings.task or TaskSpec(task.config.task)

@@ -23,9 +23,11 @@ from sqlalchemy import func, select
 
 import lm_eval_cola.lm
 from lm_eval_cola.chain import Chain
+from lm_eval_cola.cli import main
 from lm_eval_cola.lm import ColaLM
 from lm_eval_cola.scoring import Objective, Proposal, Trial
 from lm_eval_cola.search.base import (
+    LOOK_AHEAD,
     SEARCHERS,
     DocumentSearch,
     pareto_front,
@@ -668,9 +670,29 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
         (["--tasks", "arc_easy", "--shard", "2/2"], "--shard 2/2"),
         (["--tasks", "arc_easy", "--method_args", "colour=red"], "colour"),
         (["--tasks", "arc_easy", "--workers", "2", "--device", "cuda"], "on a GPU"),
+        (["--tasks", "arc_easy", "--look_ahead", "-1"], "--look_ahead -1: decode 0 or more"),
     ]:
         done = subprocess.run([*base, *args], capture_output=True, text=True, env=env)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_cli_look_ahead_reaches_the_search(tiny_llama_dir, task_dir, tmp_path, monkeypatch):
+    """``cola search --look_ahead N`` searches with N chains ahead (it changes speed only, so
+    the stored results cannot show it)."""
+    depths = []
+    made = SearchRun.__init__
+
+    def spied(self, *args, **kwargs) -> None:
+        made(self, *args, **kwargs)
+        depths.append(self.look_ahead)
+
+    monkeypatch.setattr(SearchRun, "__init__", spied)
+    argv = ["search", "--model_args", f"pretrained={tiny_llama_dir}", "--device", "cpu",
+            "--tasks", "cola_gen", "--include_path", task_dir, "--limit", "2", "--budget", "3",
+            "--store", str(tmp_path / "ahead.db")]  # fmt: skip
+    assert main([*argv, "--look_ahead", "3"]) == 0
+    assert main(argv) == 0
+    assert depths == [3, LOOK_AHEAD]
 
 
 def test_the_bar_counts_evaluations_before_the_first_document_finishes(
