@@ -176,7 +176,7 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     kept = {p.name for p in (tmp_path / "r-checks").iterdir()}
     assert kept == {f"{both.name}-{check}.jsonl.gz" for check in ("reversion", "shuffle")}
 
-    def evaluate_nothing(objective, proposals, *_):
+    def evaluate_nothing(objective, proposals, *_, **__):
         assert not proposals, "a rebuilt report evaluates only rescues it has not checked"
         return []
 
