@@ -119,7 +119,7 @@ def _add_speed(group: argparse._ArgumentGroup) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lm_eval_cola.lm import default_device
-    from lm_eval_cola.search.runner import SearchRun, SearchSettings, shard_of
+    from lm_eval_cola.search.runner import SearchRun, SearchSettings, check_pace, shard_of
     from lm_eval_cola.search.workers import check_workers
     from lm_eval_cola.store.engine import check_usable
     from lm_eval_cola.targets import check_decoys
@@ -136,10 +136,7 @@ def run(args: argparse.Namespace) -> int:
             target=args.target,
             decoding=args.decoding,
         )
-        if args.parallel_docs < 1:
-            raise ValueError(f"--parallel_docs {args.parallel_docs}: search at least 1 at once")
-        if args.look_ahead < 0:
-            raise ValueError(f"--look_ahead {args.look_ahead}: decode 0 or more chains ahead")
+        check_pace(args.parallel_docs, args.look_ahead)
         check_workers(args.workers, args.device or default_device())
         shard = shard_of(args.shard)
         check_model_args(args)

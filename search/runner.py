@@ -166,6 +166,14 @@ def shard_of(text: str | None) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def check_pace(parallel_docs: int, look_ahead: int) -> None:
+    """Refuse, before any compute, documents at once or chains ahead a search cannot take."""
+    if parallel_docs < 1:
+        raise ValueError(f"--parallel_docs {parallel_docs}: search at least 1 document at once")
+    if look_ahead < 0:
+        raise ValueError(f"--look_ahead {look_ahead}: decode 0 or more chains ahead")
+
+
 @dataclass
 class _Active:
     """A document whose search is under way."""
@@ -238,10 +246,7 @@ class SearchRun:
         workers: int = 1,
         look_ahead: int = LOOK_AHEAD,
     ) -> None:
-        if parallel_docs < 1:
-            raise ValueError(f"parallel_docs {parallel_docs}: search at least 1 document at once")
-        if look_ahead < 0:
-            raise ValueError(f"look_ahead {look_ahead}: decode 0 or more chains ahead")
+        check_pace(parallel_docs, look_ahead)
         check_workers(workers, lm.executor.model.device.type)
         self.lm, self.task, self.store, self.settings = lm, task, store, settings
         self.spec = settings.task or TaskSpec(task.config.task)

@@ -671,6 +671,7 @@ def test_cli_refuses_bad_input_before_loading_a_model(tmp_path):
         (["--tasks", "arc_easy", "--method_args", "colour=red"], "colour"),
         (["--tasks", "arc_easy", "--workers", "2", "--device", "cuda"], "on a GPU"),
         (["--tasks", "arc_easy", "--look_ahead", "-1"], "--look_ahead -1: decode 0 or more"),
+        (["--tasks", "arc_easy", "--parallel_docs", "0"], "--parallel_docs 0: search at least 1"),
     ]:
         done = subprocess.run([*base, *args], capture_output=True, text=True, env=env)
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
