@@ -451,6 +451,9 @@ class Reproduction:
             markdown(rows),
             "",
         )
+        for run_id in self.headlines:
+            self.add(f"Corrections within k chains beside chance: {self.run_name(run_id)}", "")
+            self.figures([run_id], ("controls",), samples)
 
     def sample(self, run_id: int, limit: int) -> None:
         """The full model's own samples on the first ``limit`` documents of gold run
@@ -571,9 +574,11 @@ class Reproduction:
         with self.store.session() as session:
             return session.get(Run, run_id).budget
 
-    def figures(self, run_ids: Sequence[int], kinds: Sequence[str]) -> None:
+    def figures(
+        self, run_ids: Sequence[int], kinds: Sequence[str], samples: plots.Samples = None
+    ) -> None:
         for kind in kinds:
-            path = plots.save(self.store, kind, run_ids, Path(self.args.figures))
+            path = plots.save(self.store, kind, run_ids, Path(self.args.figures), samples=samples)
             self.add(f"![{kind}]({os.path.relpath(path, Path(self.args.report).parent)})", "")
 
     def add(self, *lines: str) -> None:

@@ -551,7 +551,7 @@ def _side_text(side: Side, store: str) -> str:
 
 # -- plot (``cola plot``) ----------------------------------------------------------------------
 
-PLOT_KINDS = ("layers", "lengths", "pareto", "budget")
+PLOT_KINDS = ("layers", "lengths", "pareto", "budget", "controls")
 PLOT_DETAILS = """\
 layers: per layer, mean applications in the best chains and the shares that skip and repeat
   it (the paper's Figures 5 and 6). lengths: lengths of the best correct chains, originally
@@ -559,7 +559,14 @@ layers: per layer, mean applications in the best chains and the shares that skip
   for one document with --doc_id, else the share of documents with a correct chain of at most
   each length. budget: the share of documents with a correct chain within the first b
   evaluations, one curve per run (e.g. one run per search method), on the documents every
-  run finished. Without --kind, all four."""
+  run finished. controls: the first run's gold search beside what chance gives, on the
+  documents all of them finished: originally wrong documents corrected within the first k
+  chains, its decoy search reaching its wrong answer, each unguided control (cola controls
+  random|menu) and, with --sampling, the model's own samples at each temperature; the title
+  gives the corrections above the lottery. Without --kind, all five.
+
+example, an oracle beside its controls:
+  cola plot --store cola.db --run arc-gen --kind controls --sampling sampling.jsonl"""
 
 
 def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -576,16 +583,24 @@ def add_plot_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_runs_argument(parser)
     parser.add_argument("--kind", choices=PLOT_KINDS, action="append", help="(default: all)")
     parser.add_argument("--doc_id", type=int, help="pareto: one document instead of the run")
+    parser.add_argument(
+        "--sampling",
+        action="append",
+        default=[],
+        help="controls: a cola controls sampling file of the run's model and task (repeatable)",
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("figures"))
 
 
 def _plot(args: argparse.Namespace) -> None:
     from lm_eval_cola.store import frames, plots
+    from lm_eval_cola.store.controls import read_samples
 
+    samples = [read_samples(path) for path in args.sampling]
     with frames.opened(args.store) as store:
         run_ids = frames.resolve_runs(store, args.run)
         for kind in args.kind or PLOT_KINDS:
-            print(plots.save(store, kind, run_ids, args.output_dir, args.doc_id))
+            print(plots.save(store, kind, run_ids, args.output_dir, args.doc_id, samples))
 
 
 # -- sql --------------------------------------------------------------------------------------

@@ -166,6 +166,97 @@ def _reach(rows: dict[int, Row], documents: list[int]) -> Reach:
     return Reach(len(missed), sum(bool(rows[d].any_correct) for d in missed))
 
 
+@dataclass(frozen=True)
+class Curve:
+    """One line of the controls figure: of the ``documents`` whose full model does not give
+    the line's target, how many one of the first k chains (or samples) after the full model
+    gives it, for k = 1, 2, ... (``reached[k - 1]``)."""
+
+    label: str
+    documents: int
+    reached: list[int]
+    #: ``search``: the gold search; ``decoy``: its decoy; ``unguided``; ``sampling``
+    kind: str
+
+
+@dataclass(frozen=True)
+class ControlCurves:
+    """A gold run's corrections against the number of chains, beside each of its controls',
+    on the documents every run drawn finished."""
+
+    gold_run: int
+    documents: int
+    curves: list[Curve]
+    lottery: Lottery | None
+    #: why the full model's own samples are not drawn, where a sampling file was given
+    sampling_note: str | None = None
+
+
+def control_curves(
+    session: Session, run_id: int, samples: list[tuple[dict, list[dict]]] | None = None
+) -> ControlCurves:
+    """The gold run of ``run_id`` and its controls as curves (:class:`Curve`): the gold
+    search, each unguided run, its decoy search (reaching its wrong answer) and, from the
+    ``cola controls sampling`` files given for its model and task, the full model's own
+    samples at each temperature."""
+    gold = session.get(Run, gold_of(session, run_id))
+    decoy = paired_run(session, gold.id)
+    unguided = [run for run in controls_of(session, gold) if common_documents(session, [run.id])]
+    runs = [gold, *unguided, *([session.get(Run, decoy)] if decoy is not None else [])]
+    documents = common_documents(session, [run.id for run in runs])
+    curves = [_run_curve(session, run, documents, gold) for run in runs]
+    drawn = samples_by_model_and_task(session, samples or []).get((gold.model_id, gold.task_id))
+    note = None
+    if drawn is not None:
+        sampled, note = _sampling_curves(session, gold, documents, *drawn)
+        curves += sampled
+    elif samples:
+        note = "no sampling file given was drawn for this model and task"
+    return ControlCurves(
+        gold_run=gold.id,
+        documents=len(documents),
+        curves=curves,
+        lottery=lottery(session, gold.id, decoy) if decoy is not None else None,
+        sampling_note=note,
+    )
+
+
+def _run_curve(session: Session, run: Run, documents: list[int], gold: Run) -> Curve:
+    steps = first_correct_step(session, run.id, documents)
+    started_wrong = [step for step in steps if step != 1]
+    reached = [
+        sum(step is not None and step <= k + 1 for step in started_wrong)
+        for k in range(1, chains_of(run) + 1)
+    ]
+    if run.id == gold.id:
+        label, kind = f"gold search ({run.method}, run {run.id})", "search"
+    elif target_of(run) == "decoy":
+        label, kind = f"decoy search, its wrong answer (run {run.id})", "decoy"
+    else:
+        label, kind = f"{run.method} chains, unguided (run {run.id})", "unguided"
+    return Curve(label, len(started_wrong), reached, kind)
+
+
+def _sampling_curves(
+    session: Session, gold: Run, documents: list[int], k: int, records: list[dict]
+) -> tuple[list[Curve], str | None]:
+    """The full model's own samples per temperature on the originally wrong ``documents``;
+    none, with the reason, where the file does not cover them all."""
+    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(documents))))
+    right = {h: ok for h, ok in originals(session, gold.id).items() if h in hashes}
+    mine = [r for r in records if r["doc_hash"] in right]
+    covered = {r["doc_hash"] for r in mine}
+    if covered != set(right):
+        return [], f"own samples cover {len(covered)} of the {len(right)} documents: not drawn"
+    wrong = sum(not ok for ok in right.values())
+    counts = sampled_corrections(mine, right, list(range(1, k + 1)))
+    curves = [
+        Curve(f"own samples, temperature {t}", wrong, [by_k[n] for n in sorted(by_k)], "sampling")
+        for t, by_k in counts.items()
+    ]
+    return curves, None
+
+
 def controls(session: Session, run_id: int) -> Controls:
     """Everything stored that controls the gold run ``run_id`` (or the gold run of a decoy or
     unguided run ``run_id``), on the documents all of them finished. An unguided run that has
@@ -291,6 +382,28 @@ def rescues(session: Session, run_id: int) -> dict[str, str]:
     wrong = {doc_hash for doc_hash, right in originals(session, run_id).items() if not right}
     picks = pick(session, [run_id], "shortest-correct")
     return {p.doc_hash: p.chain for p in picks if p.doc_hash in wrong and p.correct}
+
+
+def belongs(header: dict[str, Any], run: Run) -> bool:
+    """Whether a controls file names ``run``: its name, and its model's fingerprint where the
+    file records one (files written before it did name the run alone)."""
+    fingerprint = header.get("fingerprint", run.model.fingerprint)
+    return header["run"] == run.name and fingerprint == run.model.fingerprint
+
+
+def samples_by_model_and_task(
+    session: Session, samples: list[tuple[dict, list[dict]]]
+) -> dict[tuple[int, int], tuple[int, list[dict]]]:
+    """Each ``cola controls sampling`` file as (k, records), by the (model id, task id) of the
+    run it was drawn for: the samples run no chain, so they serve every run of that model and
+    task, whatever its space (never another model's run of the same name in another store)."""
+    runs = list(session.scalars(select(Run))) if samples else []
+    return {
+        (run.model_id, run.task_id): (header["k"], records)
+        for header, records in samples
+        for run in runs
+        if belongs(header, run)
+    }
 
 
 def read_text(path: str | Path) -> str:

@@ -13,7 +13,10 @@ edges, and legends sit right of the axes, where they cover no data:
   the Pareto front) or for a whole run (the share of documents with a correct chain of at
   most each length);
 - :func:`budget_curves`: the share of documents with a correct chain within the first ``b``
-  evaluations, for each run (one per search method), against ``b``.
+  evaluations, for each run (one per search method), against ``b``;
+- :func:`control_curves`: a gold search's corrections within the first k chains beside what
+  chance gives on the same documents: its decoy search, unguided chains and the model's own
+  samples (an oracle figure with its controls).
 """
 
 from __future__ import annotations
@@ -31,11 +34,11 @@ from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, MultipleLocator
 
-from lm_eval_cola.store import queries
+from lm_eval_cola.store import controls, queries
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
 
-KINDS = ("layers", "lengths", "pareto", "budget")
+KINDS = ("layers", "lengths", "pareto", "budget", "controls")
 
 
 def describe(store: Store, run_id: int) -> str:
@@ -61,6 +64,9 @@ def _short(name: str) -> str:
     """A model name short enough for a title: its last path part, without remarks."""
     return name.rstrip("/").split("/")[-1].split(" (")[0][:40]
 
+
+#: ``cola controls sampling`` files as (header, records), for the controls figure
+Samples = list[tuple[dict, list[dict]]] | None
 
 #: Line styles for the runs of a budget figure, so that curves which coincide stay visible.
 STYLES = ("-", "--", ":", "-.")
@@ -239,11 +245,84 @@ def budget_curves(store: Store, run_ids: Sequence[int]) -> Figure:
     return figure
 
 
+#: A controls figure of more chains than this has a logarithmic axis of chains.
+LOG_FROM = 20
+#: How each kind of controls curve is drawn: the search bold, chance in thinner lines.
+CURVE_STYLES = {
+    "search": {"color": "black", "lw": 2.0, "ls": "-"},
+    "decoy": {"color": "tab:red", "lw": 1.5, "ls": "--"},
+    "unguided": {"lw": 1.2, "ls": "-."},
+    "sampling": {"lw": 1.2, "ls": ":"},
+}
+
+
+def control_curves(store: Store, run_id: int, samples: Samples = None) -> Figure:
+    """Why: an oracle curve alone cannot say whether the gold answer or chance found the
+    chains; drawn beside a decoy's, unguided chains' and the model's own samples' on the same
+    documents, the gap (or its absence) is what can be cited."""
+    with store.session() as session:
+        found = controls.control_curves(session, run_id, samples)
+    described = describe(store, found.gold_run)
+    figure, ax = plt.subplots(figsize=(10, 4.8))
+    for curve in found.curves:
+        k = list(range(1, len(curve.reached) + 1))
+        share = [n / max(curve.documents, 1) for n in curve.reached]
+        last = f"{curve.reached[-1]}/{curve.documents}" if curve.reached else "none"
+        label = f"{curve.label}: {last} at {len(k)}"
+        ax.step(k, share, where="post", label=label, **CURVE_STYLES[curve.kind])
+    if max(len(curve.reached) for curve in found.curves) > LOG_FROM:
+        ax.set_xscale("log")  # the first few chains matter as much as the last hundred
+    else:
+        _integer_ticks(ax.xaxis, every=False)
+    ax.set_xlabel("chains (or samples) after the full model, k")
+    ax.set_ylabel("share reaching the target within k\n(of documents the full model misses)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    _legend_outside(ax)
+    lines = [
+        f"Corrections beside what chance gives, on the {_count(found.documents, 'document')} "
+        "every run drawn finished",
+        described,
+        *_control_notes(found),
+    ]
+    ax.set_title("\n".join(lines), fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def _control_notes(found: controls.ControlCurves) -> list[str]:
+    """What the title says of the controls: the paired difference against the decoy, or that
+    nothing controls the run (so the curve alone says nothing about depth adaptation)."""
+    phrases = []
+    lottery = found.lottery
+    if lottery is not None and lottery.above_lottery is not None:
+        low, high = lottery.interval
+        phrases.append(
+            f"corrections above the lottery {100 * lottery.above_lottery:+.1f} points "
+            f"[{100 * low:+.1f}, {100 * high:+.1f}] on {lottery.neither}"
+        )
+    if len(found.curves) == 1:
+        phrases.append(
+            "no controls stored (cola search --target decoy, cola controls random|menu):\n"
+            "this curve alone does not say what chance gives"
+        )
+    elif lottery is None:
+        phrases.append("no decoy search stored (cola search --target decoy)")
+    if found.sampling_note:
+        phrases.append(found.sampling_note)
+    return phrases
+
+
 def save(
-    store: Store, kind: str, run_ids: Sequence[int], folder: Path, doc_id: int | None = None
+    store: Store,
+    kind: str,
+    run_ids: Sequence[int],
+    folder: Path,
+    doc_id: int | None = None,
+    samples: Samples = None,
 ) -> Path:
     """Write the figure ``kind`` to ``folder/run<ids>-<kind>.png``; returns the path."""
-    figure = render(store, kind, run_ids, doc_id)
+    figure = render(store, kind, run_ids, doc_id, samples)
     folder.mkdir(parents=True, exist_ok=True)
     runs = "-".join(map(str, run_ids if kind == "budget" else run_ids[:1]))
     path = folder / f"run{runs}-{kind}.png"
@@ -252,11 +331,20 @@ def save(
     return path
 
 
-def render(store: Store, kind: str, run_ids: Sequence[int], doc_id: int | None = None) -> Figure:
+def render(
+    store: Store,
+    kind: str,
+    run_ids: Sequence[int],
+    doc_id: int | None = None,
+    samples: Samples = None,
+) -> Figure:
     """The figure ``kind`` (one of :data:`KINDS`); ``budget`` compares all ``run_ids``, the
-    others show the first."""
+    others show the first; ``samples``: ``cola controls sampling`` files as (header, records),
+    for ``controls``."""
     if kind == "budget":
         return budget_curves(store, run_ids)
+    if kind == "controls":
+        return control_curves(store, run_ids[0], samples)
     if kind == "pareto":
         return pareto(store, run_ids[0], doc_id)
     return {"layers": layer_usage, "lengths": chain_lengths}[kind](store, run_ids[0])

@@ -149,34 +149,22 @@ def oracle_rows(
     same name in another store)."""
     from sqlalchemy import select
 
-    from lm_eval_cola.store.controls import target_of
+    from lm_eval_cola.store.controls import belongs, samples_by_model_and_task, target_of
     from lm_eval_cola.store.schema import Run
 
     runs = list(session.scalars(select(Run).order_by(Run.id)))
     gold = [r for r in runs if target_of(r) == "gold" and not r.settings.get("control_of")]
-    drawn_for = {
-        (run.model_id, run.task_id): (header["k"], records)
-        for header, records in samples or []
-        for run in runs
-        if _belongs(header, run)
-    }
+    drawn_for = samples_by_model_and_task(session, samples or [])
     return [
         _row(
             session,
             run,
             drawn_for.get((run.model_id, run.task_id)),
-            {counts["check"]: counts for counts in checks or [] if _belongs(counts, run)},
+            {counts["check"]: counts for counts in checks or [] if belongs(counts, run)},
         )
         for run in gold
         if run.method not in CONTROL_METHODS
     ]
-
-
-def _belongs(header: dict, run) -> bool:
-    """Whether a controls file names ``run``: its name, and its model's fingerprint where the
-    file records one (files written before it did name the run alone)."""
-    fingerprint = header.get("fingerprint", run.model.fingerprint)
-    return header["run"] == run.name and fingerprint == run.model.fingerprint
 
 
 def _row(

@@ -158,6 +158,9 @@ def test_reproduction_puts_a_decoy_and_random_chains_beside_table_1(
     assert rows["skip"].count(" - ") == 5  # its controls were not run, and it says so
     assert all(" | n/a | " in row for row in rows.values()), "a scored task samples nothing"
     assert f"| {both.name} | 0 | - | - | - | - | - | - |" in table  # the tiny model rescues none
+    figure = f"run{both.id}-controls.png"
+    assert f"beside chance: {both.name}\n\n![controls](figures/{figure})" in table
+    assert (tmp_path / "figures" / figure).stat().st_size > 10_000
 
     with Store(str(store)) as opened, opened.session() as session:  # so mark one rescue
         wrong = next(

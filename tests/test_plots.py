@@ -3,15 +3,18 @@ the PNG files with their titles, axes and run."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import matplotlib.pyplot as plt
 import pytest
 from matplotlib.colors import to_rgba
 
 from lm_eval_cola.cli import main
 from lm_eval_cola.store import cli as store_cli
-from lm_eval_cola.store import plots, queries
-from lm_eval_cola.store.store import Store
-from tests.test_store_cli import fill
+from lm_eval_cola.store import controls, plots, queries
+from lm_eval_cola.store.store import DocumentInfo, RunInfo, Store
+from tests.test_store_cli import MODEL, TASK, evaluation, fill
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -203,13 +206,14 @@ def test_cola_plot_writes_png_files(store, tmp_path, capsys):
     written = sorted(p.name for p in out.iterdir())
     assert written == [
         "run1-2-budget.png",
+        "run1-controls.png",
         "run1-layers.png",
         "run1-lengths.png",
         "run1-pareto.png",
     ]
     for path in out.iterdir():
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 10_000
-    assert capsys.readouterr().out.count(".png") == 4
+    assert capsys.readouterr().out.count(".png") == 5
 
 
 def test_cola_plot_errors_are_one_line(store, tmp_path, capsys):
@@ -223,3 +227,114 @@ def test_cola_plot_errors_are_one_line(store, tmp_path, capsys):
 
 def test_plot_kinds_named_in_the_cli_are_the_plots():
     assert store_cli.PLOT_KINDS == plots.KINDS
+
+
+# -- the controls figure ----------------------------------------------------------------------
+
+#: Per run (name, method, settings) and document: is each evaluation right, the full model
+#: (``0-3``) first. Budget 4: three chains after the full model. The decoy run's "right" is
+#: its wrong answer reached.
+RANDOM = {"control_of": "gold"}
+CONTROLLED = [
+    ("gold", "mcts", {}, [[1], [0, 0, 1], [0, 1], [0, 0, 0, 0]]),
+    ("gold-decoy", "mcts", {"target": "decoy"}, [[0, 0, 0, 1], [0, 0], [0, 0, 0, 0], [0, 1]]),
+    ("gold-random", "random-walk", RANDOM, [[1], [0, 1], [0, 0, 0, 0], [0, 0, 0, 1]]),
+]
+CHAINS = ["0-3", "0-2", "1-3", "0.1.1.2.3"]
+#: Per document, the full model's samples at temperature 0.5 (k = 3): right or not.
+SAMPLES = [[1, 1, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0]]
+
+
+def _hash(i: int) -> str:
+    return hashlib.sha256(f"controlled {i}".encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory) -> Store:
+    """A gold search of four documents with its decoy search and a random-walk control."""
+    path = str(tmp_path_factory.mktemp("controls") / "cola.db")
+    with Store(path) as store:
+        model_id, task_id = store.model(MODEL), store.task(TASK)
+        docs = [DocumentInfo(_hash(i), i, {"q": f"q{i}"}) for i in range(4)]
+        ids = list(store.documents(task_id, docs).values())
+        for name, method, settings, per_document in CONTROLLED:
+            info = RunInfo(method, 4, 0, 4, settings=settings, name=name)
+            run_id = store.start_run(model_id, task_id, info)
+            for document_id, rights in zip(ids, per_document, strict=True):
+                evaluations = [
+                    evaluation(chain, float(right), bool(right))
+                    for chain, right in zip(CHAINS, rights, strict=False)
+                ]
+                store.record_document(run_id, document_id, evaluations, 0.5)
+    return Store(path, read_only=True)
+
+
+def sampling(covered: int = 4) -> list[tuple[dict, list[dict]]]:
+    header = {"run": "gold", "k": 3, "seed": 0, "fingerprint": MODEL.fingerprint}
+    records = [
+        {"doc_hash": _hash(i), "temperature": 0.5, "correct": [bool(c) for c in SAMPLES[i]]}
+        for i in range(covered)
+    ]
+    return [(header, records)]
+
+
+def test_control_curves_count_each_runs_corrections_within_k_chains(controlled):
+    """Gold: of documents 1-3 (document 0 right at once), 2 is right at its 1st chain after
+    the full model and 1 at its 2nd: 1, 2, 2 of 3. Decoy: all four start wrong, 3 reaches its
+    answer at the 1st chain, 0 at the 3rd. Random walk: 1 at the 1st, 3 at the 3rd. Samples:
+    3 at the 1st, 1 at the 2nd, 2 never."""
+    with controlled.session() as session:
+        found = controls.control_curves(session, 3, sampling())  # from a control: its gold run
+    assert found.gold_run == 1 and found.documents == 4 and found.sampling_note is None
+    by_kind = {curve.kind: (curve.documents, curve.reached) for curve in found.curves}
+    assert by_kind == {
+        "search": (3, [1, 2, 2]),
+        "decoy": (4, [1, 1, 2]),
+        "unguided": (3, [1, 1, 2]),
+        "sampling": (3, [1, 2, 2]),
+    }
+    # on documents 1-3 (the full model gives neither answer): gold 2 of 3, decoy 1 of 3
+    assert found.lottery.neither == 3 and found.lottery.above_lottery == pytest.approx(1 / 3)
+
+
+def test_the_controls_figure_draws_the_oracle_beside_chance(controlled):
+    figure = plots.render(controlled, "controls", [1], samples=sampling())
+    ax = figure.axes[0]
+    assert [(1, 1 / 3), (2, 2 / 3), (3, 2 / 3)] in lines(figure)  # the gold search
+    assert [(1, 0.25), (2, 0.25), (3, 0.5)] in lines(figure)  # the decoy
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels[0] == "gold search (mcts, run 1): 2/3 at 3"
+    assert "decoy search, its wrong answer (run 2): 2/4 at 3" in labels
+    assert "random-walk chains, unguided (run 3): 2/3 at 3" in labels
+    assert "own samples, temperature 0.5: 2/3 at 3" in labels
+    title = ax.get_title()
+    assert "on the 4 documents every run drawn finished" in title and "run 1: mcts" in title
+    assert "corrections above the lottery +33.3 points" in title
+    plt.close(figure)
+
+
+def test_a_controls_figure_says_what_it_lacks(controlled, store):
+    """A run without controls is drawn alone with a title that says it cannot be cited as is;
+    a sampling file short of a document is left out, and says so."""
+    figure = plots.render(store, "controls", [1])
+    assert "no controls stored" in figure.axes[0].get_title() and len(lines(figure)) == 1
+    plt.close(figure)
+    figure = plots.render(controlled, "controls", [1], samples=sampling(covered=3))
+    title = figure.axes[0].get_title()
+    assert "own samples cover 3 of the 4 documents: not drawn" in title
+    assert len(lines(figure)) == 3
+    plt.close(figure)
+
+
+def test_cola_plot_draws_the_controls_with_a_sampling_file(controlled, tmp_path, capsys):
+    (header, records), path = sampling()[0], tmp_path / "sampling.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [header, *records]) + "\n")
+    args = ["plot", "--store", controlled.url, "--run", "gold", "--kind", "controls"]
+    assert main([*args, "--sampling", str(path), "--output_dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "run1-controls.png")
+    assert (tmp_path / "run1-controls.png").read_bytes()[:8] == PNG
+    path.write_text('{"k": 3}\n')
+    assert main([*args, "--sampling", str(path), "--output_dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"cola plot: error: {path} is not a file of cola controls sampling"
+    )
