@@ -108,6 +108,28 @@ def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
     return result
 
 
+def control_curves(
+    store: StoreLike, run_id: RunLike, sampling: Iterable[str | os.PathLike] = ()
+) -> pd.DataFrame:
+    """The controls figure's data (``cola plot --kind controls``), a row per curve and k: of
+    the ``documents`` whose full model misses the curve's target, how many reach it within the
+    first k chains (or samples), and the share; ``sampling``: ``cola controls sampling`` files.
+    """
+    samples = [controls_queries.read_samples(path) for path in sampling]
+    with opened(store) as opened_store:
+        (found,) = resolve_runs(opened_store, run_id)
+        with opened_store.session() as session:
+            result = controls_queries.control_curves(session, found, samples)
+    rows = [
+        (curve.label, curve.kind, k, reached, curve.documents)
+        for curve in result.curves
+        for k, reached in enumerate(curve.reached, start=1)
+    ]
+    frame = pd.DataFrame(rows, columns=["curve", "kind", "k", "reached", "documents"])
+    frame["share"] = frame["reached"] / frame["documents"].where(frame["documents"] > 0)
+    return frame
+
+
 def compare(
     store: StoreLike,
     run_id: RunLike,

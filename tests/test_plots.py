@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgba
 
 from lm_eval_cola.cli import main
 from lm_eval_cola.store import cli as store_cli
-from lm_eval_cola.store import controls, plots, queries
+from lm_eval_cola.store import controls, frames, plots, queries
 from lm_eval_cola.store.store import DocumentInfo, RunInfo, Store
 from tests.test_store_cli import MODEL, TASK, evaluation, fill
 
@@ -338,3 +338,14 @@ def test_cola_plot_draws_the_controls_with_a_sampling_file(controlled, tmp_path,
     assert capsys.readouterr().err.strip() == (
         f"cola plot: error: {path} is not a file of cola controls sampling"
     )
+
+
+def test_the_controls_figure_data_as_a_frame(controlled, tmp_path):
+    (header, records), path = sampling()[0], tmp_path / "sampling.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [header, *records]) + "\n")
+    frame = frames.control_curves(controlled.url, "gold-random", sampling=[path])
+    assert list(frame.columns) == ["curve", "kind", "k", "reached", "documents", "share"]
+    decoy = frame[frame["kind"] == "decoy"]
+    assert list(decoy["k"]) == [1, 2, 3] and list(decoy["reached"]) == [1, 1, 2]
+    assert list(decoy["share"]) == [0.25, 0.25, 0.5] and set(decoy["documents"]) == {4}
+    assert sorted(set(frame["kind"])) == ["decoy", "sampling", "search", "unguided"]
