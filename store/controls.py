@@ -135,12 +135,20 @@ def _settings_key(run: Run) -> tuple:
     return (run.method, run.budget, run.seed, run.space, settings)
 
 
-def lottery(session: Session, gold_run: int, decoy_run: int) -> Lottery:
-    """The gold run against the decoy run, document by document."""
+def lottery(
+    session: Session, gold_run: int, decoy_run: int, documents: list[int] | None = None
+) -> Lottery:
+    """The gold run against the decoy run, document by document, on the documents both
+    finished (of ``documents``, where given)."""
     n_layers = run_depth(session, gold_run)
     gold = {row.document_id: row for row in per_document(session, gold_run, n_layers)}
     decoy = {row.document_id: row for row in per_document(session, decoy_run, n_layers)}
-    common = [d for d in gold if d in decoy and None not in (gold[d].original, decoy[d].original)]
+    wanted = set(gold if documents is None else documents)
+    common = [
+        d
+        for d in gold
+        if d in decoy and d in wanted and None not in (gold[d].original, decoy[d].original)
+    ]
     neither = [d for d in common if not gold[d].original and not decoy[d].original]
     gold_hits = [bool(gold[d].any_correct) for d in neither]
     decoy_hits = [bool(decoy[d].any_correct) for d in neither]
@@ -216,7 +224,7 @@ def control_curves(
         gold_run=gold.id,
         documents=len(documents),
         curves=curves,
-        lottery=lottery(session, gold.id, decoy) if decoy is not None else None,
+        lottery=lottery(session, gold.id, decoy, documents) if decoy is not None else None,
         sampling_note=note,
     )
 

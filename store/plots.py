@@ -247,29 +247,34 @@ def budget_curves(store: Store, run_ids: Sequence[int]) -> Figure:
 
 #: A controls figure of more chains than this has a logarithmic axis of chains.
 LOG_FROM = 20
-#: How each kind of controls curve is drawn: the search bold, chance in thinner lines.
+#: How each kind of controls curve is drawn: the search bold, chance in thinner lines, a
+#: family of colours a kind (so that a sampling temperature never takes the decoy's red).
 CURVE_STYLES = {
-    "search": {"color": "black", "lw": 2.0, "ls": "-"},
-    "decoy": {"color": "tab:red", "lw": 1.5, "ls": "--"},
-    "unguided": {"lw": 1.2, "ls": "-."},
-    "sampling": {"lw": 1.2, "ls": ":"},
+    "search": ({"lw": 2.0, "ls": "-"}, ("black",)),
+    "decoy": ({"lw": 1.5, "ls": "--"}, ("tab:red",)),
+    "unguided": ({"lw": 1.2, "ls": "-."}, ("tab:blue", "tab:orange", "tab:brown")),
+    "sampling": ({"lw": 1.2, "ls": ":"}, ("tab:green", "tab:olive", "tab:cyan", "tab:purple")),
 }
 
 
 def control_curves(store: Store, run_id: int, samples: Samples = None) -> Figure:
-    """Why: an oracle curve alone cannot say whether the gold answer or chance found the
-    chains; drawn beside a decoy's, unguided chains' and the model's own samples' on the same
+    """An oracle curve alone cannot say whether the gold answer or chance found the chains;
+    drawn beside a decoy's, unguided chains' and the model's own samples' on the same
     documents, the gap (or its absence) is what can be cited."""
     with store.session() as session:
         found = controls.control_curves(session, run_id, samples)
     described = describe(store, found.gold_run)
     figure, ax = plt.subplots(figsize=(10, 4.8))
+    drawn: Counter[str] = Counter()
     for curve in found.curves:
         k = list(range(1, len(curve.reached) + 1))
         share = [n / max(curve.documents, 1) for n in curve.reached]
         last = f"{curve.reached[-1]}/{curve.documents}" if curve.reached else "none"
+        style, colours = CURVE_STYLES[curve.kind]
+        colour = colours[drawn[curve.kind] % len(colours)]
+        drawn[curve.kind] += 1
         label = f"{curve.label}: {last} at {len(k)}"
-        ax.step(k, share, where="post", label=label, **CURVE_STYLES[curve.kind])
+        ax.step(k, share, where="post", label=label, color=colour, **style)
     if max(len(curve.reached) for curve in found.curves) > LOG_FROM:
         ax.set_xscale("log")  # the first few chains matter as much as the last hundred
     else:

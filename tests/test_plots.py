@@ -233,11 +233,12 @@ def test_plot_kinds_named_in_the_cli_are_the_plots():
 
 #: Per run (name, method, settings) and document: is each evaluation right, the full model
 #: (``0-3``) first. Budget 4: three chains after the full model. The decoy run's "right" is
-#: its wrong answer reached.
+#: its wrong answer reached. The random walk has not finished document 4 yet.
 RANDOM = {"control_of": "gold"}
+DECOY = {"target": "decoy"}
 CONTROLLED = [
-    ("gold", "mcts", {}, [[1], [0, 0, 1], [0, 1], [0, 0, 0, 0]]),
-    ("gold-decoy", "mcts", {"target": "decoy"}, [[0, 0, 0, 1], [0, 0], [0, 0, 0, 0], [0, 1]]),
+    ("gold", "mcts", {}, [[1], [0, 0, 1], [0, 1], [0, 0, 0, 0], [0, 1]]),
+    ("gold-decoy", "mcts", DECOY, [[0, 0, 0, 1], [0, 0], [0, 0, 0, 0], [0, 1], [0, 0]]),
     ("gold-random", "random-walk", RANDOM, [[1], [0, 1], [0, 0, 0, 0], [0, 0, 0, 1]]),
 ]
 CHAINS = ["0-3", "0-2", "1-3", "0.1.1.2.3"]
@@ -255,12 +256,12 @@ def controlled(tmp_path_factory) -> Store:
     path = str(tmp_path_factory.mktemp("controls") / "cola.db")
     with Store(path) as store:
         model_id, task_id = store.model(MODEL), store.task(TASK)
-        docs = [DocumentInfo(_hash(i), i, {"q": f"q{i}"}) for i in range(4)]
+        docs = [DocumentInfo(_hash(i), i, {"q": f"q{i}"}) for i in range(5)]
         ids = list(store.documents(task_id, docs).values())
         for name, method, settings, per_document in CONTROLLED:
-            info = RunInfo(method, 4, 0, 4, settings=settings, name=name)
+            info = RunInfo(method, 4, 0, 5, settings=settings, name=name)
             run_id = store.start_run(model_id, task_id, info)
-            for document_id, rights in zip(ids, per_document, strict=True):
+            for document_id, rights in zip(ids, per_document, strict=False):
                 evaluations = [
                     evaluation(chain, float(right), bool(right))
                     for chain, right in zip(CHAINS, rights, strict=False)
@@ -293,8 +294,11 @@ def test_control_curves_count_each_runs_corrections_within_k_chains(controlled):
         "unguided": (3, [1, 1, 2]),
         "sampling": (3, [1, 2, 2]),
     }
-    # on documents 1-3 (the full model gives neither answer): gold 2 of 3, decoy 1 of 3
+    # on documents 1-3 (the full model gives neither answer): gold 2 of 3, decoy 1 of 3; with
+    # document 4, which the random walk has not finished, gold 3 of 4, decoy 1 of 4
     assert found.lottery.neither == 3 and found.lottery.above_lottery == pytest.approx(1 / 3)
+    with controlled.session() as session:
+        assert controls.lottery(session, 1, 2).above_lottery == pytest.approx(1 / 2)
 
 
 def test_the_controls_figure_draws_the_oracle_beside_chance(controlled):
