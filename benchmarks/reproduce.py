@@ -60,7 +60,7 @@ from lm_eval_cola.predict.evaluate import evaluate
 from lm_eval_cola.search import controls
 from lm_eval_cola.search.runner import DECODINGS, SearchRun, SearchSettings
 from lm_eval_cola.store import plots, queries
-from lm_eval_cola.store.controls import read_samples
+from lm_eval_cola.store.controls import Samples, read_samples
 from lm_eval_cola.store.report import markdown, oracle_rows
 from lm_eval_cola.store.schema import Run
 from lm_eval_cola.store.store import Store
@@ -575,7 +575,7 @@ class Reproduction:
             return session.get(Run, run_id).budget
 
     def figures(
-        self, run_ids: Sequence[int], kinds: Sequence[str], samples: plots.Samples = None
+        self, run_ids: Sequence[int], kinds: Sequence[str], samples: Samples = None
     ) -> None:
         for kind in kinds:
             path = plots.save(self.store, kind, run_ids, Path(self.args.figures), samples=samples)

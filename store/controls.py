@@ -42,6 +42,9 @@ from lm_eval_cola.store.queries import (
 )
 from lm_eval_cola.store.schema import Document, Evaluation, Run
 
+#: ``cola controls sampling`` files as read (:func:`read_samples`): (header, records) each
+Samples = list[tuple[dict[str, Any], list[dict[str, Any]]]] | None
+
 
 @dataclass(frozen=True)
 class Reach:
@@ -200,9 +203,7 @@ class ControlCurves:
     sampling_note: str | None = None
 
 
-def control_curves(
-    session: Session, run_id: int, samples: list[tuple[dict, list[dict]]] | None = None
-) -> ControlCurves:
+def control_curves(session: Session, run_id: int, samples: Samples = None) -> ControlCurves:
     """The gold run of ``run_id`` and its controls as curves (:class:`Curve`): the gold
     search, each unguided run, its decoy search (reaching its wrong answer) and, from the
     ``cola controls sampling`` files given for its model and task, the full model's own
@@ -213,7 +214,8 @@ def control_curves(
     runs = [gold, *unguided, *([session.get(Run, decoy)] if decoy is not None else [])]
     documents = common_documents(session, [run.id for run in runs])
     curves = [_run_curve(session, run, documents, gold) for run in runs]
-    drawn = samples_by_model_and_task(session, samples or []).get((gold.model_id, gold.task_id))
+    runs_of_files = list(session.scalars(select(Run))) if samples else []
+    drawn = samples_by_model_and_task(runs_of_files, samples).get((gold.model_id, gold.task_id))
     note = None
     if drawn is not None:
         sampled, note = _sampling_curves(session, gold, documents, *drawn)
@@ -250,19 +252,27 @@ def _sampling_curves(
 ) -> tuple[list[Curve], str | None]:
     """The full model's own samples per temperature on the originally wrong ``documents``;
     none, with the reason, where the file does not cover them all."""
-    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(documents))))
-    right = {h: ok for h, ok in originals(session, gold.id).items() if h in hashes}
-    mine = [r for r in records if r["doc_hash"] in right]
+    right, mine = samples_on(session, gold.id, documents, records)
     covered = {r["doc_hash"] for r in mine}
     if covered != set(right):
         return [], f"own samples cover {len(covered)} of the {len(right)} documents: not drawn"
     wrong = sum(not ok for ok in right.values())
     counts = sampled_corrections(mine, right, list(range(1, k + 1)))
     curves = [
-        Curve(f"own samples, temperature {t}", wrong, [by_k[n] for n in sorted(by_k)], "sampling")
+        Curve(f"own samples, temperature {t}", wrong, list(by_k.values()), "sampling")
         for t, by_k in counts.items()
     ]
     return curves, None
+
+
+def samples_on(
+    session: Session, gold_run: int, documents: list[int], records: list[dict[str, Any]]
+) -> tuple[dict[str, bool], list[dict[str, Any]]]:
+    """Of ``documents``, whether the gold run's full model is right on each (by content hash),
+    and a sampling file's records of them (all of them only where the file covers them)."""
+    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(documents))))
+    right = {h: ok for h, ok in originals(session, gold_run).items() if h in hashes}
+    return right, [r for r in records if r["doc_hash"] in right]
 
 
 def controls(session: Session, run_id: int) -> Controls:
@@ -400,15 +410,15 @@ def belongs(header: dict[str, Any], run: Run) -> bool:
 
 
 def samples_by_model_and_task(
-    session: Session, samples: list[tuple[dict, list[dict]]]
+    runs: list[Run], samples: Samples
 ) -> dict[tuple[int, int], tuple[int, list[dict]]]:
     """Each ``cola controls sampling`` file as (k, records), by the (model id, task id) of the
-    run it was drawn for: the samples run no chain, so they serve every run of that model and
-    task, whatever its space (never another model's run of the same name in another store)."""
-    runs = list(session.scalars(select(Run))) if samples else []
+    run of ``runs`` it was drawn for: the samples run no chain, so they serve every run of that
+    model and task, whatever its space (never another model's run of the same name in another
+    store)."""
     return {
         (run.model_id, run.task_id): (header["k"], records)
-        for header, records in samples
+        for header, records in samples or []
         for run in runs
         if belongs(header, run)
     }

@@ -65,9 +65,6 @@ def _short(name: str) -> str:
     return name.rstrip("/").split("/")[-1].split(" (")[0][:40]
 
 
-#: ``cola controls sampling`` files as (header, records), for the controls figure
-Samples = list[tuple[dict, list[dict]]] | None
-
 #: Line styles for the runs of a budget figure, so that curves which coincide stay visible.
 STYLES = ("-", "--", ":", "-.")
 #: Bar edges: adjacent bars of one colour must read as separate bars, not one wide bar.
@@ -257,7 +254,7 @@ CURVE_STYLES = {
 }
 
 
-def control_curves(store: Store, run_id: int, samples: Samples = None) -> Figure:
+def control_curves(store: Store, run_id: int, samples: controls.Samples = None) -> Figure:
     """An oracle curve alone cannot say whether the gold answer or chance found the chains;
     drawn beside a decoy's, unguided chains' and the model's own samples' on the same
     documents, the gap (or its absence) is what can be cited."""
@@ -324,7 +321,7 @@ def save(
     run_ids: Sequence[int],
     folder: Path,
     doc_id: int | None = None,
-    samples: Samples = None,
+    samples: controls.Samples = None,
 ) -> Path:
     """Write the figure ``kind`` to ``folder/run<ids>-<kind>.png``; returns the path."""
     figure = render(store, kind, run_ids, doc_id, samples)
@@ -341,7 +338,7 @@ def render(
     kind: str,
     run_ids: Sequence[int],
     doc_id: int | None = None,
-    samples: Samples = None,
+    samples: controls.Samples = None,
 ) -> Figure:
     """The figure ``kind`` (one of :data:`KINDS`); ``budget`` compares all ``run_ids``, the
     others show the first; ``samples``: ``cola controls sampling`` files as (header, records),

@@ -154,7 +154,7 @@ def oracle_rows(
 
     runs = list(session.scalars(select(Run).order_by(Run.id)))
     gold = [r for r in runs if target_of(r) == "gold" and not r.settings.get("control_of")]
-    drawn_for = samples_by_model_and_task(session, samples or [])
+    drawn_for = samples_by_model_and_task(runs, samples)
     return [
         _row(
             session,
@@ -236,18 +236,13 @@ def _sampled(session, found, ks: list[int], samples: tuple[int, list[dict]]) -> 
     """The originally wrong documents (of those every run of the row finished) that one of
     the model's first k samples gets right, for each k of ``ks``, at the best temperature for
     that k; ``None`` when fewer were sampled or a document was not."""
-    from sqlalchemy import select
-
-    from lm_eval_cola.store.controls import originals, sampled_corrections
+    from lm_eval_cola.store.controls import sampled_corrections, samples_on
     from lm_eval_cola.store.queries import common_documents
-    from lm_eval_cola.store.schema import Document
 
     sampled, records = samples
     gold = found.at_k[0]
     ids = common_documents(session, [row.run_id for row in found.at_k])
-    hashes = set(session.scalars(select(Document.doc_hash).where(Document.id.in_(ids))))
-    right = {h: r for h, r in originals(session, gold.run_id).items() if h in hashes}
-    mine = [r for r in records if r["doc_hash"] in right]
+    right, mine = samples_on(session, gold.run_id, ids, records)
     if sampled < ks[-1] or not right or {r["doc_hash"] for r in mine} != set(right):
         return None
     counts = sampled_corrections(mine, right, ks).values()
