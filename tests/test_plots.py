@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -279,6 +280,13 @@ def sampling(covered: int = 4) -> list[tuple[dict, list[dict]]]:
     return [(header, records)]
 
 
+def sampling_file(folder: Path) -> Path:
+    """:func:`sampling` as ``cola controls sampling`` writes it: a header line, then records."""
+    (header, records), path = sampling()[0], folder / "sampling.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [header, *records]) + "\n")
+    return path
+
+
 def test_control_curves_count_each_runs_corrections_within_k_chains(controlled):
     """Gold: of documents 1-3 (document 0 right at once), 2 is right at its 1st chain after
     the full model and 1 at its 2nd: 1, 2, 2 of 3. Decoy: all four start wrong, 3 reaches its
@@ -331,8 +339,7 @@ def test_a_controls_figure_says_what_it_lacks(controlled, store):
 
 
 def test_cola_plot_draws_the_controls_with_a_sampling_file(controlled, tmp_path, capsys):
-    (header, records), path = sampling()[0], tmp_path / "sampling.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in [header, *records]) + "\n")
+    path = sampling_file(tmp_path)
     args = ["plot", "--store", controlled.url, "--run", "gold", "--kind", "controls"]
     assert main([*args, "--sampling", str(path), "--output_dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "run1-controls.png")
@@ -345,8 +352,7 @@ def test_cola_plot_draws_the_controls_with_a_sampling_file(controlled, tmp_path,
 
 
 def test_the_controls_figure_data_as_a_frame(controlled, tmp_path):
-    (header, records), path = sampling()[0], tmp_path / "sampling.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in [header, *records]) + "\n")
+    path = sampling_file(tmp_path)
     frame = frames.control_curves(controlled.url, "gold-random", sampling=[path])
     assert list(frame.columns) == ["curve", "kind", "k", "reached", "documents", "share"]
     decoy = frame[frame["kind"] == "decoy"]
