@@ -109,13 +109,17 @@ def controls(store: StoreLike, run_id: RunLike) -> controls_queries.Controls:
 
 
 def control_curves(
-    store: StoreLike, run_id: RunLike, sampling: Iterable[str | os.PathLike] = ()
+    store: StoreLike,
+    run_id: RunLike,
+    sampling: str | os.PathLike | Iterable[str | os.PathLike] = (),
 ) -> pd.DataFrame:
     """The controls figure's data (``cola plot --kind controls``), a row per curve and k: of
     the ``documents`` whose full model misses the curve's target, how many reach it within the
-    first k chains (or samples), and the share; ``sampling``: ``cola controls sampling`` files.
+    first k chains (or samples), and the share; ``sampling``: a ``cola controls sampling`` file,
+    or several (one per temperature, or per run).
     """
-    samples = [controls_queries.read_samples(path) for path in sampling]
+    paths = [sampling] if isinstance(sampling, str | os.PathLike) else list(sampling)
+    samples = [controls_queries.read_samples(path) for path in paths]
     with opened(store) as opened_store:
         (found,) = resolve_runs(opened_store, run_id)
         with opened_store.session() as session:

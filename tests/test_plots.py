@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
 
@@ -359,3 +360,12 @@ def test_the_controls_figure_data_as_a_frame(controlled, tmp_path):
     assert list(decoy["k"]) == [1, 2, 3] and list(decoy["reached"]) == [1, 1, 2]
     assert list(decoy["share"]) == [0.25, 0.25, 0.5] and set(decoy["documents"]) == {4}
     assert sorted(set(frame["kind"])) == ["decoy", "sampling", "search", "unguided"]
+
+
+def test_the_controls_frame_takes_one_sampling_file_as_a_path_or_a_string(controlled, tmp_path):
+    path = sampling_file(tmp_path)
+    listed = frames.control_curves(controlled.url, "gold-random", sampling=[path])
+    assert "sampling" in set(listed["kind"])
+    for one in (path, str(path)):
+        frame = frames.control_curves(controlled.url, "gold-random", sampling=one)
+        pd.testing.assert_frame_equal(frame, listed)
