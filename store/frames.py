@@ -195,10 +195,11 @@ def table(store: StoreLike, name: str) -> pd.DataFrame:
     return tables(store, [name])[name]
 
 
-def tables(store: StoreLike, names: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Whole tables (default: all), read in one transaction, so that they agree with each
-    other even while a search is writing (a document's evaluations and its done mark)."""
-    names = list(queries.TABLES if names is None else names)
+def tables(store: StoreLike, names: str | Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Whole tables (default: all; one name, or several), read in one transaction, so that
+    they agree with each other even while a search is writing (a document's evaluations and
+    its done mark)."""
+    names = [names] if isinstance(names, str) else list(queries.TABLES if names is None else names)
     unknown = sorted(set(names) - set(queries.TABLES))
     with opened(store) as opened_store:
         if unknown:

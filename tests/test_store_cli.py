@@ -206,6 +206,12 @@ def test_table_frames_hold_json_as_text(path: str) -> None:
     assert json.loads(evaluations.loc[0, "metrics"]) == {"acc": 1.0, "acc_norm": 1.0}
 
 
+def test_tables_take_one_name_as_well_as_several(path: str) -> None:
+    one = frames.tables(path, "runs")
+    assert list(one) == ["runs"]
+    pd.testing.assert_frame_equal(one["runs"], frames.tables(path, ["runs", "models"])["runs"])
+
+
 # -- cola db runs / stats / chains ------------------------------------------------------------
 
 
