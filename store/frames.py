@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields, replace
 
@@ -39,7 +40,7 @@ def opened(store: StoreLike) -> Iterator[Store]:
 
 def resolve_runs(store: Store, runs: RunLike | Sequence[RunLike]) -> list[int]:
     """The ids of runs given by id or name (one, or a list), all of which must exist."""
-    runs = [runs] if isinstance(runs, int | str) else list(runs)
+    runs = _listed(runs, int | str)
     with store.session() as session:
         found = {run: queries.find_run(session, run) for run in runs}
     missing = [f"'{run}'" for run, run_id in found.items() if run_id is None]
@@ -118,8 +119,7 @@ def control_curves(
     first k chains (or samples), and the share; ``sampling``: a ``cola controls sampling`` file,
     or several (one per temperature, or per run).
     """
-    paths = [sampling] if isinstance(sampling, str | os.PathLike) else list(sampling)
-    samples = [controls_queries.read_samples(path) for path in paths]
+    samples = [controls_queries.read_samples(p) for p in _listed(sampling, str | os.PathLike)]
     with opened(store) as opened_store:
         (found,) = resolve_runs(opened_store, run_id)
         with opened_store.session() as session:
@@ -192,14 +192,14 @@ def layer_rates_frame(result: queries.RunStats) -> pd.DataFrame:
 
 def table(store: StoreLike, name: str) -> pd.DataFrame:
     """One whole table, JSON columns as their stored text (what an export writes)."""
-    return tables(store, [name])[name]
+    return tables(store, name)[name]
 
 
 def tables(store: StoreLike, names: str | Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
     """Whole tables (default: all; one name, or several), read in one transaction, so that
     they agree with each other even while a search is writing (a document's evaluations and
     its done mark)."""
-    names = [names] if isinstance(names, str) else list(queries.TABLES if names is None else names)
+    names = list(queries.TABLES) if names is None else _listed(names, str)
     unknown = sorted(set(names) - set(queries.TABLES))
     with opened(store) as opened_store:
         if unknown:
@@ -230,6 +230,12 @@ def sql(store: StoreLike, statement: str) -> pd.DataFrame:
                 f"{opened_store} is opened read-only for SQL: queries can read it, not change "
                 f"it ({getattr(err.__cause__, 'orig', err)})"
             ) from None
+
+
+def _listed(given: object, one: type | types.UnionType) -> list:
+    """``given`` as a list: one item of type ``one`` (a str is one name, not its letters), or
+    several."""
+    return [given] if isinstance(given, one) else list(given)
 
 
 def _frame(items: list, kind: type) -> pd.DataFrame:
